@@ -1,0 +1,20 @@
+# Setup is part of both targets, so a fresh clone needs exactly one command for each.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test setup
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+setup: $(BIN)/python
+	# torch first: the pinned CPU build comes from local disk; the package's torch>=2.6 then leaves it alone
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+
+run: setup
+	$(BIN)/openzaya speedrun --preset nano
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow and not gpu"

@@ -1,0 +1,725 @@
+"""The ZAYA1 "MoE++" decoder, weight-compatible with the Hugging Face checkpoint `Zyphra/ZAYA1-8B`.
+
+Follows the ZAYA1-8B technical report (arXiv 2605.05365, section II-A) and the native transformers layout
+(`models/zaya`), whose parameter names we keep exactly so checkpoints load either way:
+
+- fp32 residual stream, entered through a learned per-channel bias and scale (no sqrt(D) multiplier);
+- Compressed Convolutional Attention (CCA): q/k projections, the QK-mean skip terms, a depthwise then a
+  head-grouped causal convolution over (q, k), value heads split into a current and a one-token-delayed half,
+  L2 QK-norm to sqrt(head_dim) with a learned per-KV-head key temperature, RoPE on half of each head, GQA,
+  optional sliding window (`hybrid_sliding` layers);
+- the ZAYA router: down-projection, exponential depth averaging (EDA) of the router latent across blocks,
+  RMSNorm + 3-layer GELU MLP over E experts plus one skip class, fp32 softmax, top-1 on probabilities plus
+  balancing biases, un-renormalised combine weight, skip = no expert output (mixture of depths);
+- SwiGLU experts stored as `gate_up_proj [E, 2I, D]`, `down_proj [E, D, I]`;
+- two learned residual-scaling merges per block; final RMSNorm; LM head tied to the embedding.
+
+What we do differently from the reference (same numbers, less work):
+- Experts run grouped: tokens are sorted by expert and each expert runs once on its contiguous slice.
+  Tokens routed to skip (and padding) are never computed; the reference sends them through expert 0 with weight 0.
+- Attention uses SDPA's causal kernel when there is no padding and no window, and a boolean mask otherwise.
+- The decode cache is preallocated (`ZayaCache`), one row per sequence slot, with per-row write positions,
+  so the engine can run continuous batching without reallocating.
+
+Training-only pieces (each tested): bias balancing by the report's eq. 5 (`update_balancing_biases`),
+router replay (`forward(..., replay_routes=...)`, `return_routes=True`), and per-layer expert-load statistics.
+NOTE: route index -1 is the sentinel for "no expert" (skip class or padding), never expert 0.
+
+Shape legend: B batch rows, T new tokens, S cached positions, D hidden, H query heads, K kv heads,
+Dh head dim, C conv channels (=(H+K)*Dh), R router latent, E experts, I expert intermediate, N = B*T tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# -----------------------------------------------------------------------------
+# Config
+
+LAYER_TYPES = ("hybrid", "hybrid_sliding")
+
+
+def _default_rope_parameters() -> dict:
+    return {
+        "hybrid": {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.5},
+        "hybrid_sliding": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5},
+    }
+
+
+@dataclass
+class ZayaConfig:
+    """Mirrors the native Hugging Face `config.json` (`model_type: "zaya"`). Small defaults; presets below."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    moe_intermediate_size: int = 64
+    num_experts: int = 4
+    num_experts_per_tok: int = 1
+    router_hidden_size: int = 16
+    cca_time0: int = 2
+    cca_time1: int = 2
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    rope_parameters: dict = field(default_factory=_default_rope_parameters)
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    lm_head_bias: bool = False
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 106
+    pad_token_id: int | None = 0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            self.layer_types = ["hybrid"] * self.num_hidden_layers
+        self.layer_types = list(self.layer_types)
+        self.validate()
+
+    def validate(self):
+        def bad(field_name, why):
+            raise ValueError(f"ZayaConfig.{field_name}: {why}")
+
+        if self.num_experts_per_tok != 1:
+            bad("num_experts_per_tok", f"ZAYA1 routes top-1; got {self.num_experts_per_tok} (unsupported)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad("num_attention_heads", f"{self.num_attention_heads} is not a multiple of num_key_value_heads "
+                f"{self.num_key_value_heads}")
+        if self.num_key_value_heads * self.head_dim % 2:
+            bad("head_dim", "num_key_value_heads * head_dim must be even (current/delayed value halves)")
+        if len(self.layer_types) != self.num_hidden_layers:
+            bad("layer_types", f"has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        for t in self.layer_types:
+            if t not in LAYER_TYPES:
+                bad("layer_types", f"unknown layer type {t!r} (expected one of {LAYER_TYPES})")
+            if t not in self.rope_parameters:
+                bad("rope_parameters", f"no entry for layer type {t!r}")
+            if self.rope_parameters[t].get("rope_type", "default") != "default":
+                bad("rope_parameters", f"rope_type {self.rope_parameters[t]['rope_type']!r} is unsupported")
+        if "hybrid_sliding" in self.layer_types and not self.sliding_window:
+            bad("sliding_window", "must be set when layer_types contains 'hybrid_sliding'")
+        if self.hidden_act != "silu":
+            bad("hidden_act", f"only 'silu' experts are supported, got {self.hidden_act!r}")
+        if self.attention_bias:
+            bad("attention_bias", "biased q/k/v projections are unsupported (ZAYA1 has none)")
+        if self.lm_head_bias:
+            bad("lm_head_bias", "an LM-head bias is unsupported (ZAYA1 has none)")
+        if self.cca_time0 < 1 or self.cca_time1 < 1:
+            bad("cca_time0", "convolution kernel sizes must be >= 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            bad("dtype", f"unsupported dtype {self.dtype!r}")
+
+    # --- Hugging Face config.json ---------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict) -> "ZayaConfig":
+        if d.get("model_type", "zaya") != "zaya":
+            raise ValueError(f"config.json: model_type is {d.get('model_type')!r}, expected 'zaya'")
+        if "zaya_layers" in d or "ffn_hidden_size" in d:
+            raise ValueError("config.json: this is the legacy (Megatron-style) ZAYA layout; "
+                             "only the native layout (layer_types, moe_intermediate_size) is supported")
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "torch_dtype" in d and "dtype" not in d:
+            kw["dtype"] = d["torch_dtype"]
+        if "rope_parameters" in kw and kw["rope_parameters"] is not None:
+            rope = {k: dict(v) for k, v in kw["rope_parameters"].items() if isinstance(v, dict)}
+            kw["rope_parameters"] = {**_default_rope_parameters(), **rope}
+        elif "rope_theta" in d:  # flat legacy-style rope fields
+            rope = _default_rope_parameters()
+            rope["hybrid"]["rope_theta"] = float(d["rope_theta"])
+            kw["rope_parameters"] = rope
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(model_type="zaya", architectures=["ZayaForCausalLM"], num_experts_per_tok=1)
+        return d
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ZayaConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def save(self, path: str | Path):
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    # --- derived ----------------------------------------------------------------------------------
+    @property
+    def conv_channels(self) -> int:
+        return (self.num_attention_heads + self.num_key_value_heads) * self.head_dim
+
+    @property
+    def conv_state_len(self) -> int:
+        return (self.cca_time0 - 1) + (self.cca_time1 - 1)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else ([e] if isinstance(e, int) else list(e))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+# Presets are plain functions returning the dataclass.
+def nano(vocab_size: int = 2048) -> ZayaConfig:
+    """~2M parameters: the CPU speedrun model."""
+    return ZayaConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, moe_intermediate_size=128, num_experts=4,
+                      router_hidden_size=32, max_position_embeddings=2048)
+
+
+def micro(vocab_size: int = 8192) -> ZayaConfig:
+    """~20M parameters (the benchmark size of bench/model.py)."""
+    return ZayaConfig(vocab_size=vocab_size, hidden_size=256, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=32, moe_intermediate_size=256, num_experts=16,
+                      router_hidden_size=64, max_position_embeddings=4096)
+
+
+def zaya1_8b() -> ZayaConfig:
+    """The released Zyphra/ZAYA1-8B configuration (native layout)."""
+    return ZayaConfig(vocab_size=262272, hidden_size=2048, num_hidden_layers=40, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=128, moe_intermediate_size=2048, num_experts=16,
+                      router_hidden_size=256, max_position_embeddings=131072, dtype="bfloat16")
+
+
+PRESETS = {"nano": nano, "micro": micro, "zaya1_8b": zaya1_8b}
+
+
+# -----------------------------------------------------------------------------
+# Decode cache
+
+
+class ZayaCache:
+    """Preallocated per-layer decode state for `rows` sequence slots of up to `max_len` positions.
+
+    Per layer: keys/values [B, K, S, Dh] (model dtype), the last `conv_state_len` pre-convolution qk columns
+    [B, C, cs] and the previous token's delayed value [B, K*Dh/2] (both fp32, as the report keeps CCA state).
+    Per row: `write_B` (next cache index), `pos_B` (next RoPE position = real tokens seen), `valid_BS`
+    (which cache positions hold real tokens; left padding is written but never attended to).
+    `rows(i, j)` returns a view over slots i..j-1 that writes through to this cache (used by the engine to
+    prefill one slot while others decode).
+    """
+
+    def __init__(self, config: ZayaConfig, batch_size: int, max_len: int, device=None, dtype=None, _views=None):
+        if _views is not None:
+            self.__dict__.update(_views)
+            return
+        dtype = dtype or config.torch_dtype
+        L, B, K, Dh = config.num_hidden_layers, batch_size, config.num_key_value_heads, config.head_dim
+        self.max_len = max_len
+        self.k = [torch.zeros(B, K, max_len, Dh, device=device, dtype=dtype) for _ in range(L)]
+        self.v = [torch.zeros(B, K, max_len, Dh, device=device, dtype=dtype) for _ in range(L)]
+        self.conv = [torch.zeros(B, config.conv_channels, config.conv_state_len, device=device) for _ in range(L)]
+        self.vdel = [torch.zeros(B, K * Dh // 2, device=device) for _ in range(L)]
+        self.write_B = torch.zeros(B, dtype=torch.long, device=device)
+        self.pos_B = torch.zeros(B, dtype=torch.long, device=device)
+        self.valid_BS = torch.zeros(B, max_len, dtype=torch.bool, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.write_B.shape[0]
+
+    def rows(self, i: int, j: int) -> "ZayaCache":
+        """A view of slots [i, j): writes go to this cache's storage."""
+        sl = slice(i, j)
+        views = dict(max_len=self.max_len, k=[t[sl] for t in self.k], v=[t[sl] for t in self.v],
+                     conv=[t[sl] for t in self.conv], vdel=[t[sl] for t in self.vdel],
+                     write_B=self.write_B[sl], pos_B=self.pos_B[sl], valid_BS=self.valid_BS[sl])
+        return ZayaCache(None, 0, 0, _views=views)
+
+    def reset(self, rows: slice | list[int] | None = None):
+        """Clear the given slots (all if None) so a new sequence can start there."""
+        rows = slice(None) if rows is None else rows
+        for t in self.conv + self.vdel:
+            t[rows] = 0
+        self.write_B[rows] = 0
+        self.pos_B[rows] = 0
+        self.valid_BS[rows] = False
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.conv + self.vdel)
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # NOTE: normalise in fp32 whatever the input dtype, then return in the weight's dtype (as HF-mod).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(self.weight.dtype)
+
+
+def rope_cos_sin(positions_BT, head_dim, rope: dict, dtype):
+    """cos/sin [B, T, rot] for partial rotary embedding (rotate-half style on the first `rot` dims)."""
+    rot = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, rot, 2, dtype=torch.float32,
+                                                          device=positions_BT.device) / rot))
+    freqs_BTf = positions_BT[..., None].float() * inv_freq
+    emb = torch.cat((freqs_BTf, freqs_BTf), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x_BHTd, cos_BTr, sin_BTr):
+    rot = cos_BTr.shape[-1]
+    cos, sin = cos_BTr[:, None], sin_BTr[:, None]
+    x_rot, x_pass = x_BHTd[..., :rot], x_BHTd[..., rot:]
+    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+class CCAProjection(nn.Module):
+    """q, k, v of Compressed Convolutional Attention (TR App. C): conv-mixed q/k plus QK-mean skips, delayed v."""
+
+    def __init__(self, cfg: ZayaConfig):
+        super().__init__()
+        D, H, K, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.H, self.K, self.Dh, self.cs = H, K, Dh, cfg.conv_state_len
+        self.q_proj = nn.Linear(D, H * Dh, bias=False)
+        self.k_proj = nn.Linear(D, K * Dh, bias=False)
+        self.v_proj_current = nn.Linear(D, K * Dh // 2, bias=False)
+        self.v_proj_delayed = nn.Linear(D, K * Dh // 2, bias=False)
+        C = cfg.conv_channels
+        self.conv_qk_depthwise = nn.Conv1d(C, C, kernel_size=cfg.cca_time0, groups=C)
+        self.conv_qk_grouped = nn.Conv1d(C, C, kernel_size=cfg.cca_time1, groups=H + K)
+
+    def forward(self, x_BTD, conv_state_BCs=None, vdel_state_BV=None):
+        """Returns q [B,T,H,Dh], k [B,T,K,Dh], v [B,T,K,Dh], and the new conv / delayed-value states."""
+        B, T, _ = x_BTD.shape
+        H, K, Dh, g = self.H, self.K, self.Dh, self.H // self.K
+        q_BTC = self.q_proj(x_BTD)                                         # (B, T, H*Dh)
+        k_BTC = self.k_proj(x_BTD)                                         # (B, T, K*Dh)
+
+        # QK-mean skip terms: each query head averaged with its group's key head; keys = mean of their group.
+        q_res = (q_BTC.view(B, T, K, g, Dh) + k_BTC.view(B, T, K, 1, Dh)) * 0.5   # (B, T, K, g, Dh)
+        k_res_BTKd = q_res.mean(dim=3)
+        q_res_BTHd = q_res.reshape(B, T, H, Dh)
+
+        # Causal depthwise then head-grouped convolution over the concatenated (q, k) channels.
+        qk_BCT = torch.cat([q_BTC, k_BTC], dim=-1).transpose(1, 2)
+        if conv_state_BCs is None:
+            qk_BCT = F.pad(qk_BCT, (self.cs, 0))
+        else:
+            qk_BCT = torch.cat([conv_state_BCs.to(qk_BCT.dtype), qk_BCT], dim=-1)
+        new_conv_state = qk_BCT[..., qk_BCT.shape[-1] - self.cs:] if self.cs else qk_BCT[..., :0]
+        conv_BTC = self.conv_qk_grouped(self.conv_qk_depthwise(qk_BCT)).transpose(1, 2)
+        q_BTHd = conv_BTC[..., : H * Dh].reshape(B, T, H, Dh) + q_res_BTHd
+        k_BTKd = conv_BTC[..., H * Dh:].reshape(B, T, K, Dh) + k_res_BTKd
+
+        # Values: one half from the current token, the other half from the previous token's delayed projection.
+        v_cur_BTV = self.v_proj_current(x_BTD)
+        v_del_BTV = self.v_proj_delayed(x_BTD)
+        prev_B1V = (torch.zeros_like(v_del_BTV[:, :1]) if vdel_state_BV is None
+                    else vdel_state_BV[:, None].to(v_del_BTV.dtype))
+        v_del_shift = torch.cat([prev_B1V, v_del_BTV[:, :-1]], dim=1)
+        v_BTKd = torch.cat([v_cur_BTV, v_del_shift], dim=-1).view(B, T, K, Dh)
+        return q_BTHd, k_BTKd, v_BTKd, new_conv_state, v_del_BTV[:, -1]
+
+
+class QKNorm(nn.Module):
+    """L2-normalise q and k to norm sqrt(Dh), then scale keys by a learned per-KV-head temperature (linear)."""
+
+    def __init__(self, cfg: ZayaConfig):
+        super().__init__()
+        self.scale = cfg.head_dim ** 0.5
+        self.temp = nn.Parameter(torch.ones(cfg.num_key_value_heads))
+
+    def forward(self, q_BTHd, k_BTKd):
+        eps = torch.finfo(q_BTHd.dtype).eps
+        q = q_BTHd * (self.scale / q_BTHd.norm(dim=-1, keepdim=True).clamp_min(eps))
+        k = k_BTKd * (self.scale / k_BTKd.norm(dim=-1, keepdim=True).clamp_min(eps))
+        return q, k * self.temp[:, None].to(k.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ZayaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.H, self.K, self.Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        layer_type = cfg.layer_types[layer_idx]
+        self.window = cfg.sliding_window if layer_type == "hybrid_sliding" else None
+        self.rope = cfg.rope_parameters[layer_type]
+        self.qkv_proj = CCAProjection(cfg)
+        self.qk_norm = QKNorm(cfg)
+        self.o_proj = nn.Linear(self.H * self.Dh, cfg.hidden_size, bias=False)
+
+    def forward(self, x_BTD, positions_BT, keep_BT, cache: ZayaCache | None):
+        B, T, _ = x_BTD.shape
+        L = self.layer_idx
+        if keep_BT is not None:  # zero padded inputs before the convolution (HF-mod's conv mask)
+            x_BTD = x_BTD * keep_BT[..., None].to(x_BTD.dtype)
+        conv_state = vdel_state = None
+        if cache is not None:
+            conv_state, vdel_state = cache.conv[L], cache.vdel[L]
+        q, k, v, new_conv, new_vdel = self.qkv_proj(x_BTD, conv_state, vdel_state)
+        q, k = self.qk_norm(q, k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, heads, T, Dh)
+        cos, sin = rope_cos_sin(positions_BT, self.Dh, self.rope, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is None:
+            if keep_BT is None and self.window is None:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                idx = torch.arange(T, device=q.device)
+                mask_BTS = _attention_mask(idx[None, :, None].expand(B, T, 1), idx, keep_BT, self.window)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTS[:, None], enable_gqa=True)
+        else:
+            cache.conv[L].copy_(new_conv)
+            cache.vdel[L].copy_(new_vdel)
+            write_BT = cache.write_B[:, None] + torch.arange(T, device=q.device)       # cache index per token
+            rows_B1 = torch.arange(B, device=q.device)[:, None]
+            cache.k[L][rows_B1, :, write_BT] = k.transpose(1, 2).to(cache.k[L].dtype)   # (B, T, K, Dh)
+            cache.v[L][rows_B1, :, write_BT] = v.transpose(1, 2).to(cache.v[L].dtype)
+            S = int(write_BT.max()) + 1
+            valid_BS = cache.valid_BS[:, :S].clone()
+            valid_BS[rows_B1, write_BT] = True if keep_BT is None else keep_BT
+            mask_BTS = _attention_mask(write_BT[..., None], torch.arange(S, device=q.device), valid_BS, self.window)
+            k_all, v_all = cache.k[L][:, :, :S].to(q.dtype), cache.v[L][:, :, :S].to(q.dtype)
+            o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask_BTS[:, None], enable_gqa=True)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.H * self.Dh))
+
+
+def _attention_mask(query_idx_BT1, key_idx_S, key_valid_BS, window):
+    """Boolean [B, T, S]: causal in cache-index space, padded keys hidden, optional sliding window.
+
+    A query always sees itself, so padded queries stay finite (their outputs are never used)."""
+    causal = key_idx_S <= query_idx_BT1
+    if key_valid_BS is not None:
+        causal = causal & key_valid_BS[:, None, :]
+    if window is not None:
+        causal = causal & (key_idx_S > query_idx_BT1 - window)
+    return causal | (key_idx_S == query_idx_BT1)
+
+
+class ResidualScaling(nn.Module):
+    """merge(o, res) = (o + b_o) * s_o + (res + b_r) * s_r, in fp32 (TR eq. 6)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.hidden_states_scale = nn.Parameter(torch.ones(dim))
+        self.hidden_states_bias = nn.Parameter(torch.zeros(dim))
+        self.residual_scale = nn.Parameter(torch.ones(dim))
+        self.residual_bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, out_BTD, res_BTD):
+        out = (out_BTD.float() + self.hidden_states_bias.float()) * self.hidden_states_scale.float()
+        return out + (res_BTD + self.residual_bias.float()) * self.residual_scale.float()
+
+
+class RouterMLP(nn.Module):
+    def __init__(self, R: int, n_classes: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(R, eps)
+        self.fc1 = nn.Linear(R, R)
+        self.fc2 = nn.Linear(R, R)
+        self.out_proj = nn.Linear(R, n_classes, bias=False)
+
+    def forward(self, r_NR):
+        h = F.gelu(self.fc1(self.norm(r_NR)))
+        return self.out_proj(F.gelu(self.fc2(h)))
+
+
+class Router(nn.Module):
+    """TR eqs. 1-5: down-projection, EDA, MLP over E experts + skip, fp32 softmax, top-1 with balancing biases."""
+
+    def __init__(self, cfg: ZayaConfig, layer_idx: int):
+        super().__init__()
+        self.E = cfg.num_experts
+        self.down_proj = nn.Linear(cfg.hidden_size, cfg.router_hidden_size, bias=True)
+        if layer_idx > 0:  # no EDA state to mix into the first block
+            self.router_states_scale = nn.Parameter(torch.ones(cfg.router_hidden_size))
+        self.router_mlp = RouterMLP(cfg.router_hidden_size, self.E + 1, cfg.rms_norm_eps)
+        biases = torch.zeros(self.E + 1)
+        biases[-1] = -1.0
+        self.register_buffer("balancing_biases", biases)
+        self.load_counts = None      # [E+1] tokens per class since the last balancing update (training)
+        self.bias_optim_state = None  # (exp_avg, exp_avg_sq, step) of the internal AdamW
+
+    def forward(self, x_ND, r_prev_NR, keep_N, replay_N=None):
+        """Returns (expert id or -1 per token, combine weight, router latent for the next block)."""
+        r_NR = self.down_proj(x_ND)
+        if r_prev_NR is not None and hasattr(self, "router_states_scale"):
+            r_NR = r_NR + r_prev_NR * self.router_states_scale           # EDA (eq. 2)
+        probs_NE1 = torch.softmax(self.router_mlp(r_NR).float(), dim=-1)  # fp32 softmax (eq. 3)
+        if replay_N is None:
+            choice_N = torch.argmax(probs_NE1.detach() + self.balancing_biases, dim=-1)   # eq. 4
+        else:
+            choice_N = torch.where(replay_N < 0, self.E, replay_N)
+        if keep_N is not None:
+            choice_N = torch.where(keep_N, choice_N, self.E + 1)           # padding: counted nowhere
+        if self.training:
+            counts = torch.bincount(choice_N, minlength=self.E + 2)[: self.E + 1].float()
+            self.load_counts = counts if self.load_counts is None else self.load_counts + counts
+        route_N = torch.where(choice_N >= self.E, -1, choice_N)
+        weight_N = probs_NE1.gather(1, route_N.clamp_min(0)[:, None])[:, 0] * (route_N >= 0)
+        return route_N, weight_N, r_NR
+
+
+class Experts(nn.Module):
+    """SwiGLU experts with grouped dispatch: sort tokens by expert, run each expert once on its slice."""
+
+    def __init__(self, cfg: ZayaConfig):
+        super().__init__()
+        E, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x_ND, route_N, weight_N):
+        E = self.gate_up_proj.shape[0]
+        order_N = torch.argsort(route_N, stable=True)
+        counts = torch.bincount(route_N + 1, minlength=E + 1).tolist()   # [skip/pad, e0, e1, ...]
+        token_idx = order_N[counts[0]:]                                    # skip and padding are never computed
+        xs_MD = x_ND[token_idx]
+        outs, start = [], 0
+        for e, n in enumerate(counts[1:]):
+            if n == 0:
+                continue
+            gate, up = F.linear(xs_MD[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            start += n
+        y_ND = torch.zeros_like(x_ND)
+        if outs:
+            out_MD = torch.cat(outs) * weight_N[token_idx, None].to(x_ND.dtype)
+            y_ND = y_ND.index_copy(0, token_idx, out_MD)
+        return y_ND
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ZayaConfig, layer_idx: int):
+        super().__init__()
+        self.gate = Router(cfg, layer_idx)
+        self.experts = Experts(cfg)
+
+    def forward(self, x_BTD, r_prev_NR, keep_BT, replay_BT=None):
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        keep_N = None if keep_BT is None else keep_BT.reshape(-1)
+        replay_N = None if replay_BT is None else replay_BT.reshape(-1)
+        route_N, weight_N, r_NR = self.gate(x_ND, r_prev_NR, keep_N, replay_N)
+        y_ND = self.experts(x_ND, route_N, weight_N)
+        return y_ND.view(B, T, D), r_NR, route_N.view(B, T)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ZayaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_residual_scale = ResidualScaling(cfg.hidden_size)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg, layer_idx)
+        self.post_mlp_residual_scale = ResidualScaling(cfg.hidden_size)
+
+    def forward(self, h_BTD, r_prev_NR, positions_BT, keep_BT, cache, replay_BT=None):
+        a = self.self_attn(self.input_layernorm(h_BTD), positions_BT, keep_BT, cache)
+        h_BTD = self.post_attention_residual_scale(a, h_BTD)
+        m, r_NR, route_BT = self.mlp(self.post_attention_layernorm(h_BTD), r_prev_NR, keep_BT, replay_BT)
+        h_BTD = self.post_mlp_residual_scale(m, h_BTD)
+        return h_BTD, r_NR, route_BT
+
+
+class ZayaModel(nn.Module):
+    def __init__(self, cfg: ZayaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.input_hidden_states_scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.input_hidden_states_bias = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# -----------------------------------------------------------------------------
+# The causal LM
+
+
+class ZayaForCausalLM(nn.Module):
+    def __init__(self, config: ZayaConfig):
+        super().__init__()
+        self.config = config
+        self.model = ZayaModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.balance_lr = 1e-3       # internal AdamW of the bias balancing (eq. 5)
+        self.balance_enabled = True
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Normal(0, initializer_range) matrices, zero biases, unit scales. Two choices of ours (the reference
+        starts the key temperature at 0, i.e. uniform attention): key temperature 1, and both CCA convolutions
+        start as the identity on the newest column (plus noise), so training starts from plain (q, k)."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith(("scale", "norm.weight", "layernorm.weight", "temp")):
+                nn.init.ones_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=std)
+        for layer in self.model.layers:
+            proj = layer.self_attn.qkv_proj
+            proj.conv_qk_depthwise.weight[..., -1] += 1.0                  # [C, 1, k]
+            g = proj.conv_qk_grouped.weight                                 # [C, Dh, k], Dh channels per group
+            g[..., -1] += torch.eye(g.shape[1], dtype=g.dtype).repeat(g.shape[0] // g.shape[1], 1)
+
+    @property
+    def device(self):
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.model.embed_tokens.weight.dtype
+
+    def output_embeddings(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, input_ids, attention_mask=None, cache: ZayaCache | None = None, *,
+                replay_routes=None, return_routes: bool = False, return_hidden: bool = False,
+                logits_to_keep: int = 0):
+        """Logits [B, T, V] (fp32) for input_ids [B, T].
+
+        attention_mask [B, T] marks real tokens (1) vs left padding (0) among *these* tokens; a cache
+        remembers which earlier positions were real. RoPE positions count real tokens only, so a left-padded
+        row gives the same logits as the row alone. With `cache`, the tokens are appended to each row at its
+        own write position (prefill, one-token decode or multi-token continuation).
+        replay_routes [L, B, T] (expert id, -1 = none) forces the routing (router replay); with
+        `return_routes=True` the chosen routes [L, B, T] are returned as well: (logits, routes).
+        `return_hidden=True` returns the final normed hidden states instead of logits (for chunked losses).
+        """
+        B, T = input_ids.shape
+        keep_BT = None
+        if attention_mask is not None:
+            keep_BT = attention_mask.to(torch.bool)
+            if bool(keep_BT.all()):
+                keep_BT = None
+        if cache is not None:
+            if int(cache.write_B.max()) + T > cache.max_len:
+                raise ValueError(f"cache overflow: {int(cache.write_B.max())} + {T} tokens > max_len {cache.max_len}")
+            start_B1 = cache.pos_B[:, None]
+        else:
+            start_B1 = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)
+        if keep_BT is None:
+            positions_BT = start_B1 + torch.arange(T, device=input_ids.device)
+        else:
+            positions_BT = start_B1 + (keep_BT.long().cumsum(1) - 1).clamp_min(0)
+
+        m = self.model
+        h = m.embed_tokens(input_ids).float()
+        h_BTD = (h + m.input_hidden_states_bias.float()) * m.input_hidden_states_scale.float()  # fp32 stream
+        r_NR, routes = None, []
+        for i, layer in enumerate(m.layers):
+            replay_BT = None if replay_routes is None else replay_routes[i]
+            h_BTD, r_NR, route_BT = layer(h_BTD, r_NR, positions_BT, keep_BT, cache, replay_BT)
+            routes.append(route_BT)
+        if cache is not None:
+            write_BT = cache.write_B[:, None] + torch.arange(T, device=input_ids.device)
+            rows_B1 = torch.arange(B, device=input_ids.device)[:, None]
+            cache.valid_BS[rows_B1, write_BT] = True if keep_BT is None else keep_BT
+            cache.write_B += T
+            cache.pos_B += T if keep_BT is None else keep_BT.sum(1)
+
+        if logits_to_keep:
+            h_BTD = h_BTD[:, -logits_to_keep:]
+        x = m.norm(h_BTD.to(m.norm.weight.dtype))
+        out = x if return_hidden else F.linear(x, self.output_embeddings()).float()
+        if return_routes:
+            return out, torch.stack(routes)
+        return out
+
+    # --- training-only: bias balancing (TR eq. 5) and load statistics ------------------------------
+    def routers(self) -> list[Router]:
+        return [layer.mlp.gate for layer in self.model.layers]
+
+    @torch.no_grad()
+    def update_balancing_biases(self, betas=(0.9, 0.999), eps=1e-8):
+        """Move each router's balancing biases by eq. 5 and reset the load counts. Call after optimizer.step().
+
+        Gradient of expert e's bias: p_e - 1/E, with p_e the fraction of routed (non-skip, non-padding) tokens that
+        chose e since the last call (all-reduced over ranks when torch.distributed is initialised), fed to a small
+        internal AdamW (the report's "PID optimizer"). The skip bias is not balanced: it keeps its value.
+        NOTE: the report leaves open whether skip has a target share; we give it none.
+        """
+        counts = [r.load_counts for r in self.routers()]
+        if not self.balance_enabled or any(c is None for c in counts):
+            for r in self.routers():
+                r.load_counts = None
+            return
+        counts_LE1 = torch.stack(counts)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts_LE1)
+        b1, b2 = betas
+        for r, c in zip(self.routers(), counts_LE1):
+            E = r.E
+            p_E = c[:E] / c[:E].sum().clamp_min(1.0)
+            grad = p_E - 1.0 / E
+            if r.bias_optim_state is None:
+                r.bias_optim_state = [torch.zeros_like(grad), torch.zeros_like(grad), 0]
+            m_, v_, step = r.bias_optim_state
+            step += 1
+            m_.mul_(b1).add_(grad, alpha=1 - b1)
+            v_.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            update = (m_ / (1 - b1 ** step)) / ((v_ / (1 - b2 ** step)).sqrt() + eps)
+            r.balancing_biases[:E] -= self.balance_lr * update.to(r.balancing_biases.device)
+            r.bias_optim_state[2] = step
+            r.load_counts = None
+
+    @torch.no_grad()
+    def expert_load_stats(self) -> list[dict]:
+        """Per layer, from the counts accumulated since the last balancing update: max/mean expert load over
+        the E experts, and the fraction of tokens that took the skip class."""
+        stats = []
+        for r in self.routers():
+            c = r.load_counts
+            if c is None or c.sum() == 0:
+                stats.append({"max_mean": float("nan"), "skip": float("nan")})
+                continue
+            experts = c[: r.E]
+            stats.append({"max_mean": float(experts.max() / experts.mean().clamp_min(1e-9)),
+                          "skip": float(c[r.E] / c.sum())})
+        return stats
+
+    # --- parameter arithmetic --------------------------------------------------------------------
+    def num_params(self) -> dict:
+        return count_params(self.config)
+
+
+def count_params(cfg: ZayaConfig) -> dict:
+    """Total, embedding and active-per-token parameter counts from the config alone (shapes of the spec §9)."""
+    D, H, K, Dh, R = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.router_hidden_size
+    E, I, C = cfg.num_experts, cfg.moe_intermediate_size, cfg.conv_channels
+    attn = D * H * Dh + D * K * Dh + D * K * Dh + C * cfg.cca_time0 + C + C * Dh * cfg.cca_time1 + C + K + H * Dh * D
+    router = D * R + R + R + 2 * (R * R + R) + R * (E + 1)   # + EDA scale (all but block 0) below
+    one_expert = 2 * I * D + D * I
+    small = 2 * D + 8 * D                                      # two norms + two residual scalings
+    L = cfg.num_hidden_layers
+    non_embed = L * (attn + router + E * one_expert + small) + (L - 1) * R + 2 * D + D
+    embed = cfg.vocab_size * D * (1 if cfg.tie_word_embeddings else 2)
+    active = L * (attn + router + one_expert + small) + (L - 1) * R + 2 * D + D
+    return {"total": non_embed + embed, "non_embedding": non_embed, "embedding": embed, "active_per_token": active}
