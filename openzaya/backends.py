@@ -8,7 +8,16 @@ its (reasoning, answer) split, token ids when known, the finish reason, usage an
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import os
+import random
+import threading
+import time
+import weakref
 from dataclasses import dataclass, field
+
+from .tokenizer import Tokenizer, split_reasoning
 
 
 @dataclass
@@ -29,6 +38,9 @@ class Request:
     messages: list[dict] | None = None        # chat messages [{"role": ..., "content": ...}], templated by the backend
     params: SamplingParams = field(default_factory=SamplingParams)
     id: str = ""
+    # chat: passed to the chat template (OpenAI servers: chat_template_kwargs); all requests: with False, a
+    # completion without </think> is all answer instead of all (truncated) reasoning (see split_reasoning)
+    enable_thinking: bool = True
 
     def __post_init__(self):
         if (self.prompt is None) == (self.messages is None):
@@ -47,3 +59,411 @@ class Completion:
     token_ids: list[int] | None = None
     logprobs: list[float] | None = None        # log-probability of each sampled token, when known
     routes: object | None = None               # routed expert ids [L, T] for router replay (local backend only)
+
+
+class BackendError(RuntimeError):
+    """A server or model that could not answer: the message names the URL (or model) and the last error."""
+
+
+CHARS_PER_TOKEN = 4  # the tail/count approximation for backends without a tokenizer
+
+
+def _run_sync(coro):
+    """asyncio.run, also from inside a running event loop (e.g. a notebook): then in a helper thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box = {}
+
+    def target():
+        try:
+            box["result"] = asyncio.run(coro)
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+class Backend:
+    """The interface. Subclasses override `generate` (blocking engines) or `agenerate` (async clients); each base
+    method calls the other, the sync one through asyncio.run, the async one through a worker thread.
+
+    `tokenizer` (an openzaya Tokenizer or None) makes count_tokens / tail_tokens exact. Without one, count_tokens is
+    None and tail_tokens keeps the last CHARS_PER_TOKEN * n characters; `tail_approximation` names the method used
+    (None when exact)."""
+
+    tokenizer: Tokenizer | None = None
+
+    def generate(self, requests: list[Request]) -> list[list[Completion]]:
+        return _run_sync(self.agenerate(list(requests)))
+
+    async def agenerate(self, requests: list[Request]) -> list[list[Completion]]:
+        return await asyncio.to_thread(self.generate, list(requests))
+
+    @property
+    def tail_approximation(self) -> str | None:
+        return None if self.tokenizer is not None else f"last {CHARS_PER_TOKEN} characters per token"
+
+    def count_tokens(self, text: str) -> int | None:
+        return None if self.tokenizer is None else len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def tail_tokens(self, text: str, n: int) -> str:
+        """The last n tokens of text, re-decoded (Markovian RSA tails). NOTE: a cut inside a multi-byte character
+        decodes to U+FFFD at the start of the tail."""
+        if n <= 0:
+            return ""
+        if self.tokenizer is None:
+            return text[-CHARS_PER_TOKEN * n:]
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return text if len(ids) <= n else self.tokenizer.decode(ids[-n:])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LocalBackend: our own engine (engine.py) on an openzaya checkpoint directory goes here (written with the engine).
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# HFBackend: any transformers causal LM
+
+
+class HFBackend(Backend):
+    """Batched `model.generate` over a transformers causal LM directory (or a GGUF in it, via gguf_file).
+
+    - Requests with the same sampling parameters are batched (left padding, up to `batch_size` rows); stop strings
+      may differ within a batch. n>1 uses num_return_sequences; greedy n>1 decodes once and copies.
+    - Seeds: a sampled request with a seed runs in its own batch right after torch.manual_seed(seed), so its output
+      does not depend on its batch companions; unseeded requests use the global torch RNG.
+    - Stop strings end a row as soon as they appear; the text is cut just before the first one (OpenAI semantics),
+      token_ids/logprobs keep the tokens up to the one that completed it. EOS ends a row; its id is kept in
+      token_ids (and counted in completion_tokens), not in the text.
+    - logprobs: log-softmax of the scores the token was sampled from (after temperature / top-k / top-p / min-p
+      processing; for T=1 without truncation these are the model's log-probs). Collected step by step, so memory is
+      one [rows, vocab] buffer, not [rows, steps, vocab].
+    - latency_s is the wall time of the batch the completion was generated in.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, gguf_file: str | None = None, device: str = "cpu",
+                 dtype=None, chat_template: str | None = None, batch_size: int = 16):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device(device)
+        if dtype is None:  # fp32 on CPU (bf16 matmuls are slow there), bf16 on accelerators
+            dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **kwargs).to(self.device).eval()
+        self.tokenizer = Tokenizer.load(model_dir, gguf_file=gguf_file)
+        if chat_template is not None:
+            self.tokenizer.chat_template = chat_template
+        eos = self.model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if self.tokenizer.eos_id is not None:
+            eos.append(self.tokenizer.eos_id)
+        assert eos, f"{model_dir}: no eos token in the generation config or the tokenizer"
+        self.eos_ids = sorted(set(eos))
+        pad = self.tokenizer.pad_id
+        if pad is None:
+            pad = self.model.generation_config.pad_token_id
+        self.pad_id = pad if pad is not None else self.eos_ids[0]
+        self.batch_size = batch_size
+        self.name = str(model_dir)
+
+    def prompt_ids(self, request: Request) -> list[int]:
+        """Prompt text: encoded with the tokenizer's special tokens (BOS); messages: the chat template (holds BOS)."""
+        if request.messages is not None:
+            return self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True,
+                                                      enable_thinking=request.enable_thinking, tokenize=True)
+        return self.tokenizer.encode(request.prompt)
+
+    def generate(self, requests: list[Request]) -> list[list[Completion]]:
+        requests = list(requests)
+        prompts = [self.prompt_ids(r) for r in requests]
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            p = r.params
+            greedy = p.temperature == 0
+            alone = i if (not greedy and p.seed is not None) else -1
+            key = (greedy, p.temperature, p.top_p, p.top_k, p.min_p, p.max_tokens, 1 if greedy else p.n, alone)
+            groups.setdefault(key, []).append(i)
+        out: list[list[Completion] | None] = [None] * len(requests)
+        for idxs in groups.values():
+            params = requests[idxs[0]].params
+            rows_per_request = 1 if params.temperature == 0 else params.n
+            step = max(1, self.batch_size // rows_per_request)
+            for k in range(0, len(idxs), step):
+                chunk = idxs[k:k + step]
+                for i, comps in zip(chunk, self._generate_batch([requests[i] for i in chunk],
+                                                                [prompts[i] for i in chunk])):
+                    out[i] = comps
+        return out
+
+    def _generate_batch(self, requests: list[Request], prompts: list[list[int]]) -> list[list[Completion]]:
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        p = requests[0].params
+        greedy = p.temperature == 0
+        n_seq = 1 if greedy else p.n
+        B, L = len(prompts), max(len(ids) for ids in prompts)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, L), dtype=torch.long)
+        for b, ids in enumerate(prompts):  # left padding
+            input_ids[b, L - len(ids):] = torch.tensor(ids)
+            attention_mask[b, L - len(ids):] = 1
+        stops = [r.params.stop for r in requests for _ in range(n_seq)]  # one entry per generated row
+        sampling = {} if greedy else {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k,
+                                      "min_p": p.min_p or None, "num_return_sequences": n_seq}
+        recorder = _LogprobRecorder()
+        if not greedy and p.seed is not None:
+            torch.manual_seed(p.seed)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            seqs = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                do_sample=not greedy, max_new_tokens=p.max_tokens, eos_token_id=self.eos_ids,
+                pad_token_id=self.pad_id, logits_processor=LogitsProcessorList([recorder]),
+                stopping_criteria=StoppingCriteriaList([_StopStrings(self.tokenizer, stops, L)]), **sampling)
+        latency = time.perf_counter() - t0
+        new_ids = seqs[:, L:].cpu()
+        logprobs = recorder.finish(seqs).cpu()  # (rows, T)
+        results = []
+        for b, r in enumerate(requests):
+            comps = []
+            for s in range(n_seq):
+                row = b * n_seq + s
+                comps.append(self._completion(r, new_ids[row].tolist(), logprobs[row].tolist(), len(prompts[b]),
+                                              latency))
+            results.append(comps if n_seq == r.params.n else [comps[0]] + [  # greedy n>1: copies
+                copy.deepcopy(comps[0]) for _ in range(r.params.n - 1)])
+        return results
+
+    def _completion(self, r: Request, ids: list[int], logprobs: list[float], prompt_len: int,
+                    latency: float) -> Completion:
+        finish, end = "length", len(ids)
+        eos = set(self.eos_ids)
+        for j, t in enumerate(ids):
+            if t in eos:
+                finish, end = "stop", j + 1
+                break
+        ids = ids[:end]
+        text = self.tokenizer.decode(ids[:-1] if finish == "stop" else ids)
+        cut = min((text.find(s) for s in r.params.stop if s and s in text), default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+            # the shortest token prefix whose text holds a stop string (monotone in the length: bisect)
+            lo, hi = 1, len(ids)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                decoded = self.tokenizer.decode(ids[:mid])
+                if any(s and s in decoded for s in r.params.stop):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            ids = ids[:lo]
+        reasoning, answer = split_reasoning(text, thinking=r.enable_thinking)
+        return Completion(text=text, reasoning=reasoning, answer=answer, finish_reason=finish,
+                          prompt_tokens=prompt_len, completion_tokens=len(ids), latency_s=latency, token_ids=ids,
+                          logprobs=logprobs[:len(ids)])
+
+
+class _LogprobRecorder:
+    """A logits processor (runs last) that keeps the previous step's log-softmax and, on the next call, reads off the
+    log-prob of the token that step sampled (now the last input id)."""
+
+    def __init__(self):
+        self.prev = None
+        self.steps = []
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences):
+        import torch
+
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, sequences[:, -1:]).squeeze(1))
+        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros((sequences.shape[0], 0))
+
+
+class _StopStrings:
+    """Stopping criterion: per row, done once its decoded new tokens (a window as long as the longest stop string
+    plus slack) contain one of that row's stop strings."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[list[str]], prompt_len: int):
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, stops, prompt_len
+        self.window = max((len(s) for row in stops for s in row), default=0) + 8
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row, stops in enumerate(self.stops):
+            if stops:
+                tail = self.tokenizer.decode(input_ids[row, self.prompt_len:][-self.window:].tolist())
+                done[row] = any(s and s in tail for s in stops)
+        return done
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# OpenAIBackend: any OpenAI-compatible server (vLLM, SGLang, llama.cpp, hosted APIs)
+
+
+class OpenAIBackend(Backend):
+    """Async client for /v1/completions (prompt requests) and /v1/chat/completions (message requests).
+
+    - At most `max_concurrency` HTTP requests in flight (per event loop); each has `timeout_s`.
+    - Retries (`max_retries` more attempts, exponential backoff from `backoff_s`, Retry-After honoured up to 60 s)
+      on connection errors, timeouts, 408/409/429 and 5xx. Other statuses, or an exhausted budget, raise
+      BackendError naming the URL and the last error.
+    - max tokens: completions send `max_tokens`; chat sends `max_completion_tokens` (the current OpenAI name) and,
+      when a server answers 400 mentioning that field, switches to `max_tokens` for the rest of this backend's life.
+    - n>1: sent natively; if a server returns fewer choices (it ignores n), the missing ones are fanned out as n=1
+      requests (seeds seed+1, seed+2, ... when seeded) and the route is fanned out directly from then on.
+    - Reasoning: message.reasoning_content (or .reasoning, newer vLLM) is the reasoning and content the answer;
+      `text` is rebuilt as "<think>\\n{reasoning}\\n</think>\\n\\n{content}". Otherwise split_reasoning(text).
+    - Usage: prompt_tokens from the server; completion_tokens per choice from the server when n=1, else from
+      logprobs if requested, else the tokenizer if given, else the server total split evenly.
+    - `tokenizer` (an openzaya Tokenizer or a path for Tokenizer.load) makes count_tokens/tail_tokens exact.
+    - Requests with enable_thinking=False send chat_template_kwargs={"enable_thinking": false} (vLLM/SGLang).
+    """
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, max_concurrency: int = 16,
+                 timeout_s: float = 600.0, max_retries: int = 4, backoff_s: float = 0.5,
+                 tokenizer: Tokenizer | str | os.PathLike | None = None, logprobs: bool = False):
+        base_url = base_url.rstrip("/")
+        self.base_url = base_url if base_url.endswith("/v1") else base_url + "/v1"
+        self.model, self.api_key = model, api_key
+        self.max_concurrency, self.timeout_s = max_concurrency, timeout_s
+        self.max_retries, self.backoff_s, self.logprobs = max_retries, backoff_s, logprobs
+        self.tokenizer = Tokenizer.load(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        self.chat_max_tokens_key = "max_completion_tokens"
+        self.native_n = {"completions": True, "chat/completions": True}
+        self._semaphores: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one per event loop
+
+    async def agenerate(self, requests: list[Request]) -> list[list[Completion]]:
+        import httpx
+
+        loop = asyncio.get_running_loop()
+        semaphore = self._semaphores.setdefault(loop, asyncio.Semaphore(self.max_concurrency))
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), headers=headers, limits=limits) as client:
+            return list(await asyncio.gather(*(self._request(client, semaphore, r) for r in requests)))
+
+    async def _request(self, client, semaphore, r: Request) -> list[Completion]:
+        route = "chat/completions" if r.messages is not None else "completions"
+        n, seed = r.params.n, r.params.seed
+        comps = await self._call(client, semaphore, r, route, n if self.native_n[route] else 1, seed)
+        if len(comps) < n:
+            if n > 1 and self.native_n[route] and len(comps) == 1:
+                self.native_n[route] = False  # the server ignores n
+            more = await asyncio.gather(*(
+                self._call(client, semaphore, r, route, 1, None if seed is None else seed + k)
+                for k in range(len(comps), n)))
+            comps += [c for cs in more for c in cs]
+        return comps[:n]
+
+    async def _call(self, client, semaphore, r: Request, route: str, n: int, seed: int | None) -> list[Completion]:
+        p = r.params
+        body = {"model": self.model, "temperature": p.temperature, "top_p": p.top_p, "n": n}
+        if p.stop:
+            body["stop"] = list(p.stop)
+        if seed is not None:
+            body["seed"] = seed
+        if p.top_k > 0:  # non-standard sampling fields only when used (strict servers reject unknown fields)
+            body["top_k"] = p.top_k
+        if p.min_p > 0:
+            body["min_p"] = p.min_p
+        if route == "completions":
+            body.update(prompt=r.prompt, max_tokens=p.max_tokens)
+            if self.logprobs:
+                body["logprobs"] = 1
+        else:
+            body.update(messages=r.messages)
+            body[self.chat_max_tokens_key] = p.max_tokens
+            if not r.enable_thinking:
+                body["chat_template_kwargs"] = {"enable_thinking": False}
+            if self.logprobs:
+                body["logprobs"] = True
+        data, latency = await self._post(client, semaphore, route, body)
+        return self._parse(r, route, data, latency)
+
+    async def _post(self, client, semaphore, route: str, body: dict) -> tuple[dict, float]:
+        import httpx
+
+        url = f"{self.base_url}/{route}"
+        last_error, delay = "", 0.0
+        for attempt in range(self.max_retries + 1):
+            if delay > 0:
+                await asyncio.sleep(delay)
+            delay = self.backoff_s * 2 ** attempt * (1 + 0.25 * random.random())
+            try:
+                async with semaphore:
+                    t0 = time.perf_counter()
+                    resp = await client.post(url, json=body)
+                    latency = time.perf_counter() - t0
+            except httpx.TransportError as e:  # connect errors, timeouts, dropped connections
+                last_error = f"{type(e).__name__}: {e}"
+                continue
+            if resp.status_code == 200:
+                return resp.json(), latency
+            last_error = f"HTTP {resp.status_code}: {resp.text[:500]}"
+            if (resp.status_code == 400 and "max_completion_tokens" in body
+                    and "max_completion_tokens" in resp.text):
+                self.chat_max_tokens_key = "max_tokens"
+                body = {("max_tokens" if k == "max_completion_tokens" else k): v for k, v in body.items()}
+                delay = 0.0
+                continue
+            if resp.status_code in (408, 409, 429) or resp.status_code >= 500:
+                retry_after = resp.headers.get("retry-after", "")
+                if retry_after.replace(".", "", 1).isdigit():
+                    delay = max(delay, min(float(retry_after), 60.0))
+                continue
+            raise BackendError(f"{url}: {last_error}")
+        raise BackendError(f"{url}: no answer after {self.max_retries + 1} attempts; last error: {last_error}")
+
+    def _parse(self, r: Request, route: str, data: dict, latency: float) -> list[Completion]:
+        usage = data.get("usage") or {}
+        choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
+        comps = []
+        for ch in choices:
+            finish = "length" if ch.get("finish_reason") == "length" else "stop"
+            if route == "chat/completions":
+                message = ch.get("message") or {}
+                content = message.get("content") or ""
+                thought = message.get("reasoning_content") or message.get("reasoning")
+                lp = ch.get("logprobs") or {}
+                logprobs = [t["logprob"] for t in lp.get("content") or []] or None
+            else:
+                content, thought = ch.get("text") or "", None
+                logprobs = (ch.get("logprobs") or {}).get("token_logprobs") or None
+            if thought:
+                truncated = not content and finish == "length"
+                text = f"<think>\n{thought}" if truncated else f"<think>\n{thought}\n</think>\n\n{content}"
+                reasoning, answer = thought.strip(), content.strip()
+            else:
+                text = content
+                reasoning, answer = split_reasoning(text, thinking=r.enable_thinking)
+            if len(choices) == 1 and "completion_tokens" in usage:
+                n_tokens = usage["completion_tokens"]
+            elif logprobs is not None:
+                n_tokens = len(logprobs)
+            elif self.tokenizer is not None:
+                n_tokens = self.count_tokens(text)
+            else:
+                n_tokens = round(usage.get("completion_tokens", 0) / max(1, len(choices)))
+            comps.append(Completion(text=text, reasoning=reasoning, answer=answer, finish_reason=finish,
+                                    prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=n_tokens,
+                                    latency_s=latency, token_ids=ch.get("token_ids"), logprobs=logprobs))
+        return comps

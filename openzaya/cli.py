@@ -23,12 +23,33 @@ def add_train_tiny(sub):
 
 
 # -----------------------------------------------------------------------------
+# envs: list, sample and self-check the verifiable environments (logic in openzaya/envs/registry.py)
+
+
+def add_envs(sub):
+    p = sub.add_parser("envs", help="list, sample and check the verifiable environments")
+    envs_sub = p.add_subparsers(dest="envs_command", required=True)
+    q = envs_sub.add_parser("list", help="every environment with its tags and difficulty range")
+    q.add_argument("--source", default=None, help="only this source (openzaya, reasoning_gym, rlve, ...)")
+    q.set_defaults(func=lambda a: print(__import__("openzaya.envs.registry", fromlist=["x"]).describe_envs(a.source)))
+    q = envs_sub.add_parser("sample", help="print one problem: prompt, reference answer and solution")
+    q.add_argument("name")
+    q.add_argument("--difficulty", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=lambda a: print(__import__("openzaya.envs.registry", fromlist=["x"]).describe_sample(
+        a.name, a.difficulty, a.seed)))
+    q = envs_sub.add_parser("check", help="self-check every environment at min/mid/max difficulty, 2 seeds")
+    q.add_argument("--source", default=None, help="only this source")
+    q.set_defaults(func=lambda a: __import__("openzaya.envs.registry", fromlist=["x"]).run_check(a.source))
+
+
+# -----------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openzaya", description="ZAYA1 MoE++ models, training and Markovian RSA")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in [add_train_tiny]:
+    for add in [add_train_tiny, add_envs]:
         add(sub)
     return parser
 

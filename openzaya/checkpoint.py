@@ -1,0 +1,154 @@
+"""Checkpoints in the Hugging Face native layout: `config.json` + safetensors (sharded with an index when large).
+
+Weight names are exactly those of transformers' `ZayaForCausalLM` (spec §9), so a directory written by
+`transformers` loads here and the reverse. Loading is memory-mapped (safetensors) and dtype-aware; the model is
+built on the meta device and the loaded tensors are assigned in place, so peak memory is one copy of the weights.
+Saving is atomic: everything is written to a temporary sibling directory, fsynced, then swapped in with renames,
+so a crash mid-save never destroys the last good checkpoint (if a crash hits between the two renames, the previous
+checkpoint is left complete at `<dir>.old`).
+
+NOTE: transformers 5.23 re-initialises `balancing_biases` on load (spec §10.1, item 9); we always load the stored
+values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .model import ZayaConfig, ZayaForCausalLM
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+TIED_KEY = "lm_head.weight"
+
+
+def _state_for_saving(model: ZayaForCausalLM) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd.pop(TIED_KEY, None) if model.config.tie_word_embeddings else None
+    return sd
+
+
+def save_pretrained(model: ZayaForCausalLM, out_dir: str | Path, max_shard_bytes: int = 5 * 1024**3,
+                    extra_files: dict[str, str | bytes] | None = None, dtype: torch.dtype | None = None):
+    """Write `out_dir` atomically: config.json, safetensors shard(s) (+ index when sharded), extra files.
+
+    extra_files maps a file name to its contents (e.g. tokenizer files) so the directory is swapped in whole."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+
+    sd = _state_for_saving(model)
+    if dtype is not None:
+        sd = {k: (v.to(dtype) if v.is_floating_point() and k.split(".")[-1] != "balancing_biases" else v)
+              for k, v in sd.items()}
+    cfg = model.config
+    config_dict = cfg.to_dict()
+    config_dict["dtype"] = str(next(v for v in sd.values() if v.is_floating_point()).dtype).replace("torch.", "")
+    (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+
+    shards, cur, cur_bytes = [], {}, 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if cur and cur_bytes + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = {}, 0
+        cur[k] = v
+        cur_bytes += nbytes
+    shards.append(cur)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], tmp / WEIGHTS, metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, tmp / name, metadata=meta)
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    for name, content in (extra_files or {}).items():
+        mode = "wb" if isinstance(content, bytes) else "w"
+        with open(tmp / name, mode) as f:
+            f.write(content)
+
+    for p in tmp.iterdir():  # durability before the swap
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    old = out_dir.with_name(f"{out_dir.name}.old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def _weight_files(ckpt_dir: Path) -> dict[str, Path]:
+    """name -> file, from the index when sharded, else from the single safetensors file."""
+    if (ckpt_dir / INDEX).exists():
+        index = json.loads((ckpt_dir / INDEX).read_text())
+        return {k: ckpt_dir / f for k, f in index["weight_map"].items()}
+    single = ckpt_dir / WEIGHTS
+    if not single.exists():
+        raise FileNotFoundError(f"{ckpt_dir}: neither {WEIGHTS} nor {INDEX} found")
+    with safe_open(single, framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def load_state_dict(ckpt_dir: str | Path, dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (memory-mapped reads), cast to `dtype` if given (floating only;
+    balancing biases stay fp32)."""
+    ckpt_dir = Path(ckpt_dir)
+    files = _weight_files(ckpt_dir)
+    by_file: dict[Path, list[str]] = {}
+    for k, f in files.items():
+        by_file.setdefault(f, []).append(k)
+    sd = {}
+    for f, keys in by_file.items():
+        with safe_open(f, framework="pt", device=str(device)) as fh:
+            for k in keys:
+                t = fh.get_tensor(k)
+                if dtype is not None and t.is_floating_point() and not k.endswith("balancing_biases"):
+                    t = t.to(dtype)
+                sd[k] = t
+    return sd
+
+
+def from_pretrained(ckpt_dir: str | Path, dtype: torch.dtype | None = None, device="cpu") -> ZayaForCausalLM:
+    """Load a native-layout ZAYA checkpoint (ours or transformers'). dtype defaults to the config's."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "config.json").exists():
+        raise FileNotFoundError(f"{ckpt_dir}: no config.json (is this a ZAYA checkpoint directory?)")
+    cfg = ZayaConfig.load(ckpt_dir)
+    dtype = dtype or cfg.torch_dtype
+    sd = load_state_dict(ckpt_dir, dtype=dtype, device=device)
+    if cfg.tie_word_embeddings:
+        tied = sd.pop(TIED_KEY, None)
+        if tied is not None and "model.embed_tokens.weight" not in sd:
+            sd["model.embed_tokens.weight"] = tied
+
+    with torch.device("meta"):
+        model = ZayaForCausalLM(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"{ckpt_dir}: checkpoint does not match the config; "
+                       f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                       f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(f"{ckpt_dir}: weight {k} has shape {tuple(v.shape)}, "
+                             f"the config expects {tuple(expected[k].shape)}")
+    model.load_state_dict(sd, assign=True, strict=True)
+    cfg.dtype = str(dtype).replace("torch.", "")
+    return model.to(device).eval()

@@ -1,0 +1,396 @@
+"""Batched generation for ZAYA models on token ids: prefill / decode_one_token over a preallocated `ZayaCache`,
+continuous batching over a fixed number of slots, and a static-batching mode kept as the benchmark peer.
+
+How a `generate` call runs (continuous mode):
+- Each request gets a slot of one preallocated `ZayaCache(config, max_slots, max_len)`. Active requests always
+  occupy slots [0, n): when one finishes, the request in the last active slot is moved into the hole (a copy of
+  its cache row, a few MB at most), so the decode step runs exactly the active rows through `cache.rows(0, n)`
+  and never computes garbage rows. Nothing is reallocated per token.
+- Free slots are refilled from the queue at once: the admitted prompts are left-padded together and prefilled
+  into their slots (`cache.reset` + `cache.rows`), while the other slots keep their state.
+- One decode step: the last sampled token of every active row goes through the model with `logits_to_keep=1`,
+  then all rows are sampled at once (`sample`), with one host transfer of the new tokens per step (needed anyway
+  to check eos / stop strings and to refill slots).
+Static mode (`continuous=False`): up to `max_slots` prompts are left-padded together and decoded until the
+longest is done (finished rows keep decoding, their tokens ignored), then the next group: the classic peer.
+
+Sampling: temperature 0 is greedy (argmax). Otherwise logits / T, then min-p (drop tokens below min_p * max prob),
+top-k, top-p (smallest prefix of the sorted distribution reaching mass top_p), then inverse-CDF sampling with one
+uniform per row drawn from that request's own `torch.Generator` (seeded by `GenParams.seed`). The same seed and the
+same batch composition therefore give the same tokens; across batch compositions only float rounding of the
+batched matmuls can differ.
+
+Log-probabilities: `GenResult.logprobs` is the raw model's log-softmax at temperature 1 (no filtering) of each
+sampled token, what RL needs for importance ratios / KL. `GenResult.sampling_logprobs` is the log-probability
+under the distribution actually sampled from (after temperature and filters; 0 for greedy tokens).
+
+Finishing: an eos id ends a request with reason "stop"; the eos token is kept in `tokens` (with its logprob,
+RL must learn to stop) but left out of `text`. A stop string ends it with reason "stop" and is cut exactly: `text`
+ends right before the first occurrence of any stop string in the completion's text, and `tokens` keeps the
+longest prefix whose decoded text does not reach into the stop string. NOTE: when a stop string starts in the
+middle of a token, that token is dropped, so `text` can hold a few characters more than `decode(tokens)`.
+Otherwise a request ends with reason "length" after `max_new_tokens` tokens (or when its cache row is full).
+
+Router replay: with `return_routes=True`, `GenResult.routes` is a long tensor [L, T_prompt + T_gen] of the
+expert chosen per layer for every prompt and completion token (-1 = skip class), aligned with
+`prompt + tokens`. The last completion token was never fed to the model, so its column is -1; feeding
+`model(ids, replay_routes=routes[:, None])` reproduces the logits at every position that scores a completion
+token (all but the last one).
+
+Shape legend: B active rows (slots in use), S slots, T tokens, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from openzaya.model import ZayaCache, ZayaForCausalLM
+
+
+@dataclass
+class GenParams:
+    temperature: float = 1.0          # 0 = greedy
+    top_p: float = 1.0                # 1 = off
+    top_k: int = 0                    # <= 0 = off
+    min_p: float = 0.0                # 0 = off
+    max_new_tokens: int = 256
+    eos_ids: list[int] | None = None  # None = the model config's eos ids
+    stop: list[str] = field(default_factory=list)   # stop strings (needs Engine(decode=...))
+    seed: int | None = None           # None = drawn from torch's global RNG
+
+
+@dataclass
+class GenResult:
+    tokens: list[int]                 # completion token ids (eos included when it ended the request)
+    logprobs: list[float]             # raw model log-softmax at temperature 1 of each token
+    sampling_logprobs: list[float]    # log-prob under the sampling distribution used (0 for greedy)
+    finish_reason: str                # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    text: str | None = None           # decode(tokens) cut before any stop string (None without decode)
+    routes: torch.Tensor | None = None  # [L, prompt_tokens + completion_tokens] expert ids, -1 = none
+
+
+# -----------------------------------------------------------------------------
+# Model steps
+
+
+def prefill(model: ZayaForCausalLM, cache: ZayaCache, ids_BT, mask_BT, return_routes: bool):
+    """Run left-padded prompts into their (freshly reset) cache rows. Returns last-position logits [B, V], routes."""
+    out = model(ids_BT, mask_BT, cache, logits_to_keep=1, return_routes=return_routes)
+    if return_routes:
+        return out[0][:, -1], out[1]
+    return out[:, -1], None
+
+
+def decode_one_token(model: ZayaForCausalLM, cache: ZayaCache, tok_B, return_routes: bool):
+    """Append one token per row. Returns logits [B, V] and routes [L, B, 1] (or None)."""
+    out = model(tok_B[:, None], None, cache, logits_to_keep=1, return_routes=return_routes)
+    if return_routes:
+        return out[0][:, -1], out[1]
+    return out[:, -1], None
+
+
+def sample(logits_BV, temp_B, top_k_B, top_p_B, min_p_B, u_B, greedy_only: bool, filters: tuple[bool, bool]):
+    """Sample one token per row. Returns (tokens [B], raw logprob at T=1 [B], logprob under the sampled dist [B]).
+
+    `filters` = (any min-p, any top-k/top-p) so that unused filters cost nothing; `u_B` are uniforms in [0, 1).
+    """
+    logits_BV = logits_BV.float()
+    logp_BV = torch.log_softmax(logits_BV, dim=-1)
+    greedy_B = logits_BV.argmax(dim=-1)
+    if greedy_only:
+        raw_B = logp_BV.gather(1, greedy_B[:, None])[:, 0]
+        return greedy_B, raw_B, torch.zeros_like(raw_B)
+    use_min_p, use_sort = filters
+    probs_BV = torch.softmax(logits_BV / temp_B.clamp_min(1e-6)[:, None], dim=-1)
+    if use_min_p:
+        floor_B1 = min_p_B[:, None] * probs_BV.amax(dim=-1, keepdim=True)
+        probs_BV = probs_BV.masked_fill(probs_BV < floor_B1, 0.0)
+    if use_sort:
+        probs_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+        V = probs_BV.shape[-1]
+        k_B = torch.where(top_k_B > 0, top_k_B, V)
+        keep_BV = torch.arange(V, device=probs_BV.device)[None] < k_B[:, None]
+        probs_BV = probs_BV * keep_BV
+        cum_BV = probs_BV.cumsum(dim=-1)
+        mass_before_BV = cum_BV - probs_BV                        # keeps the first token always
+        probs_BV = probs_BV * (mass_before_BV < top_p_B[:, None] * cum_BV[:, -1:])
+    cdf_BV = probs_BV.cumsum(dim=-1)
+    total_B1 = cdf_BV[:, -1:]
+    idx_B = torch.searchsorted(cdf_BV, u_B[:, None] * total_B1, right=True)[:, 0].clamp_max(cdf_BV.shape[-1] - 1)
+    sampled_lp_B = (probs_BV.gather(1, idx_B[:, None]) / total_B1).log()[:, 0]
+    sampled_B = order_BV.gather(1, idx_B[:, None])[:, 0] if use_sort else idx_B
+    is_greedy_B = temp_B <= 0
+    tok_B = torch.where(is_greedy_B, greedy_B, sampled_B)
+    raw_B = logp_BV.gather(1, tok_B[:, None])[:, 0]
+    return tok_B, raw_B, torch.where(is_greedy_B, 0.0, sampled_lp_B)
+
+
+# -----------------------------------------------------------------------------
+# Engine
+
+
+@dataclass
+class _Live:
+    """Host-side state of one running request."""
+    idx: int                          # request index in the generate call
+    params: GenParams
+    budget: int                       # tokens it may still produce in total
+    eos: frozenset
+    gen: torch.Generator | None
+    tokens: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    sampling_logprobs: list = field(default_factory=list)
+    done: str | None = None           # finish reason once finished
+
+
+class Engine:
+    """Batched generation over `max_slots` cache rows of `max_len` positions each (prompt + completion)."""
+
+    def __init__(self, model: ZayaForCausalLM, max_slots: int, max_len: int,
+                 decode: Callable[[list[int]], str] | None = None, compile: bool = False):
+        self.model = model.eval()
+        self.config = model.config
+        self.max_slots, self.max_len, self.decode = max_slots, max_len, decode
+        self.device = model.device
+        self.cache = ZayaCache(self.config, max_slots, max_len, device=self.device, dtype=model.dtype)
+        L = self.config.num_hidden_layers
+        self.routes_SLT = torch.full((max_slots, L, max_len), -1, dtype=torch.long, device=self.device)
+        self.tok_S = torch.zeros(max_slots, dtype=torch.long, device=self.device)   # last sampled token per slot
+        self.decode_fn = decode_one_token
+        if compile:
+            self.decode_fn = torch.compile(decode_one_token, dynamic=True)
+        self.stats = {}
+
+    # --- validation --------------------------------------------------------------------------------
+    def _check(self, prompts, params):
+        limit = min(self.max_len, self.config.max_position_embeddings)
+        for i, (p, gp) in enumerate(zip(prompts, params)):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) > limit:
+                raise ValueError(f"prompt {i} has {len(p)} tokens, more than the engine's limit of {limit} "
+                                 f"(max_len {self.max_len}, model context {self.config.max_position_embeddings})")
+            if gp.temperature < 0 or not 0 < gp.top_p <= 1 or not 0 <= gp.min_p <= 1 or gp.max_new_tokens < 1:
+                raise ValueError(f"request {i}: bad sampling parameters {gp}")
+            if gp.stop and self.decode is None:
+                raise ValueError(f"request {i} has stop strings but the Engine has no decode callable")
+
+    # --- generate ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: list[GenParams] | GenParams, *,
+                 continuous: bool = True, return_routes: bool = False) -> list[GenResult]:
+        """Generate for every prompt; results come back in prompt order."""
+        if isinstance(params, GenParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} GenParams")
+        self._check(prompts, params)
+        limit = min(self.max_len, self.config.max_position_embeddings)
+        results: list[GenResult | None] = [None] * len(prompts)
+        queue = list(range(len(prompts)))[::-1]          # pop() from the end = prompt order
+        slots: list[_Live] = []                           # slots[s] = request in cache slot s, s < n active
+        cache, dev = self.cache, self.device
+        t_prefill = t_decode = 0.0
+        n_steps = n_decoded = 0
+        rebuild = True
+
+        while queue or slots:
+            # ---- admit: fill free slots from the queue (static mode: only when the whole group is done)
+            free = self.max_slots - len(slots)
+            if queue and free and (continuous or not slots):
+                t0 = time.perf_counter()
+                admit = [queue.pop() for _ in range(min(free, len(queue)))]
+                for group in self._groups(admit, prompts, params, limit):
+                    self._admit(group, prompts, params, slots, return_routes, limit)
+                t_prefill += time.perf_counter() - t0
+                rebuild = True
+                self._finish_rows(slots, prompts, results, return_routes, continuous)
+                continue
+
+            # ---- one decode step over the active rows [0, B)
+            t0 = time.perf_counter()
+            B = len(slots)
+            if rebuild:
+                sp = self._sampling_tensors(slots)
+                rebuild = False
+            logits_BV, routes_LB1 = self.decode_fn(self.model, cache.rows(0, B), self.tok_S[:B], return_routes)
+            if return_routes:
+                write_B = cache.write_B[:B] - 1
+                self.routes_SLT[torch.arange(B, device=dev)[:, None], :, write_B[:, None]] = routes_LB1[:, :, 0].T[:, None]
+            tok_B, raw_B, slp_B = sample(logits_BV, *sp[:4], self._uniforms(slots, sp[4]), *sp[4:])
+            self.tok_S[:B] = tok_B
+            self._record(slots, tok_B, raw_B, slp_B)
+            t_decode += time.perf_counter() - t0
+            n_steps += 1
+            n_decoded += B
+            before = len(slots)
+            self._finish_rows(slots, prompts, results, return_routes, continuous)
+            rebuild = rebuild or len(slots) != before
+
+        self.stats = dict(prefill_s=t_prefill, decode_s=t_decode, decode_steps=n_steps, decode_row_steps=n_decoded)
+        return results
+
+    # --- helpers (all host-side bookkeeping) -------------------------------------------------------
+    def _groups(self, admit, prompts, params, limit):
+        """Split admitted requests so that left padding never eats into any row's token budget."""
+        groups, cur = [], []
+        for i in sorted(admit, key=lambda i: len(prompts[i])):
+            cand = cur + [i]
+            pad = max(len(prompts[j]) for j in cand)
+            if all(pad + self._budget(prompts[j], params[j], limit) - 1 <= self.max_len for j in cand):
+                cur = cand
+            else:
+                groups.append(cur)
+                cur = [i]
+        return groups + [cur] if cur else groups
+
+    @staticmethod
+    def _budget(prompt, gp, limit):
+        return min(gp.max_new_tokens, limit - len(prompt) + 1)   # token n is fed at position len + n - 1
+
+    def _admit(self, group, prompts, params, slots, return_routes, limit):
+        cache, dev = self.cache, self.device
+        a, b = len(slots), len(slots) + len(group)
+        P = max(len(prompts[i]) for i in group)
+        ids_BT = torch.zeros(len(group), P, dtype=torch.long)
+        mask_BT = torch.zeros(len(group), P, dtype=torch.long)
+        for r, i in enumerate(group):
+            ids_BT[r, P - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask_BT[r, P - len(prompts[i]):] = 1
+        cache.reset(slice(a, b))
+        logits_BV, routes_LBT = prefill(self.model, cache.rows(a, b), ids_BT.to(dev), mask_BT.to(dev), return_routes)
+        if return_routes:
+            self.routes_SLT[a:b] = -1
+            self.routes_SLT[a:b, :, :P] = routes_LBT.transpose(0, 1)
+        for i in group:
+            gp = params[i]
+            eos = gp.eos_ids if gp.eos_ids is not None else self.config.eos_ids
+            gen = None
+            if gp.temperature > 0:
+                seed = gp.seed if gp.seed is not None else int(torch.randint(0, 2**62, ()))
+                gen = torch.Generator(device=dev).manual_seed(seed)
+            slots.append(_Live(i, gp, self._budget(prompts[i], gp, limit), frozenset(eos), gen))
+        live = slots[a:b]
+        sp = self._sampling_tensors(live)
+        tok_B, raw_B, slp_B = sample(logits_BV, *sp[:4], self._uniforms(live, sp[4]), *sp[4:])
+        self.tok_S[a:b] = tok_B
+        self._record(live, tok_B, raw_B, slp_B)
+
+    def _sampling_tensors(self, live):
+        dev = self.device
+        ps = [s.params for s in live]
+        temp_B = torch.tensor([p.temperature for p in ps], device=dev)
+        top_k_B = torch.tensor([p.top_k for p in ps], dtype=torch.long, device=dev)
+        top_p_B = torch.tensor([p.top_p for p in ps], device=dev)
+        min_p_B = torch.tensor([p.min_p for p in ps], device=dev)
+        greedy_only = all(p.temperature == 0 for p in ps)
+        filters = (any(p.min_p > 0 for p in ps), any(p.top_k > 0 or p.top_p < 1 for p in ps))
+        return temp_B, top_k_B, top_p_B, min_p_B, greedy_only, filters
+
+    def _uniforms(self, live, greedy_only):
+        if greedy_only:
+            return None
+        u = [torch.rand(1, generator=s.gen, device=self.device) if s.gen is not None
+             else torch.zeros(1, device=self.device) for s in live]
+        return torch.cat(u)
+
+    def _record(self, live, tok_B, raw_B, slp_B):
+        for s, t, lp, slp in zip(live, tok_B.tolist(), raw_B.tolist(), slp_B.tolist()):
+            if s.done is not None:          # static mode: finished rows keep decoding, output ignored
+                continue
+            s.tokens.append(t)
+            s.logprobs.append(lp)
+            s.sampling_logprobs.append(slp)
+            if t in s.eos:
+                s.done = "stop"
+            elif s.params.stop and _stop_in_tail(s.tokens, s.params.stop, self.decode):
+                s.done = "stop"
+            elif len(s.tokens) >= s.budget:
+                s.done = "length"
+
+    def _finish_rows(self, slots, prompts, results, return_routes, continuous):
+        """Turn finished rows into results. Continuous mode frees their slots at once (moving the last active
+        row into each hole); static mode waits until every row of the group is done."""
+        finished = [r for r, s in enumerate(slots) if s.done is not None]
+        if not finished or (not continuous and len(finished) < len(slots)):
+            return
+        for r in sorted(finished, reverse=True):
+            results[slots[r].idx] = self._result(r, slots[r], prompts, return_routes)
+            last = len(slots) - 1
+            if r != last:
+                self._move_slot(last, r)
+                slots[r] = slots[last]
+            slots.pop()
+
+    def _move_slot(self, src: int, dst: int):
+        c = self.cache
+        w = int(c.write_B[src])
+        for L in range(len(c.k)):
+            c.k[L][dst, :, :w] = c.k[L][src, :, :w]
+            c.v[L][dst, :, :w] = c.v[L][src, :, :w]
+            c.conv[L][dst] = c.conv[L][src]
+            c.vdel[L][dst] = c.vdel[L][src]
+        c.write_B[dst], c.pos_B[dst] = c.write_B[src], c.pos_B[src]
+        c.valid_BS[dst] = c.valid_BS[src]
+        self.routes_SLT[dst, :, :w] = self.routes_SLT[src, :, :w]
+        self.tok_S[dst] = self.tok_S[src]
+
+    def _result(self, r: int, s: _Live, prompts, return_routes) -> GenResult:
+        tokens, reason = s.tokens, s.done
+        text = None
+        if self.decode is not None:
+            cut = _find_stop(tokens, s.params.stop, self.decode) if s.params.stop else None
+            if cut is not None:
+                tokens, text = cut
+                reason = "stop"
+            else:
+                body = tokens[:-1] if tokens and tokens[-1] in s.eos and reason == "stop" else tokens
+                text = self.decode(body)
+        n = len(tokens)
+        routes = None
+        if return_routes:
+            c = self.cache
+            w = int(c.write_B[r])
+            real = self.routes_SLT[r, :, :w][:, c.valid_BS[r, :w]]         # prompt + fed completion tokens
+            routes = torch.full((real.shape[0], len(prompts[s.idx]) + n), -1, dtype=torch.long)
+            keep = min(real.shape[1], routes.shape[1])
+            routes[:, :keep] = real[:, :keep].cpu()
+        return GenResult(tokens=list(tokens), logprobs=s.logprobs[:n], sampling_logprobs=s.sampling_logprobs[:n],
+                         finish_reason=reason, prompt_tokens=len(prompts[s.idx]), completion_tokens=n,
+                         text=text, routes=routes)
+
+
+# -----------------------------------------------------------------------------
+# Stop strings
+
+
+def _stop_in_tail(tokens: list[int], stops: list[str], decode) -> bool:
+    """Cheap per-step check: does a stop string occur in the text of the last few tokens?
+    A miss (a stop string spread over more tokens than the window) is caught by the exact cut at the end."""
+    window = max(len(st) for st in stops) + 8
+    tail = decode(tokens[-window:])
+    return any(st in tail for st in stops)
+
+
+def _find_stop(tokens: list[int], stops: list[str], decode):
+    """Exact cut: (kept tokens, text) ending before the first stop string in decode(tokens), or None.
+    Kept tokens = the longest prefix whose decoded text is no longer than the cut text (binary search)."""
+    text = decode(tokens)
+    hits = [p for p in (text.find(st) for st in stops if st) if p >= 0]
+    if not hits:
+        return None
+    cut = min(hits)
+    lo, hi = 0, len(tokens)                      # invariant: decode(tokens[:lo]) fits, tokens[:hi+1] does not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(decode(tokens[:mid])) <= cut:
+            lo = mid
+        else:
+            hi = mid - 1
+    return tokens[:lo], text[:cut]

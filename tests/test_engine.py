@@ -1,0 +1,152 @@
+"""Engine tests on tiny random ZAYA models: .venv/bin/python -m pytest tests/test_engine.py"""
+
+import pytest
+import torch
+
+from openzaya.engine import Engine, GenParams, _find_stop
+from openzaya.model import ZayaConfig, ZayaForCausalLM
+
+
+def toy_decode(ids):
+    return "".join(chr(97 + i % 26) for i in ids)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # NOTE: tiny matmuls on a shared 2-core machine are far faster on one thread (no OpenMP barrier waits).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    # A large init spread so that greedy outputs vary (std 0.02 makes a random model repeat one token).
+    cfg = ZayaConfig(vocab_size=97, eos_token_id=None, initializer_range=0.3, **kw)
+    return ZayaForCausalLM(cfg).eval()
+
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14], [3, 1, 4, 1, 5, 9, 2, 6], [7, 7]]
+MAX_NEW = [5, 9, 3, 12, 7, 1]
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_matches_full_forward_with_continuous_batching():
+    model = tiny_model(layer_types=["hybrid", "hybrid_sliding"], sliding_window=4)
+    eng = Engine(model, max_slots=3, max_len=32)                 # fewer slots than prompts
+    res = eng.generate(PROMPTS, [GenParams(temperature=0, max_new_tokens=n) for n in MAX_NEW])
+    for p, n, r in zip(PROMPTS, MAX_NEW, res):
+        assert r.tokens == greedy_reference(model, p, n)
+        assert (r.finish_reason, r.prompt_tokens, r.completion_tokens) == ("length", len(p), n)
+
+
+def test_continuous_equals_alone_and_static():
+    model = tiny_model(seed=1)
+    params = [GenParams(temperature=0, max_new_tokens=n) for n in MAX_NEW]
+    batched = Engine(model, max_slots=2, max_len=32).generate(PROMPTS, params)
+    static = Engine(model, max_slots=4, max_len=32).generate(PROMPTS, params, continuous=False)
+    alone_engine = Engine(model, max_slots=1, max_len=32)
+    for p, gp, rb, rs in zip(PROMPTS, params, batched, static):
+        alone = alone_engine.generate([p], gp)[0]
+        assert rb.tokens == alone.tokens == rs.tokens
+        assert rb.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+def test_logprobs_are_raw_model_logprobs():
+    model = tiny_model(seed=2)
+    eng = Engine(model, max_slots=4, max_len=32)
+    params = [GenParams(temperature=1.0, max_new_tokens=8, seed=i) for i in range(3)]
+    params.append(GenParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, max_new_tokens=8, seed=9))
+    res = eng.generate(PROMPTS[:4], params)
+    for p, gp, r in zip(PROMPTS, params, res):
+        ids = torch.tensor([p + r.tokens])
+        logp = torch.log_softmax(model(ids)[0, len(p) - 1:-1].float(), -1)
+        expected = logp.gather(1, torch.tensor(r.tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(r.logprobs), expected, atol=1e-4, rtol=0)
+        if gp.temperature == 1.0:   # no filters: the sampling distribution is the model's
+            torch.testing.assert_close(torch.tensor(r.sampling_logprobs), expected, atol=1e-4, rtol=0)
+        else:                       # filtered: every token is among the top 5 of the model
+            top5 = logp.topk(5, dim=-1).indices
+            assert all(t in top5[i] for i, t in enumerate(r.tokens))
+            assert all(s >= lp - 1e-5 for s, lp in zip(r.sampling_logprobs, r.logprobs))
+
+
+def test_seeds_reproduce():
+    model = tiny_model(seed=3)
+    eng = Engine(model, max_slots=3, max_len=32)
+    params = [GenParams(temperature=1.0, top_p=0.95, max_new_tokens=10, seed=s) for s in (1, 2, 3)]
+    a = [r.tokens for r in eng.generate(PROMPTS[:3], params)]
+    b = [r.tokens for r in eng.generate(PROMPTS[:3], params)]
+    assert a == b
+    other = [GenParams(temperature=1.0, top_p=0.95, max_new_tokens=10, seed=s + 100) for s in (1, 2, 3)]
+    assert [r.tokens for r in eng.generate(PROMPTS[:3], other)] != a
+    greedy_k1 = eng.generate(PROMPTS[:3], GenParams(temperature=1.0, top_k=1, max_new_tokens=10, seed=5))
+    greedy = eng.generate(PROMPTS[:3], GenParams(temperature=0, max_new_tokens=10))
+    assert [r.tokens for r in greedy_k1] == [r.tokens for r in greedy]
+
+
+def test_stop_strings_cut_exactly():
+    model = tiny_model(seed=4)
+    eng = Engine(model, max_slots=2, max_len=40, decode=toy_decode)
+    full = eng.generate([PROMPTS[1]], GenParams(temperature=0, max_new_tokens=20))[0]
+    text = toy_decode(full.tokens)
+    stop = text[6:8]                                             # a stop string inside the completion
+    cut = text.find(stop)
+    r = eng.generate([PROMPTS[1]], GenParams(temperature=0, max_new_tokens=20, stop=[stop, "zzzzzz"]))[0]
+    assert r.finish_reason == "stop"
+    assert r.text == text[:cut] and stop not in r.text
+    assert r.tokens == full.tokens[:cut] and len(r.logprobs) == cut    # toy decode: one char per token
+    # A stop string starting mid-token: the token holding its start is dropped, the text is cut exactly.
+    multi = lambda ids: "".join(chr(97 + i % 26) * 2 for i in ids)   # two chars per token
+    kept, t = _find_stop([0, 1, 2, 3], ["bc"], multi)              # "aabbccdd": "bc" starts in token 1
+    assert (kept, t) == ([0], "aab")
+    assert _find_stop([0, 1], ["q"], multi) is None
+
+
+def test_eos_stops():
+    model = tiny_model(seed=5)
+    eng = Engine(model, max_slots=2, max_len=40, decode=toy_decode)
+    full = eng.generate([PROMPTS[0]], GenParams(temperature=0, max_new_tokens=12))[0]
+    eos = full.tokens[4]
+    first = full.tokens.index(eos)
+    r = eng.generate([PROMPTS[0]], GenParams(temperature=0, max_new_tokens=12, eos_ids=[eos]))[0]
+    assert r.finish_reason == "stop"
+    assert r.tokens == full.tokens[: first + 1]                  # the eos token is kept in tokens...
+    assert r.text == toy_decode(full.tokens[:first])             # ...but not in the text
+
+
+def test_too_long_prompt_is_a_clear_error():
+    model = tiny_model(max_position_embeddings=16)
+    eng = Engine(model, max_slots=2, max_len=12)
+    with pytest.raises(ValueError, match=r"prompt 1 has 13 tokens.*limit of 12"):
+        eng.generate([[1, 2], list(range(13))], GenParams(temperature=0))
+    eng = Engine(model, max_slots=2, max_len=64)
+    with pytest.raises(ValueError, match=r"prompt 0 has 17 tokens.*model context 16"):
+        eng.generate([list(range(17))], GenParams(temperature=0))
+    # A prompt that fits but leaves little room ends with "length" when its cache row is full.
+    r = Engine(model, max_slots=1, max_len=12).generate([list(range(10))], GenParams(temperature=0, max_new_tokens=50))[0]
+    assert (r.finish_reason, r.completion_tokens) == ("length", 3)
+
+
+def test_routes_shape_and_replay():
+    model = tiny_model(seed=6, num_hidden_layers=3)
+    eng = Engine(model, max_slots=2, max_len=32)
+    params = [GenParams(temperature=1.0, max_new_tokens=n, seed=n) for n in (6, 3, 8)]
+    res = eng.generate(PROMPTS[:3], params, return_routes=True)
+    for p, r in zip(PROMPTS, res):
+        T = len(p) + r.completion_tokens
+        assert r.routes.shape == (3, T) and r.routes.dtype == torch.long
+        assert (r.routes[:, -1] == -1).all()                     # the last token never went through the model
+        ids = torch.tensor([p + r.tokens])
+        logits, routes = model(ids, return_routes=True)
+        assert torch.equal(r.routes[:, :-1], routes[:, 0, :-1])  # same routing as a full forward
+        replayed = model(ids, replay_routes=r.routes[:, None])
+        torch.testing.assert_close(replayed[:, :-1], logits[:, :-1], atol=1e-4, rtol=0)
