@@ -59,7 +59,6 @@ def timed(fn):
 
 cfg = issue_config()
 model = ZayaForCausalLM(cfg).eval()
-# A slightly wider init than the default so that routing is spread over the experts, as in a trained model.
 print(f"model: {count_params(cfg)['total'] / 1e6:.1f}M params, threads {torch.get_num_threads()}")
 
 # -----------------------------------------------------------------------------
@@ -86,16 +85,22 @@ if not args.skip_hf:
     with torch.no_grad():
         diff = (hf(ids).logits - model(ids)).abs().max().item()
     assert diff < 1e-3, f"reference logits differ by {diff}"
-    with torch.no_grad():
-        hf.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), max_new_tokens=4, do_sample=False,
-                    pad_token_id=0, eos_token_id=None)
-        out, t_hf = timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N,
-                                              min_new_tokens=N, do_sample=False, pad_token_id=0, eos_token_id=None))
-    hf_tps = B * N / t_hf
-    same = sum(o[P:].tolist() == r.tokens for o, r in zip(out, ours))
-    res_a.update(hf_tok_s=hf_tps, ratio=ours_tps / hf_tps, same_greedy_rows=f"{same}/{B}")
-    print(f"(a) transformers generate: {hf_tps:.1f} new tok/s ({t_hf:.1f}s) -> ratio {ours_tps / hf_tps:.2f}x "
-          f"(target >= 3x); identical greedy rows {same}/{B}")
+    # transformers 5.24 defaults to experts_implementation="grouped_mm"; the spec's reference speed (§10.2) was
+    # measured with the eager per-expert loop. Both are reported; "ratio" is against the default.
+    for impl in ("grouped_mm", "eager"):
+        hf.set_experts_implementation(impl)
+        with torch.no_grad():
+            hf.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), max_new_tokens=4, do_sample=False,
+                        pad_token_id=0, eos_token_id=None)
+            out, t_hf = timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N,
+                                                  min_new_tokens=N, do_sample=False, pad_token_id=0,
+                                                  eos_token_id=None))
+        hf_tps = B * N / t_hf
+        same = sum(o[P:].tolist() == r.tokens for o, r in zip(out, ours))
+        tag = "" if impl == "grouped_mm" else "_eager_experts"
+        res_a.update({f"hf{tag}_tok_s": hf_tps, f"ratio{tag}": ours_tps / hf_tps, f"same_greedy_rows{tag}": f"{same}/{B}"})
+        print(f"(a) transformers generate [experts={impl}]: {hf_tps:.1f} new tok/s ({t_hf:.1f}s) -> ratio "
+              f"{ours_tps / hf_tps:.2f}x (target >= 3x); identical greedy rows {same}/{B}")
 report["a_engine_vs_transformers"] = res_a
 
 # -----------------------------------------------------------------------------

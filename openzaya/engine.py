@@ -219,10 +219,15 @@ class Engine:
             if rebuild:
                 sp = self._sampling_tensors(slots)
                 rebuild = False
+            stale = [r for r, s in enumerate(slots) if s.done is not None]   # static mode only
             logits_BV, routes_LB1 = self.decode_fn(self.model, cache.rows(0, B), self.tok_S[:B], return_routes)
             if return_routes:
                 write_B = cache.write_B[:B] - 1
                 self.routes_SLT[torch.arange(B, device=dev)[:, None], :, write_B[:, None]] = routes_LB1[:, :, 0].T[:, None]
+            if stale:   # finished rows of a static group decode in place, so their cache rows never overflow
+                stale_R = torch.tensor(stale, device=dev)
+                cache.write_B[stale_R] -= 1
+                cache.pos_B[stale_R] -= 1
             tok_B, raw_B, slp_B = sample(logits_BV, *sp[:4], self._uniforms(slots, sp[4]), *sp[4:])
             self.tok_S[:B] = tok_B
             self._record(slots, tok_B, raw_B, slp_B)
@@ -359,7 +364,8 @@ class Engine:
             w = int(c.write_B[r])
             real = self.routes_SLT[r, :, :w][:, c.valid_BS[r, :w]]         # prompt + fed completion tokens
             routes = torch.full((real.shape[0], len(prompts[s.idx]) + n), -1, dtype=torch.long)
-            keep = min(real.shape[1], routes.shape[1])
+            fed = len(prompts[s.idx]) + n - (1 if n == len(s.tokens) else 0)   # the last sampled token is never fed
+            keep = min(real.shape[1], fed)
             routes[:, :keep] = real[:, :keep].cpu()
         return GenResult(tokens=list(tokens), logprobs=s.logprobs[:n], sampling_logprobs=s.sampling_logprobs[:n],
                          finish_reason=reason, prompt_tokens=len(prompts[s.idx]), completion_tokens=n,

@@ -133,8 +133,9 @@ class ZayaConfig:
                              "only the native layout (layer_types, moe_intermediate_size) is supported")
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        if "torch_dtype" in d and "dtype" not in d:
-            kw["dtype"] = d["torch_dtype"]
+        if kw.get("dtype") is None:
+            kw["dtype"] = d.get("torch_dtype") or "float32"
+        kw["dtype"] = str(kw["dtype"]).replace("torch.", "")
         if "rope_parameters" in kw and kw["rope_parameters"] is not None:
             rope = {k: dict(v) for k, v in kw["rope_parameters"].items() if isinstance(v, dict)}
             kw["rope_parameters"] = {**_default_rope_parameters(), **rope}
@@ -211,7 +212,7 @@ class ZayaCache:
     """Preallocated per-layer decode state for `rows` sequence slots of up to `max_len` positions.
 
     Per layer: keys/values [B, K, S, Dh] (model dtype), the last `conv_state_len` pre-convolution qk columns
-    [B, C, cs] and the previous token's delayed value [B, K*Dh/2] (both fp32, as the report keeps CCA state).
+    [B, cs, C] (transformers keeps them as [B, C, cs]) and the previous token's delayed value [B, K*Dh/2] (both fp32, as the report keeps CCA state).
     Per row: `write_B` (next cache index), `pos_B` (next RoPE position = real tokens seen), `valid_BS`
     (which cache positions hold real tokens; left padding is written but never attended to).
     `rows(i, j)` returns a view over slots i..j-1 that writes through to this cache (used by the engine to
@@ -227,7 +228,7 @@ class ZayaCache:
         self.max_len = max_len
         self.k = [torch.zeros(B, K, max_len, Dh, device=device, dtype=dtype) for _ in range(L)]
         self.v = [torch.zeros(B, K, max_len, Dh, device=device, dtype=dtype) for _ in range(L)]
-        self.conv = [torch.zeros(B, config.conv_channels, config.conv_state_len, device=device) for _ in range(L)]
+        self.conv = [torch.zeros(B, config.conv_state_len, config.conv_channels, device=device) for _ in range(L)]
         self.vdel = [torch.zeros(B, K * Dh // 2, device=device) for _ in range(L)]
         self.write_B = torch.zeros(B, dtype=torch.long, device=device)
         self.pos_B = torch.zeros(B, dtype=torch.long, device=device)
@@ -270,32 +271,35 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # NOTE: normalise in fp32 whatever the input dtype, then return in the weight's dtype (as HF-mod).
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(self.weight.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(self.weight.dtype)
 
 
 def rope_cos_sin(positions_BT, head_dim, rope: dict, dtype):
-    """cos/sin [B, T, rot] for partial rotary embedding (rotate-half style on the first `rot` dims)."""
+    """cos/sin [B, 1, T, rot] for partial rotary embedding (rotate-half style on the first `rot` dims)."""
     rot = int(head_dim * rope.get("partial_rotary_factor", 1.0))
     inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, rot, 2, dtype=torch.float32,
                                                           device=positions_BT.device) / rot))
     freqs_BTf = positions_BT[..., None].float() * inv_freq
-    emb = torch.cat((freqs_BTf, freqs_BTf), dim=-1)
+    emb = torch.cat((freqs_BTf, freqs_BTf), dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x_BHTd, cos_BTr, sin_BTr):
-    rot = cos_BTr.shape[-1]
-    cos, sin = cos_BTr[:, None], sin_BTr[:, None]
+def apply_rope(x_BHTd, cos_B1Tr, sin_B1Tr):
+    rot = cos_B1Tr.shape[-1]
     x_rot, x_pass = x_BHTd[..., :rot], x_BHTd[..., rot:]
     x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
     rotated = torch.cat((-x2, x1), dim=-1)
-    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+    return torch.cat((x_rot * cos_B1Tr + rotated * sin_B1Tr, x_pass), dim=-1)
 
 
 class CCAProjection(nn.Module):
-    """q, k, v of Compressed Convolutional Attention (TR App. C): conv-mixed q/k plus QK-mean skips, delayed v."""
+    """q, k, v of Compressed Convolutional Attention (TR App. C): conv-mixed q/k plus QK-mean skips, delayed v.
+
+    The depthwise (kernel k0) then head-grouped (kernel k1) convolutions are linear, so we run them as ONE
+    head-grouped causal convolution of kernel k0 + k1 - 1 whose weights and bias are composed from the two stored
+    convolutions at every call (exact up to float summation order; gradients reach the stored weights). It runs as
+    one batched matmul over heads on [tokens, head, Dh * taps], for prefill, training and single-token decode.
+    """
 
     def __init__(self, cfg: ZayaConfig):
         super().__init__()
@@ -309,10 +313,25 @@ class CCAProjection(nn.Module):
         self.conv_qk_depthwise = nn.Conv1d(C, C, kernel_size=cfg.cca_time0, groups=C)
         self.conv_qk_grouped = nn.Conv1d(C, C, kernel_size=cfg.cca_time1, groups=H + K)
 
-    def forward(self, x_BTD, conv_state_BCs=None, vdel_state_BV=None):
+    def composed_conv(self):
+        """Weights [G, Dh_out, Dh_in * taps] and bias [C] of grouped(depthwise(x)) as a single convolution."""
+        wd_Ck0 = self.conv_qk_depthwise.weight[:, 0]                      # (C, k0)
+        wg_CDk1 = self.conv_qk_grouped.weight                              # (C, Dh_in, k1)
+        G, Dh = self.H + self.K, self.Dh
+        k0, k1 = wd_Ck0.shape[-1], wg_CDk1.shape[-1]
+        wd_GDk0 = wd_Ck0.view(G, 1, Dh, k0)                                # input channel m of group g
+        wg = wg_CDk1.view(G, Dh, Dh, k1)                                   # (G, out, in, k1)
+        w = wg.new_zeros(G, Dh, Dh, k0 + k1 - 1)
+        for j in range(k1):                                                # tap s = i + j
+            w[..., j:j + k0] += wg[..., j:j + 1] * wd_GDk0
+        bias = self.conv_qk_grouped.bias + torch.einsum("godj,gd->go", wg, self.conv_qk_depthwise.bias.view(G, Dh)
+                                                        ).reshape(-1)
+        return w.reshape(G, Dh, Dh * (k0 + k1 - 1)), bias
+
+    def forward(self, x_BTD, conv_state_BsC=None, vdel_state_BV=None):
         """Returns q [B,T,H,Dh], k [B,T,K,Dh], v [B,T,K,Dh], and the new conv / delayed-value states."""
         B, T, _ = x_BTD.shape
-        H, K, Dh, g = self.H, self.K, self.Dh, self.H // self.K
+        H, K, Dh, g, cs = self.H, self.K, self.Dh, self.H // self.K, self.cs
         q_BTC = self.q_proj(x_BTD)                                         # (B, T, H*Dh)
         k_BTC = self.k_proj(x_BTD)                                         # (B, T, K*Dh)
 
@@ -321,14 +340,17 @@ class CCAProjection(nn.Module):
         k_res_BTKd = q_res.mean(dim=3)
         q_res_BTHd = q_res.reshape(B, T, H, Dh)
 
-        # Causal depthwise then head-grouped convolution over the concatenated (q, k) channels.
-        qk_BCT = torch.cat([q_BTC, k_BTC], dim=-1).transpose(1, 2)
-        if conv_state_BCs is None:
-            qk_BCT = F.pad(qk_BCT, (self.cs, 0))
+        # Causal convolution over the concatenated (q, k) channels, previous `cs` columns from the state.
+        qk_BTC = torch.cat([q_BTC, k_BTC], dim=-1)
+        if conv_state_BsC is None:
+            qk_pad = F.pad(qk_BTC, (0, 0, cs, 0))
         else:
-            qk_BCT = torch.cat([conv_state_BCs.to(qk_BCT.dtype), qk_BCT], dim=-1)
-        new_conv_state = qk_BCT[..., qk_BCT.shape[-1] - self.cs:] if self.cs else qk_BCT[..., :0]
-        conv_BTC = self.conv_qk_grouped(self.conv_qk_depthwise(qk_BCT)).transpose(1, 2)
+            qk_pad = torch.cat([conv_state_BsC.to(qk_BTC.dtype), qk_BTC], dim=1)   # (B, cs+T, C)
+        new_conv_state = qk_pad[:, qk_pad.shape[1] - cs:]
+        w_GoI, bias_C = self.composed_conv()
+        taps = torch.stack([qk_pad[:, s:s + T] for s in range(cs + 1)], dim=-1)    # (B, T, C, cs+1)
+        taps = taps.view(B * T, H + K, Dh * (cs + 1))
+        conv_BTC = torch.einsum("ngi,goi->ngo", taps, w_GoI.to(taps.dtype)).reshape(B, T, -1) + bias_C.to(taps.dtype)
         q_BTHd = conv_BTC[..., : H * Dh].reshape(B, T, H, Dh) + q_res_BTHd
         k_BTKd = conv_BTC[..., H * Dh:].reshape(B, T, K, Dh) + k_res_BTKd
 
@@ -343,18 +365,19 @@ class CCAProjection(nn.Module):
 
 
 class QKNorm(nn.Module):
-    """L2-normalise q and k to norm sqrt(Dh), then scale keys by a learned per-KV-head temperature (linear)."""
+    """L2-normalise q and k to norm sqrt(Dh) (= RMS-normalise), then scale keys by a learned per-KV-head
+    temperature (linear, not exp). Computed in fp32 (TR §IV-D)."""
 
     def __init__(self, cfg: ZayaConfig):
         super().__init__()
-        self.scale = cfg.head_dim ** 0.5
         self.temp = nn.Parameter(torch.ones(cfg.num_key_value_heads))
 
     def forward(self, q_BTHd, k_BTKd):
-        eps = torch.finfo(q_BTHd.dtype).eps
-        q = q_BTHd * (self.scale / q_BTHd.norm(dim=-1, keepdim=True).clamp_min(eps))
-        k = k_BTKd * (self.scale / k_BTKd.norm(dim=-1, keepdim=True).clamp_min(eps))
-        return q, k * self.temp[:, None].to(k.dtype)
+        # x * sqrt(Dh) / ||x|| == x / rms(x); the reference clamps ||x|| at finfo.eps, we add a tiny eps instead.
+        Dh = q_BTHd.shape[-1]
+        q = F.rms_norm(q_BTHd.float(), (Dh,), eps=1e-30).to(q_BTHd.dtype)
+        k = F.rms_norm(k_BTKd.float(), (Dh,), eps=1e-30) * self.temp.float()[:, None]
+        return q, k.to(k_BTKd.dtype)
 
 
 class Attention(nn.Module):
@@ -362,14 +385,13 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.H, self.K, self.Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        layer_type = cfg.layer_types[layer_idx]
-        self.window = cfg.sliding_window if layer_type == "hybrid_sliding" else None
-        self.rope = cfg.rope_parameters[layer_type]
+        self.layer_type = cfg.layer_types[layer_idx]
         self.qkv_proj = CCAProjection(cfg)
         self.qk_norm = QKNorm(cfg)
         self.o_proj = nn.Linear(self.H * self.Dh, cfg.hidden_size, bias=False)
 
-    def forward(self, x_BTD, positions_BT, keep_BT, cache: ZayaCache | None):
+    def forward(self, x_BTD, rope_cos_sin, mask_B1TS, keep_BT, cache: ZayaCache | None, write_BT=None):
+        """mask_B1TS None means plain causal attention over these tokens (SDPA's causal kernel)."""
         B, T, _ = x_BTD.shape
         L = self.layer_idx
         if keep_BT is not None:  # zero padded inputs before the convolution (HF-mod's conv mask)
@@ -380,34 +402,26 @@ class Attention(nn.Module):
         q, k, v, new_conv, new_vdel = self.qkv_proj(x_BTD, conv_state, vdel_state)
         q, k = self.qk_norm(q, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, heads, T, Dh)
-        cos, sin = rope_cos_sin(positions_BT, self.Dh, self.rope, q.dtype)
+        cos, sin = rope_cos_sin
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if cache is None:
-            if keep_BT is None and self.window is None:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            else:
-                idx = torch.arange(T, device=q.device)
-                mask_BTS = _attention_mask(idx[None, :, None].expand(B, T, 1), idx, keep_BT, self.window)
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTS[:, None], enable_gqa=True)
-        else:
+        if cache is not None:
             cache.conv[L].copy_(new_conv)
             cache.vdel[L].copy_(new_vdel)
-            write_BT = cache.write_B[:, None] + torch.arange(T, device=q.device)       # cache index per token
             rows_B1 = torch.arange(B, device=q.device)[:, None]
             cache.k[L][rows_B1, :, write_BT] = k.transpose(1, 2).to(cache.k[L].dtype)   # (B, T, K, Dh)
             cache.v[L][rows_B1, :, write_BT] = v.transpose(1, 2).to(cache.v[L].dtype)
-            S = int(write_BT.max()) + 1
-            valid_BS = cache.valid_BS[:, :S].clone()
-            valid_BS[rows_B1, write_BT] = True if keep_BT is None else keep_BT
-            mask_BTS = _attention_mask(write_BT[..., None], torch.arange(S, device=q.device), valid_BS, self.window)
-            k_all, v_all = cache.k[L][:, :, :S].to(q.dtype), cache.v[L][:, :, :S].to(q.dtype)
-            o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask_BTS[:, None], enable_gqa=True)
+            S = mask_B1TS.shape[-1]
+            k, v = cache.k[L][:, :, :S].to(q.dtype), cache.v[L][:, :, :S].to(q.dtype)
+        if mask_B1TS is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TS, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.H * self.Dh))
 
 
 def _attention_mask(query_idx_BT1, key_idx_S, key_valid_BS, window):
-    """Boolean [B, T, S]: causal in cache-index space, padded keys hidden, optional sliding window.
+    """Boolean [B, 1, T, S]: causal in cache-index space, padded keys hidden, optional sliding window.
 
     A query always sees itself, so padded queries stay finite (their outputs are never used)."""
     causal = key_idx_S <= query_idx_BT1
@@ -415,7 +429,7 @@ def _attention_mask(query_idx_BT1, key_idx_S, key_valid_BS, window):
         causal = causal & key_valid_BS[:, None, :]
     if window is not None:
         causal = causal & (key_idx_S > query_idx_BT1 - window)
-    return causal | (key_idx_S == query_idx_BT1)
+    return (causal | (key_idx_S == query_idx_BT1))[:, None]
 
 
 class ResidualScaling(nn.Module):
@@ -482,33 +496,53 @@ class Router(nn.Module):
         return route_N, weight_N, r_NR
 
 
+def _has_grouped_mm(device: torch.device) -> bool:
+    """torch's grouped GEMM: CPU kernel since torch 2.10, CUDA on sm80+. Elsewhere we loop over experts."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu"
+
+
 class Experts(nn.Module):
-    """SwiGLU experts with grouped dispatch: sort tokens by expert, run each expert once on its slice."""
+    """SwiGLU experts with grouped dispatch: sort tokens by expert, run each expert once on its contiguous slice
+    (one grouped GEMM where torch has one, else a loop over the experts that received tokens)."""
 
     def __init__(self, cfg: ZayaConfig):
         super().__init__()
         E, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.use_grouped_mm = True   # set False to force the per-expert loop (the tested fallback)
 
     def forward(self, x_ND, route_N, weight_N):
         E = self.gate_up_proj.shape[0]
         order_N = torch.argsort(route_N, stable=True)
-        counts = torch.bincount(route_N + 1, minlength=E + 1).tolist()   # [skip/pad, e0, e1, ...]
-        token_idx = order_N[counts[0]:]                                    # skip and padding are never computed
-        xs_MD = x_ND[token_idx]
-        outs, start = [], 0
-        for e, n in enumerate(counts[1:]):
-            if n == 0:
-                continue
-            gate, up = F.linear(xs_MD[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
-            start += n
+        counts_E1 = torch.bincount(route_N + 1, minlength=E + 1)          # [skip/pad, e0, e1, ...]
+        n_skip = int(counts_E1[0])
+        token_idx = order_N[n_skip:]                                        # skip and padding are never computed
         y_ND = torch.zeros_like(x_ND)
-        if outs:
-            out_MD = torch.cat(outs) * weight_N[token_idx, None].to(x_ND.dtype)
-            y_ND = y_ND.index_copy(0, token_idx, out_MD)
-        return y_ND
+        if token_idx.numel() == 0:
+            return y_ND
+        xs_MD = x_ND[token_idx]
+        if self.use_grouped_mm and _has_grouped_mm(x_ND.device) and x_ND.dtype != torch.float16:
+            offs_E = counts_E1[1:].cumsum(0).to(torch.int32)
+            gate, up = F.grouped_mm(xs_MD, self.gate_up_proj.transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
+            out_MD = F.grouped_mm((F.silu(gate) * up).contiguous(), self.down_proj.transpose(1, 2), offs=offs_E)
+        else:
+            # NOTE: split/unbind rather than slicing/indexing: their backward is one cat/stack, whereas each
+            # slice or select would materialise a full-size zero gradient per expert.
+            w_gate_up, w_down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+            outs = []
+            for e, xs_nD in enumerate(xs_MD.split(counts_E1[1:].tolist())):
+                if xs_nD.shape[0] == 0:
+                    continue
+                gate, up = F.linear(xs_nD, w_gate_up[e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, w_down[e]))
+            out_MD = torch.cat(outs)
+        out_MD = out_MD * weight_N[token_idx, None].to(x_ND.dtype)
+        return y_ND.index_copy(0, token_idx, out_MD)
 
 
 class MoE(nn.Module):
@@ -537,8 +571,8 @@ class Block(nn.Module):
         self.mlp = MoE(cfg, layer_idx)
         self.post_mlp_residual_scale = ResidualScaling(cfg.hidden_size)
 
-    def forward(self, h_BTD, r_prev_NR, positions_BT, keep_BT, cache, replay_BT=None):
-        a = self.self_attn(self.input_layernorm(h_BTD), positions_BT, keep_BT, cache)
+    def forward(self, h_BTD, r_prev_NR, rope, mask_B1TS, keep_BT, cache, write_BT, replay_BT=None):
+        a = self.self_attn(self.input_layernorm(h_BTD), rope, mask_B1TS, keep_BT, cache, write_BT)
         h_BTD = self.post_attention_residual_scale(a, h_BTD)
         m, r_NR, route_BT = self.mlp(self.post_attention_layernorm(h_BTD), r_prev_NR, keep_BT, replay_BT)
         h_BTD = self.post_mlp_residual_scale(m, h_BTD)
@@ -614,34 +648,53 @@ class ZayaForCausalLM(nn.Module):
         `return_hidden=True` returns the final normed hidden states instead of logits (for chunked losses).
         """
         B, T = input_ids.shape
+        dev = input_ids.device
         keep_BT = None
         if attention_mask is not None:
             keep_BT = attention_mask.to(torch.bool)
             if bool(keep_BT.all()):
                 keep_BT = None
+        arange_T = torch.arange(T, device=dev)
+        write_BT = None
         if cache is not None:
-            if int(cache.write_B.max()) + T > cache.max_len:
-                raise ValueError(f"cache overflow: {int(cache.write_B.max())} + {T} tokens > max_len {cache.max_len}")
+            S = int(cache.write_B.max()) + T
+            if S > cache.max_len:
+                raise ValueError(f"cache overflow: {S - T} + {T} tokens > max_len {cache.max_len}")
             start_B1 = cache.pos_B[:, None]
+            write_BT = cache.write_B[:, None] + arange_T                          # cache index of each new token
+            rows_B1 = torch.arange(B, device=dev)[:, None]
+            cache.valid_BS[rows_B1, write_BT] = True if keep_BT is None else keep_BT
         else:
-            start_B1 = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)
+            start_B1 = torch.zeros(B, 1, dtype=torch.long, device=dev)
         if keep_BT is None:
-            positions_BT = start_B1 + torch.arange(T, device=input_ids.device)
+            positions_BT = start_B1 + arange_T
         else:
             positions_BT = start_B1 + (keep_BT.long().cumsum(1) - 1).clamp_min(0)
+
+        # Per layer type, built once per forward: RoPE tables and the attention mask (None = plain causal).
+        cfg, dtype = self.config, self.dtype
+        rope, masks = {}, {}
+        for lt in set(cfg.layer_types):
+            rope[lt] = rope_cos_sin(positions_BT, cfg.head_dim, cfg.rope_parameters[lt], dtype)
+            window = cfg.sliding_window if lt == "hybrid_sliding" else None
+            if cache is not None:
+                masks[lt] = _attention_mask(write_BT[..., None], torch.arange(S, device=dev),
+                                            cache.valid_BS[:, :S], window)
+            elif keep_BT is not None or (window is not None and window < T):
+                masks[lt] = _attention_mask(arange_T[None, :, None].expand(B, T, 1), arange_T, keep_BT, window)
+            else:
+                masks[lt] = None
 
         m = self.model
         h = m.embed_tokens(input_ids).float()
         h_BTD = (h + m.input_hidden_states_bias.float()) * m.input_hidden_states_scale.float()  # fp32 stream
         r_NR, routes = None, []
         for i, layer in enumerate(m.layers):
+            lt = cfg.layer_types[i]
             replay_BT = None if replay_routes is None else replay_routes[i]
-            h_BTD, r_NR, route_BT = layer(h_BTD, r_NR, positions_BT, keep_BT, cache, replay_BT)
+            h_BTD, r_NR, route_BT = layer(h_BTD, r_NR, rope[lt], masks[lt], keep_BT, cache, write_BT, replay_BT)
             routes.append(route_BT)
         if cache is not None:
-            write_BT = cache.write_B[:, None] + torch.arange(T, device=input_ids.device)
-            rows_B1 = torch.arange(B, device=input_ids.device)[:, None]
-            cache.valid_BS[rows_B1, write_BT] = True if keep_BT is None else keep_BT
             cache.write_B += T
             cache.pos_B += T if keep_BT is None else keep_BT.sum(1)
 

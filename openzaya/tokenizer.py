@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer as _HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -159,7 +160,10 @@ class Tokenizer:
         tok = cls._from_transformers(AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file))
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         tok.save(tmp)
-        os.replace(tmp, cache) if not cache.exists() else None
+        try:  # atomic publish; if another process won the race, keep its copy
+            os.rename(tmp, cache)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
         return tok
 
     def save(self, directory: str | os.PathLike) -> Path:

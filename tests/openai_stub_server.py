@@ -47,22 +47,20 @@ class StubServer:
 
     # ---------------------------------------------------------------- the "model"
 
-    def answer(self, prompt: str, body: dict, index: int) -> tuple[str, str, str]:
-        """(reasoning, answer, finish_reason) for one choice, honouring max_tokens and stop."""
-        reasoning = f"thinking about: {prompt[:24]}"
-        answer = " ".join([f"answer {index}"] + ["w"] * (self.n_words - 2))
-        return reasoning, answer, "stop"
+    def answer(self, prompt: str, index: int) -> tuple[str, str]:
+        """(reasoning, answer) of choice `index`, before stop strings and max_tokens."""
+        return f"thinking about: {prompt[:24]}", " ".join([f"answer {index}"] + ["w"] * (self.n_words - 2))
 
 
-def _cut(text: str, body: dict, max_key_value: int | None) -> tuple[str, str]:
+def _cut(text: str, body: dict, max_tokens: int | None) -> tuple[str, str]:
     """Apply stop strings and max_tokens (whitespace words) to text; returns (text, finish_reason)."""
     finish = "stop"
     for s in body.get("stop") or []:
         if s in text:
             text = text[:text.index(s)]
     words = text.split(" ")
-    if max_key_value is not None and len(words) > max_key_value:
-        text, finish = " ".join(words[:max_key_value]), "length"
+    if max_tokens is not None and len(words) > max_tokens:
+        text, finish = " ".join(words[:max_tokens]), "length"
     return text, finish
 
 
@@ -104,12 +102,12 @@ def _make_handler(server: StubServer):
 
         def _choices(self, prompt: str, body: dict):
             n = 1 if server.ignore_n else int(body.get("n", 1))
-            return [server.answer(prompt, body, i) for i in range(n)]
+            return [server.answer(prompt, i) for i in range(n)]
 
         def _completions(self, body: dict):
             prompt = body["prompt"]
             choices, total = [], 0
-            for i, (reasoning, answer, _) in enumerate(self._choices(prompt, body)):
+            for i, (reasoning, answer) in enumerate(self._choices(prompt, body)):
                 text, finish = _cut(f"{reasoning}\n</think>\n\n{answer}", body, body.get("max_tokens"))
                 total += len(text.split())
                 choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
@@ -124,7 +122,7 @@ def _make_handler(server: StubServer):
             prompt = body["messages"][-1]["content"]
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
             choices, total = [], 0
-            for i, (reasoning, answer, _) in enumerate(self._choices(prompt, body)):
+            for i, (reasoning, answer) in enumerate(self._choices(prompt, body)):
                 if server.reasoning_content:
                     content, finish = _cut(answer, body, max_tokens)
                     message = {"role": "assistant", "content": content, "reasoning_content": reasoning}

@@ -150,3 +150,16 @@ def test_routes_shape_and_replay():
         assert torch.equal(r.routes[:, :-1], routes[:, 0, :-1])  # same routing as a full forward
         replayed = model(ids, replay_routes=r.routes[:, None])
         torch.testing.assert_close(replayed[:, :-1], logits[:, :-1], atol=1e-4, rtol=0)
+
+
+def test_static_mode_near_max_len_and_routes():
+    # Two left-padding groups in one static batch; the short-budget row finishes first and keeps decoding in place.
+    model = tiny_model(seed=7)
+    prompts, params = [list(range(1, 11)), [5, 6]], [GenParams(temperature=0, max_new_tokens=n) for n in (3, 12)]
+    static = Engine(model, max_slots=2, max_len=14).generate(prompts, params, continuous=False, return_routes=True)
+    cont = Engine(model, max_slots=2, max_len=14).generate(prompts, params, return_routes=True)
+    for p, rs, rc in zip(prompts, static, cont):
+        assert rs.tokens == rc.tokens
+        assert torch.equal(rs.routes, rc.routes)
+        _, routes = model(torch.tensor([p + rs.tokens]), return_routes=True)
+        assert torch.equal(rs.routes[:, :-1], routes[:, 0, :-1]) and (rs.routes[:, -1] == -1).all()

@@ -98,43 +98,50 @@ def test_cached_decode_matches_transformers_cache():
     assert (torch.cat(theirs, 1) - ours).abs().max() < 1e-4
 
 
-def test_dispatch_equals_dense_loop():
+@pytest.mark.parametrize("grouped", [True, False])
+def test_dispatch_equals_dense_loop(grouped):
+    """Grouped dispatch (grouped GEMM or per-expert loop) equals a naive per-token loop, values and gradients."""
     model = random_model(CONFIGS["sliding"])
     moe = model.model.layers[1].mlp
-    x_ND = torch.randn(50, model.config.hidden_size)
-    route_N, weight_N, _ = moe.gate(x_ND, torch.randn(50, model.config.router_hidden_size), None)
+    moe.experts.use_grouped_mm = grouped
+    x_ND = torch.randn(50, model.config.hidden_size, requires_grad=True)
+    route_N, weight_N, _ = moe.gate(x_ND.detach(), torch.randn(50, model.config.router_hidden_size), None)
     route_N[:5] = -1  # some skip tokens
-    weight_N = weight_N * (route_N >= 0)
-    dense = torch.zeros_like(x_ND)
-    for n in range(50):  # naive per-token loop over experts
+    weight_N = (weight_N * (route_N >= 0)).detach()
+    dense = []
+    for n in range(50):  # naive per-token loop
         e = int(route_N[n])
         if e < 0:
+            dense.append(torch.zeros_like(x_ND[n]))
             continue
         gate, up = (moe.experts.gate_up_proj[e] @ x_ND[n]).chunk(2)
-        dense[n] = (moe.experts.down_proj[e] @ (F.silu(gate) * up)) * weight_N[n]
-    with torch.no_grad():
-        assert torch.allclose(moe.experts(x_ND, route_N, weight_N), dense, atol=1e-5)
+        dense.append((moe.experts.down_proj[e] @ (F.silu(gate) * up)) * weight_N[n])
+    dense = torch.stack(dense)
+    probe = torch.randn_like(dense)
+    g_dense = torch.autograd.grad((dense * probe).sum(), [x_ND, moe.experts.gate_up_proj, moe.experts.down_proj])
+    out = moe.experts(x_ND, route_N, weight_N)
+    g_out = torch.autograd.grad((out * probe).sum(), [x_ND, moe.experts.gate_up_proj, moe.experts.down_proj])
+    assert torch.allclose(out, dense, atol=1e-5)
+    for a, b in zip(g_out, g_dense):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_skip_tokens_cost_nothing():
-    """Tokens routed to skip never reach an expert matmul (unlike the reference, which sends them to expert 0)."""
+def test_skip_tokens_cost_nothing(monkeypatch):
+    """Tokens routed to skip never reach an expert matmul (the reference sends them to expert 0 with weight 0)."""
     model = random_model(CONFIGS["sliding"])
     experts = model.model.layers[0].mlp.experts
-    seen = []
-    orig = F.linear
-
-    def counting_linear(x, w, b=None):
-        seen.append(x.shape[0])
-        return orig(x, w, b)
-
+    rows = []
+    linear, grouped = F.linear, getattr(F, "grouped_mm", None)
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: rows.append(x.shape[0]) or linear(x, w, b))
+    if grouped is not None:
+        monkeypatch.setattr(F, "grouped_mm", lambda x, w, **k: rows.append(x.shape[0]) or grouped(x, w, **k))
     x_ND = torch.randn(10, model.config.hidden_size)
     route_N = torch.tensor([-1] * 7 + [0, 2, 2])
-    F.linear, saved = counting_linear, F.linear
-    try:
+    for use_grouped in (True, False):
+        rows.clear()
+        experts.use_grouped_mm = use_grouped
         experts(x_ND, route_N, torch.ones(10))
-    finally:
-        F.linear = saved
-    assert sum(seen) == 2 * 3   # gate_up and down for the 3 routed tokens only
+        assert sum(rows) == 2 * 3, rows   # gate_up and down over the 3 routed tokens only
 
 
 def test_router_replay_reproduces_logits_and_trains_router():

@@ -17,9 +17,22 @@ from typing import Callable
 from openzaya.envs.base import Env
 from openzaya.envs.own import own_envs
 
+
+def _external(module: str, loader: str) -> Callable[[], list[Env]]:
+    """A loader for an adapter module (imported lazily: optional packages, worker pools)."""
+    def load() -> list[Env]:
+        import importlib
+        return list(getattr(importlib.import_module(module), loader)().values())
+    return load
+
+
 # (source, loader) pairs; a loader returns list[Env] and may raise ImportError when its optional package is missing
 _LOADERS: list[tuple[str, Callable[[], list[Env]]]] = [
     ("openzaya", own_envs),
+    ("reasoning_gym", _external("openzaya.envs.rgym", "load_rgym")),
+    ("rlve", _external("openzaya.envs.rlve", "load_rlve")),
+    ("code", _external("openzaya.envs.code", "load_code")),
+    ("ifeval", _external("openzaya.envs.ifeval", "load_ifeval")),
 ]
 
 _CACHE: dict[str, Env] | None = None

@@ -8,7 +8,8 @@ with exactly the seeding RLVE's `generator()` does, minus the thread.
 
 Mapping onto our contract:
 - difficulty d = the environment's ParameterController after d `update()` calls (RLVE's own definition); when a
-  level offers several parameter dicts, the seed picks one. Levels 0..MAX_LEVEL.
+  level offers several parameter dicts, the seed picks one. Levels 0..MAX_LEVEL (RLVE has no top level; a few
+  environments stop lower, where generation outgrows the timeout).
 - Problem.answer = the environment's `reference_answer`; Problem.metadata["config"] = RLVE's get_config() (seed,
   parameter, passing threshold) so scoring can rebuild the environment in any worker.
 - Score: our extracted answer (last \\boxed{} or <answer>) is wrapped in RLVE's <answer> markers and passed to its
@@ -35,6 +36,8 @@ from multiprocessing.connection import wait
 from openzaya.envs.base import Env, Problem, Score, extract_answer
 
 MAX_LEVEL = 10
+# generation at level 10 exceeds GEN_TIMEOUT_S for these (found by `openzaya envs check`); level 5 passes
+MAX_LEVEL_OVERRIDES = {"CardColoringCounting": 5, "GridLocalMinimumCounting": 5, "MaximumAchromaticNumber": 5}
 GEN_TIMEOUT_S = 20.0
 SCORE_TIMEOUT_S = 10.0
 INSTRUCTION = "Put your final answer in \\boxed{} (or between <answer> and </answer>)."
@@ -226,7 +229,8 @@ def _make_env(name: str) -> Env:
         return Score(max(0.0, float(v["reward"])), float(v["accuracy"]), bool(v["format_score"]),
                      f"rlve reward {v['reward']:.3f}")
 
-    return Env(name=env_name, tags=("rlve",), min_difficulty=0, max_difficulty=MAX_LEVEL, generate_fn=generate,
+    return Env(name=env_name, tags=("rlve",), min_difficulty=0, max_difficulty=MAX_LEVEL_OVERRIDES.get(name, MAX_LEVEL),
+               generate_fn=generate,
                score_fn=score, source="rlve")
 
 

@@ -1,0 +1,117 @@
+"""Model benchmark: our ZayaForCausalLM vs transformers' ZayaForCausalLM, same config, weights and inputs.
+
+Measures training tokens/s (forward + backward of the LM loss, batch 8 x 512) and prefill tokens/s (forward,
+batch 8 x 512, last-position logits as an engine needs), interleaving the two implementations so both see the same
+machine load, and prints the ratios. Also prints the zaya1_8b parameter counts against the spec's arithmetic.
+
+Run: .venv/bin/python bench/model.py [--quick] [--out runs/bench/model.json]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from openzaya.model import ZayaConfig, ZayaForCausalLM, count_params, zaya1_8b
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--quick", action="store_true", help="smaller batch and fewer repeats")
+parser.add_argument("--repeats", type=int, default=3)
+parser.add_argument("--out", default="runs/bench/model.json")
+args = parser.parse_args()
+
+# -----------------------------------------------------------------------------
+# Same config, same weights, same inputs
+
+cfg = ZayaConfig(vocab_size=8192, hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                 head_dim=32, moe_intermediate_size=512, num_experts=16, router_hidden_size=64)
+torch.manual_seed(0)
+ours = ZayaForCausalLM(cfg)
+with torch.no_grad():  # non-trivial routing
+    for r in ours.routers():
+        for p in r.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+
+import transformers  # noqa: E402  (peer only)
+
+d = cfg.to_dict()
+for k in ("dtype", "architectures", "model_type"):
+    d.pop(k)
+ref = transformers.ZayaForCausalLM(transformers.ZayaConfig(**d))
+missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
+assert not unexpected and set(missing) <= {"lm_head.weight"}
+
+B, T = (2, 256) if args.quick else (8, 512)
+ids = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
+x, y = ids[:, :-1], ids[:, 1:]
+with torch.no_grad():
+    err = (ours(x[:1, :64]) - ref(x[:1, :64]).logits).abs().max().item()
+print(f"parity check: max |logits diff| = {err:.2e}")
+assert err < 1e-3
+
+
+def train_step_ours():
+    loss = F.cross_entropy(ours(x).flatten(0, 1), y.flatten())
+    loss.backward()
+    ours.zero_grad(set_to_none=True)
+
+
+def train_step_ref():
+    loss = F.cross_entropy(ref(x).logits.flatten(0, 1), y.flatten())
+    loss.backward()
+    ref.zero_grad(set_to_none=True)
+
+
+def prefill_ours():
+    with torch.no_grad():
+        ours(x, logits_to_keep=1)
+
+
+def prefill_ref():
+    with torch.no_grad():
+        ref(x, logits_to_keep=1)
+
+
+def timeit(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# -----------------------------------------------------------------------------
+# Interleaved timing (one warm-up each)
+
+ours.train(), ref.train()
+results = {}
+for name, fo, fr in [("train", train_step_ours, train_step_ref), ("prefill", prefill_ours, prefill_ref)]:
+    if name == "prefill":
+        ours.eval(), ref.eval()
+    fo(), fr()
+    to, tr = [], []
+    for _ in range(1 if args.quick else args.repeats):
+        to.append(timeit(fo))
+        tr.append(timeit(fr))
+    tok = B * T
+    o, r = tok / statistics.median(to), tok / statistics.median(tr)
+    results[name] = {"ours_tok_s": o, "transformers_tok_s": r, "ratio": o / r}
+    print(f"{name:8s} ours {o:9.0f} tok/s | transformers {r:9.0f} tok/s | ratio {o / r:.2f}x")
+
+# -----------------------------------------------------------------------------
+# Parameter arithmetic of the released model (spec §7)
+
+c = count_params(zaya1_8b())
+spec = {"non_embedding": 8.30e9, "embedding": 0.537e9, "total": 8.84e9, "active_per_token": 0.754e9}
+for k, v in spec.items():
+    print(f"zaya1_8b {k:17s} {c[k] / 1e9:7.3f}B (spec {v / 1e9:.3f}B)")
+    assert abs(c[k] - v) / v < 0.01, k
+results["zaya1_8b_params"] = c
+results["config"] = {"batch": B, "seq": T, "threads": torch.get_num_threads(), "bench_params": count_params(cfg)}
+
+Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+Path(args.out).write_text(json.dumps(results, indent=2))
+print(f"wrote {args.out}")
