@@ -125,7 +125,69 @@ class Backend:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# LocalBackend: our own engine (engine.py) on an openzaya checkpoint directory goes here (written with the engine).
+# LocalBackend: our own engine on an openzaya checkpoint directory
+
+
+class LocalBackend(Backend):
+    """Our continuous-batching engine (engine.py) on a native-layout ZAYA checkpoint directory with its tokenizer.
+
+    All requests of one `generate` call (times their `n`) go through the engine together. Sample i of a request with
+    seed s uses seed s + i. Completions carry token ids, raw model logprobs (temperature 1) and, with
+    `return_routes=True`, the routed experts per token and layer (router replay in RL).
+    `model` may be given instead of a directory (with a tokenizer), e.g. the live policy during RL.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike | None = None, max_slots: int = 16, max_len: int | None = None,
+                 device: str = "cpu", dtype=None, model=None, tokenizer: Tokenizer | None = None,
+                 return_routes: bool = False):
+        from .checkpoint import from_pretrained
+        from .engine import Engine
+
+        if model is None:
+            if model_dir is None:
+                raise ValueError("LocalBackend needs model_dir or model")
+            model = from_pretrained(model_dir, dtype=dtype, device=device)
+            tokenizer = tokenizer or Tokenizer.load(model_dir)
+        if tokenizer is None:
+            raise ValueError("LocalBackend(model=...) needs a tokenizer")
+        self.model, self.tokenizer, self.return_routes = model, tokenizer, return_routes
+        max_len = max_len or min(model.config.max_position_embeddings, 4096)
+        self.engine = Engine(model, max_slots=max_slots, max_len=max_len,
+                             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+        self.eos_ids = sorted(set(model.config.eos_ids + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])))
+        self.name = str(model_dir) if model_dir is not None else "local-model"
+
+    def prompt_ids(self, request: Request) -> list[int]:
+        if request.messages is not None:
+            return self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True,
+                                                      enable_thinking=request.enable_thinking, tokenize=True)
+        return self.tokenizer.encode(request.prompt)
+
+    def generate(self, requests: list[Request]) -> list[list[Completion]]:
+        from .engine import GenParams
+
+        requests = list(requests)
+        prompts, params, owner = [], [], []
+        for i, r in enumerate(requests):
+            ids, p = self.prompt_ids(r), r.params
+            for j in range(p.n):
+                prompts.append(ids)
+                params.append(GenParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+                                        max_new_tokens=p.max_tokens, eos_ids=self.eos_ids, stop=list(p.stop),
+                                        seed=None if p.seed is None else p.seed + j))
+                owner.append(i)
+        t0 = time.perf_counter()
+        results = self.engine.generate(prompts, params, return_routes=self.return_routes) if prompts else []
+        latency = time.perf_counter() - t0
+        out: list[list[Completion]] = [[] for _ in requests]
+        for i, res in zip(owner, results):
+            text = res.text   # eos excluded, cut before any stop string
+            reasoning, answer = split_reasoning(text, thinking=requests[i].enable_thinking)
+            out[i].append(Completion(text=text, reasoning=reasoning, answer=answer, finish_reason=res.finish_reason,
+                                     prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
+                                     latency_s=latency, token_ids=list(res.tokens), logprobs=list(res.logprobs),
+                                     routes=res.routes))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ and callers compare it with values they computed themselves; files and exit code
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import json
 import os
