@@ -531,3 +531,20 @@ class OpenAIBackend(Backend):
                                     prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=n_tokens,
                                     latency_s=latency, token_ids=ch.get("token_ids"), logprobs=logprobs))
         return comps
+
+
+def make_backend(kind: str, model: str, base_url: str | None = None, gguf_file: str | None = None,
+                 tokenizer: str | None = None, max_concurrency: int = 16, max_len: int | None = None,
+                 max_slots: int = 16, api_key: str | None = None) -> Backend:
+    """A backend from CLI-style arguments: kind local (openzaya checkpoint dir), hf (transformers dir, optionally a
+    GGUF in it) or openai (server at base_url serving `model`; `tokenizer` dir makes token counts exact)."""
+    if kind == "local":
+        return LocalBackend(model, max_slots=max_slots, max_len=max_len)
+    if kind == "hf":
+        return HFBackend(model, gguf_file=gguf_file, batch_size=max_slots)
+    if kind == "openai":
+        if not base_url:
+            raise ValueError("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
+        return OpenAIBackend(base_url, model, api_key=api_key or os.environ.get("OPENAI_API_KEY"),
+                             max_concurrency=max_concurrency, tokenizer=tokenizer)
+    raise ValueError(f"unknown backend {kind!r}: choose local, hf or openai")

@@ -37,12 +37,23 @@ expert chosen per layer for every prompt and completion token (-1 = skip class),
 `model(ids, replay_routes=routes[:, None])` reproduces the logits at every position that scores a completion
 token (all but the last one).
 
+Incremental interface (serving): `submit(prompt, params) -> handle`, `step() -> list[StepOutput]` and
+`cancel(handle)` drive the same slots one step at a time, so a server can admit requests while others decode.
+`step()` does what one iteration of `generate`'s loop does: if requests wait and slots are free it admits them
+(prefill, which yields each admitted request's first token), otherwise it runs one decode step over every active
+row; either way it returns the new token of every row that produced one, with the `GenResult` attached when that
+request finished (its slot is free again at once). `cancel` drops a waiting request or frees a running one's slot
+immediately. The interface shares the cache with `generate`, so the two must not be mixed (generate raises while
+incremental requests are in flight), and it is single-threaded: one thread calls submit/step/cancel (serve.py's
+scheduler thread). No router replay here (routes are for RL, which uses `generate`).
+
 Shape legend: B active rows (slots in use), S slots, T tokens, V vocab, L layers.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -136,6 +147,15 @@ def sample(logits_BV, temp_B, top_k_B, top_p_B, min_p_B, u_B, greedy_only: bool,
 
 
 @dataclass
+class StepOutput:
+    """One new token of one request from `Engine.step()`; `result` is set when the request finished with it."""
+    handle: int
+    token: int
+    logprob: float                    # raw model log-softmax at temperature 1
+    result: GenResult | None = None
+
+
+@dataclass
 class _Live:
     """Host-side state of one running request."""
     idx: int                          # request index in the generate call
@@ -166,6 +186,13 @@ class Engine:
         if compile:
             self.decode_fn = torch.compile(decode_one_token, dynamic=True)
         self.stats = {}
+        # incremental interface state (submit / step / cancel)
+        self._waiting: deque[int] = deque()
+        self._live: list[_Live] = []
+        self._inc_prompts: dict[int, list[int]] = {}
+        self._inc_params: dict[int, GenParams] = {}
+        self._inc_sp = None               # sampling tensors of the live rows (None = rebuild)
+        self._next_handle = 0
 
     # --- validation --------------------------------------------------------------------------------
     def _check(self, prompts, params):
@@ -191,6 +218,8 @@ class Engine:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} GenParams")
         self._check(prompts, params)
+        if self._waiting or self._live:
+            raise RuntimeError("generate() while incremental requests are in flight (they share the cache)")
         limit = min(self.max_len, self.config.max_position_embeddings)
         results: list[GenResult | None] = [None] * len(prompts)
         queue = list(range(len(prompts)))[::-1]          # pop() from the end = prompt order
@@ -240,6 +269,81 @@ class Engine:
 
         self.stats = dict(prefill_s=t_prefill, decode_s=t_decode, decode_steps=n_steps, decode_row_steps=n_decoded)
         return results
+
+    # --- incremental interface (serving) ------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._live)
+
+    def submit(self, prompt: list[int], params: GenParams) -> int:
+        """Queue one request; returns its handle. Raises ValueError on an empty/too long prompt or bad params."""
+        self._check([prompt], [params])
+        h = self._next_handle
+        self._next_handle += 1
+        self._inc_prompts[h], self._inc_params[h] = list(prompt), params
+        self._waiting.append(h)
+        return h
+
+    def cancel(self, handle: int) -> bool:
+        """Drop a waiting request or free a running one's slot now. False when the handle is unknown (finished)."""
+        if handle in self._waiting:
+            self._waiting.remove(handle)
+        else:
+            rows = [r for r, s in enumerate(self._live) if s.idx == handle]
+            if not rows:
+                return False
+            self._free_row(rows[0])
+        self._inc_prompts.pop(handle, None)
+        self._inc_params.pop(handle, None)
+        return True
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Admit waiting requests into free slots (prefill) or, if none can be admitted, decode one token for every
+        running request. Returns one StepOutput per request that produced a token (empty when idle)."""
+        slots = self._live
+        limit = min(self.max_len, self.config.max_position_embeddings)
+        free = self.max_slots - len(slots)
+        if self._waiting and free:
+            a = len(slots)
+            admit = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            for group in self._groups(admit, self._inc_prompts, self._inc_params, limit):
+                self._admit(group, self._inc_prompts, self._inc_params, slots, False, limit)
+            new = slots[a:]
+            self._inc_sp = None
+        elif slots:
+            B = len(slots)
+            if self._inc_sp is None:
+                self._inc_sp = self._sampling_tensors(slots)
+            sp = self._inc_sp
+            logits_BV, _ = self.decode_fn(self.model, self.cache.rows(0, B), self.tok_S[:B], False)
+            tok_B, raw_B, slp_B = sample(logits_BV, *sp[:4], self._uniforms(slots, sp[4]), *sp[4:])
+            self.tok_S[:B] = tok_B
+            self._record(slots, tok_B, raw_B, slp_B)
+            new = list(slots)
+        else:
+            return []
+        out = {s.idx: StepOutput(s.idx, s.tokens[-1], s.logprobs[-1]) for s in new}
+        for r in sorted((r for r, s in enumerate(slots) if s.done is not None), reverse=True):
+            h = slots[r].idx
+            out[h].result = self._result(r, slots[r], self._inc_prompts, False)
+            self._free_row(r)
+            self._inc_prompts.pop(h)
+            self._inc_params.pop(h)
+        return list(out.values())
+
+    def _free_row(self, r: int):
+        """Remove live row r, moving the last active row into the hole (incremental interface)."""
+        slots, last = self._live, len(self._live) - 1
+        if r != last:
+            self._move_slot(last, r)
+            slots[r] = slots[last]
+        slots.pop()
+        self._inc_sp = None
 
     # --- helpers (all host-side bookkeeping) -------------------------------------------------------
     def _groups(self, admit, prompts, params, limit):

@@ -275,21 +275,24 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions_BT, head_dim, rope: dict, dtype):
-    """cos/sin [B, 1, T, rot] for partial rotary embedding (rotate-half style on the first `rot` dims)."""
+    """Tables [B, 1, T, Dh] for partial rotary embedding on the first `rot` dims, rotate-half style:
+    x_out = x * cos + x[..., perm] * sin, with cos = 1 and sin = 0 on the pass-through dims and the rotate-half
+    sign folded into sin (one gather instead of slices and concatenations)."""
     rot = int(head_dim * rope.get("partial_rotary_factor", 1.0))
-    inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, rot, 2, dtype=torch.float32,
-                                                          device=positions_BT.device) / rot))
+    dev = positions_BT.device
+    inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, rot, 2, dtype=torch.float32, device=dev) / rot))
     freqs_BTf = positions_BT[..., None].float() * inv_freq
     emb = torch.cat((freqs_BTf, freqs_BTf), dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    half, rest = rot // 2, head_dim - rot
+    cos = torch.cat((emb.cos(), emb.new_ones(*emb.shape[:-1], rest)), dim=-1)
+    sin = torch.cat((-emb[..., :half].sin(), emb[..., half:].sin(), emb.new_zeros(*emb.shape[:-1], rest)), dim=-1)
+    perm = torch.cat((torch.arange(half, rot), torch.arange(0, half), torch.arange(rot, head_dim))).to(dev)
+    return cos.to(dtype), sin.to(dtype), perm
 
 
-def apply_rope(x_BHTd, cos_B1Tr, sin_B1Tr):
-    rot = cos_B1Tr.shape[-1]
-    x_rot, x_pass = x_BHTd[..., :rot], x_BHTd[..., rot:]
-    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return torch.cat((x_rot * cos_B1Tr + rotated * sin_B1Tr, x_pass), dim=-1)
+def apply_rope(x_BHTd, rope_tables):
+    cos, sin, perm = rope_tables
+    return x_BHTd * cos + x_BHTd.index_select(-1, perm) * sin
 
 
 class CCAProjection(nn.Module):
@@ -328,8 +331,11 @@ class CCAProjection(nn.Module):
                                                         ).reshape(-1)
         return w.reshape(G, Dh, Dh * (k0 + k1 - 1)), bias
 
-    def forward(self, x_BTD, conv_state_BsC=None, vdel_state_BV=None):
-        """Returns q [B,T,H,Dh], k [B,T,K,Dh], v [B,T,K,Dh], and the new conv / delayed-value states."""
+    def forward(self, x_BTD, conv_state_BsC=None, vdel_state_BV=None, docpos_BT=None):
+        """Returns q [B,T,H,Dh], k [B,T,K,Dh], v [B,T,K,Dh], and the new conv / delayed-value states.
+
+        docpos_BT (packed training only): each token's position inside its document; convolution taps and the
+        delayed value that would reach back across a document start are zeroed, as if the document ran alone."""
         B, T, _ = x_BTD.shape
         H, K, Dh, g, cs = self.H, self.K, self.Dh, self.H // self.K, self.cs
         q_BTC = self.q_proj(x_BTD)                                         # (B, T, H*Dh)
@@ -349,6 +355,9 @@ class CCAProjection(nn.Module):
         new_conv_state = qk_pad[:, qk_pad.shape[1] - cs:]
         w_GoI, bias_C = self.composed_conv()
         taps = torch.stack([qk_pad[:, s:s + T] for s in range(cs + 1)], dim=-1)    # (B, T, C, cs+1)
+        if docpos_BT is not None:   # tap s looks back cs - s tokens: keep it only inside the document
+            back_s = torch.arange(cs, -1, -1, device=taps.device)
+            taps = taps * (back_s <= docpos_BT[..., None])[:, :, None, :].to(taps.dtype)
         taps = taps.view(B * T, H + K, Dh * (cs + 1))
         conv_BTC = torch.einsum("ngi,goi->ngo", taps, w_GoI.to(taps.dtype)).reshape(B, T, -1) + bias_C.to(taps.dtype)
         q_BTHd = conv_BTC[..., : H * Dh].reshape(B, T, H, Dh) + q_res_BTHd
@@ -360,6 +369,8 @@ class CCAProjection(nn.Module):
         prev_B1V = (torch.zeros_like(v_del_BTV[:, :1]) if vdel_state_BV is None
                     else vdel_state_BV[:, None].to(v_del_BTV.dtype))
         v_del_shift = torch.cat([prev_B1V, v_del_BTV[:, :-1]], dim=1)
+        if docpos_BT is not None:   # a document's first token gets no delayed value from the previous document
+            v_del_shift = v_del_shift * (docpos_BT > 0)[..., None].to(v_del_shift.dtype)
         v_BTKd = torch.cat([v_cur_BTV, v_del_shift], dim=-1).view(B, T, K, Dh)
         return q_BTHd, k_BTKd, v_BTKd, new_conv_state, v_del_BTV[:, -1]
 
@@ -390,7 +401,8 @@ class Attention(nn.Module):
         self.qk_norm = QKNorm(cfg)
         self.o_proj = nn.Linear(self.H * self.Dh, cfg.hidden_size, bias=False)
 
-    def forward(self, x_BTD, rope_cos_sin, mask_B1TS, keep_BT, cache: ZayaCache | None, write_BT=None):
+    def forward(self, x_BTD, rope_cos_sin, mask_B1TS, keep_BT, cache: ZayaCache | None, write_BT=None,
+                docpos_BT=None):
         """mask_B1TS None means plain causal attention over these tokens (SDPA's causal kernel)."""
         B, T, _ = x_BTD.shape
         L = self.layer_idx
@@ -399,11 +411,10 @@ class Attention(nn.Module):
         conv_state = vdel_state = None
         if cache is not None:
             conv_state, vdel_state = cache.conv[L], cache.vdel[L]
-        q, k, v, new_conv, new_vdel = self.qkv_proj(x_BTD, conv_state, vdel_state)
+        q, k, v, new_conv, new_vdel = self.qkv_proj(x_BTD, conv_state, vdel_state, docpos_BT)
         q, k = self.qk_norm(q, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, heads, T, Dh)
-        cos, sin = rope_cos_sin
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rope_cos_sin), apply_rope(k, rope_cos_sin)
 
         if cache is not None:
             cache.conv[L].copy_(new_conv)
@@ -443,8 +454,10 @@ class ResidualScaling(nn.Module):
         self.residual_bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, out_BTD, res_BTD):
-        out = (out_BTD.float() + self.hidden_states_bias.float()) * self.hidden_states_scale.float()
-        return out + (res_BTD + self.residual_bias.float()) * self.residual_scale.float()
+        # (o + b_o) * s_o + (r + b_r) * s_r  ==  o * s_o + r * s_r + (b_o * s_o + b_r * s_r): two fused ops
+        s_o, s_r = self.hidden_states_scale.float(), self.residual_scale.float()
+        const = self.hidden_states_bias.float() * s_o + self.residual_bias.float() * s_r
+        return torch.addcmul(torch.addcmul(const, res_BTD, s_r), out_BTD.float(), s_o)
 
 
 class RouterMLP(nn.Module):
@@ -571,8 +584,8 @@ class Block(nn.Module):
         self.mlp = MoE(cfg, layer_idx)
         self.post_mlp_residual_scale = ResidualScaling(cfg.hidden_size)
 
-    def forward(self, h_BTD, r_prev_NR, rope, mask_B1TS, keep_BT, cache, write_BT, replay_BT=None):
-        a = self.self_attn(self.input_layernorm(h_BTD), rope, mask_B1TS, keep_BT, cache, write_BT)
+    def forward(self, h_BTD, r_prev_NR, rope, mask_B1TS, keep_BT, cache, write_BT, replay_BT=None, docpos_BT=None):
+        a = self.self_attn(self.input_layernorm(h_BTD), rope, mask_B1TS, keep_BT, cache, write_BT, docpos_BT)
         h_BTD = self.post_attention_residual_scale(a, h_BTD)
         m, r_NR, route_BT = self.mlp(self.post_attention_layernorm(h_BTD), r_prev_NR, keep_BT, replay_BT)
         h_BTD = self.post_mlp_residual_scale(m, h_BTD)
@@ -636,7 +649,7 @@ class ZayaForCausalLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, cache: ZayaCache | None = None, *,
                 replay_routes=None, return_routes: bool = False, return_hidden: bool = False,
-                logits_to_keep: int = 0):
+                logits_to_keep: int = 0, segment_ids_BT=None):
         """Logits [B, T, V] (fp32) for input_ids [B, T].
 
         attention_mask [B, T] marks real tokens (1) vs left padding (0) among *these* tokens; a cache
@@ -646,6 +659,9 @@ class ZayaForCausalLM(nn.Module):
         replay_routes [L, B, T] (expert id, -1 = none) forces the routing (router replay); with
         `return_routes=True` the chosen routes [L, B, T] are returned as well: (logits, routes).
         `return_hidden=True` returns the final normed hidden states instead of logits (for chunked losses).
+        segment_ids_BT [B, T] (packed training, no cache): document id of each token; attention is block-diagonal
+        causal, RoPE positions restart at each document, and the CCA convolution and delayed value never cross a
+        document boundary, so each document gets the logits it would get alone (tested in tests/test_data.py).
         """
         B, T = input_ids.shape
         dev = input_ids.device
@@ -666,7 +682,15 @@ class ZayaForCausalLM(nn.Module):
             cache.valid_BS[rows_B1, write_BT] = True if keep_BT is None else keep_BT
         else:
             start_B1 = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        if keep_BT is None:
+        docpos_BT = None
+        if segment_ids_BT is not None:
+            if cache is not None:
+                raise ValueError("segment_ids_BT is for packed training; it cannot be combined with a cache")
+            new_doc_BT = torch.ones(B, T, dtype=torch.bool, device=dev)
+            new_doc_BT[:, 1:] = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+            doc_start_BT = torch.cummax(torch.where(new_doc_BT, arange_T, 0), dim=1).values
+            docpos_BT = positions_BT = arange_T - doc_start_BT
+        elif keep_BT is None:
             positions_BT = start_B1 + arange_T
         else:
             positions_BT = start_B1 + (keep_BT.long().cumsum(1) - 1).clamp_min(0)
@@ -677,7 +701,11 @@ class ZayaForCausalLM(nn.Module):
         for lt in set(cfg.layer_types):
             rope[lt] = rope_cos_sin(positions_BT, cfg.head_dim, cfg.rope_parameters[lt], dtype)
             window = cfg.sliding_window if lt == "hybrid_sliding" else None
-            if cache is not None:
+            if segment_ids_BT is not None:   # block-diagonal causal
+                same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+                masks[lt] = _attention_mask(arange_T[None, :, None].expand(B, T, 1), arange_T, keep_BT,
+                                            window) & same_BTT[:, None]
+            elif cache is not None:
                 masks[lt] = _attention_mask(write_BT[..., None], torch.arange(S, device=dev),
                                             cache.valid_BS[:, :S], window)
             elif keep_BT is not None or (window is not None and window < T):
@@ -692,7 +720,8 @@ class ZayaForCausalLM(nn.Module):
         for i, layer in enumerate(m.layers):
             lt = cfg.layer_types[i]
             replay_BT = None if replay_routes is None else replay_routes[i]
-            h_BTD, r_NR, route_BT = layer(h_BTD, r_NR, rope[lt], masks[lt], keep_BT, cache, write_BT, replay_BT)
+            h_BTD, r_NR, route_BT = layer(h_BTD, r_NR, rope[lt], masks[lt], keep_BT, cache, write_BT, replay_BT,
+                                          docpos_BT)
             routes.append(route_BT)
         if cache is not None:
             cache.write_B += T
