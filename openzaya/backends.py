@@ -135,18 +135,23 @@ class LocalBackend(Backend):
     seed s uses seed s + i. Completions carry token ids, raw model logprobs (temperature 1) and, with
     `return_routes=True`, the routed experts per token and layer (router replay in RL).
     `model` may be given instead of a directory (with a tokenizer), e.g. the live policy during RL.
+    `expert_cache_gb` loads the checkpoint with its experts offloaded (openzaya/offload.py): a cache of that many GiB.
     """
 
     def __init__(self, model_dir: str | os.PathLike | None = None, max_slots: int = 16, max_len: int | None = None,
                  device: str = "cpu", dtype=None, model=None, tokenizer: Tokenizer | None = None,
-                 return_routes: bool = False):
+                 return_routes: bool = False, expert_cache_gb: float | None = None):
         from .checkpoint import from_pretrained
         from .engine import Engine
 
         if model is None:
             if model_dir is None:
                 raise ValueError("LocalBackend needs model_dir or model")
-            model = from_pretrained(model_dir, dtype=dtype, device=device)
+            if expert_cache_gb is not None:   # experts offloaded, a cache of this many GiB (offload.py)
+                from .offload import load_offloaded
+                model = load_offloaded(model_dir, int(expert_cache_gb * 1024**3), dtype=dtype, device=device)
+            else:
+                model = from_pretrained(model_dir, dtype=dtype, device=device)
             tokenizer = tokenizer or Tokenizer.load(model_dir)
         if tokenizer is None:
             raise ValueError("LocalBackend(model=...) needs a tokenizer")

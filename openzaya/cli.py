@@ -44,12 +44,150 @@ def add_envs(sub):
 
 
 # -----------------------------------------------------------------------------
+# solve / eval: test-time compute (openzaya/ttc.py) and the evaluation harness (openzaya/evaluate.py)
+
+
+def _add_backend_and_ttc_flags(p):
+    # Backend
+    p.add_argument("--backend", choices=["local", "hf", "openai"], default="local")
+    p.add_argument("--model", required=True, help="checkpoint dir (local/hf) or served model name (openai)")
+    p.add_argument("--base-url", default=None, help="openai: server URL, e.g. http://localhost:8000/v1")
+    p.add_argument("--gguf-file", default=None, help="hf: a GGUF file inside --model")
+    p.add_argument("--tokenizer", default=None, help="openai: tokenizer dir for exact token counts and tails")
+    p.add_argument("--max-concurrency", type=int, default=64, help="calls in flight over all problems")
+    p.add_argument("--max-len", type=int, default=None, help="local: engine positions per slot")
+    # Test-time compute (rounds follow the ZAYA1 TR: T aggregation rounds after round 0, T+1 generations)
+    p.add_argument("--method", default="markovian_rsa",
+                   help="single | majority | rsa | markovian_rsa | delethink | pacore_hybrid (eval: comma list)")
+    p.add_argument("--population", type=int, default=16, help="N: candidates per round (majority: samples)")
+    p.add_argument("--candidates", type=int, default=4, help="C: tails per aggregation prompt, C <= N")
+    p.add_argument("--rounds", type=int, default=2, help="T: aggregation rounds after round 0")
+    p.add_argument("--tail-tokens", type=int, default=4096, help="tau: tail length in tokens")
+    p.add_argument("--budget-tokens", type=int, default=16384, help="beta: decode tokens per call")
+    p.add_argument("--head-tokens", type=int, default=100, help="delethink: generated tokens kept after the query")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--template-file", default=None, help="aggregation template with {question} and {candidates}")
+    p.add_argument("--no-thinking", action="store_true", help="chat template without a think block")
+
+
+def _ttc_config(a, method):
+    from openzaya.ttc import TTCConfig
+
+    return TTCConfig(method=method, population=a.population, candidates=a.candidates, rounds=a.rounds,
+                     tail_tokens=a.tail_tokens, budget_tokens=a.budget_tokens, temperature=a.temperature,
+                     top_p=a.top_p, seed=a.seed, max_concurrency=a.max_concurrency, head_tokens=a.head_tokens,
+                     template_file=a.template_file, enable_thinking=not a.no_thinking)
+
+
+def _backend(a):
+    from openzaya.backends import make_backend
+
+    return make_backend(a.backend, a.model, base_url=a.base_url, gguf_file=a.gguf_file, tokenizer=a.tokenizer,
+                        max_concurrency=a.max_concurrency, max_len=a.max_len)
+
+
+def _solve(a):
+    from tqdm import tqdm
+
+    from openzaya.ttc import TTCProblem, solve
+
+    cfg = _ttc_config(a, a.method)
+    cfg.validate()
+    if not a.question.strip():
+        raise SystemExit("openzaya solve: empty question")
+    backend = _backend(a)
+    with tqdm(total=cfg.calls_per_problem(), unit="call", desc=cfg.method, file=sys.stderr) as bar:
+        (res,), totals = solve([TTCProblem(id="q0", question=a.question)], backend, cfg, a.trace, bar.update)
+    print(f"answer: {res.answer}")
+    print(f"votes: {res.votes}")
+    for t, r in enumerate(res.rounds):
+        print(f"round {t}: calls {r.calls} | prompt tokens {r.prompt_tokens} | completion tokens "
+              f"{r.completion_tokens} | max prompt {r.max_prompt_tokens} | wall {r.wall_s:.2f}s")
+    print(f"total: calls {totals['calls']} | prompt tokens {totals['prompt_tokens']} | completion tokens "
+          f"{totals['completion_tokens']} | wall {totals['wall_s']:.2f}s"
+          + (f" | token counts approximated: {totals['tail_approximation']}" if totals["tail_approximation"] else ""))
+
+
+def add_solve(sub):
+    p = sub.add_parser("solve", help="answer one question with a test-time-compute method (Markovian RSA, ...)")
+    p.add_argument("question")
+    _add_backend_and_ttc_flags(p)
+    p.add_argument("--trace", default=None, help="JSONL trace of every call (an existing trace is resumed)")
+    p.set_defaults(func=_solve)
+
+
+def _eval(a):
+    from openzaya.evaluate import evaluate, load_benchmark
+
+    methods = [m.strip() for m in a.method.split(",") if m.strip()]
+    base = _ttc_config(a, methods[0])
+    for m in methods:
+        _ttc_config(a, m).validate()
+    items = load_benchmark(a.benchmark, question_field=a.question_field, answer_field=a.answer_field,
+                           id_field=a.id_field, split=a.split, limit=a.limit)
+    res = evaluate(items, _backend(a), base, methods, samples=a.samples, out_dir=a.out,
+                   match_calls=not a.no_match_calls)
+    for m, r in res["methods"].items():
+        print(f"{m:14s} avg@k {r['avg@k']:.3f} | maj@k {r['maj@k']:.3f} | pass@1 {r['pass@1']:.3f} | pop_mean "
+              f"{r['pop_mean']:.3f} | tokens/problem {r['tokens_per_problem']:.0f} | calls/problem "
+              f"{r['calls_per_problem']:.0f} | wall/problem {r['wall_s_per_problem']:.2f}s")
+    print(f"wrote {a.out}/results.json, report.md, accuracy_vs_tokens.png")
+
+
+def add_eval(sub):
+    p = sub.add_parser("eval", help="evaluate methods on a benchmark file or suite; writes results, report, plot")
+    p.add_argument("--benchmark", required=True, help="a .jsonl/.parquet file, a suite (envs:tiny, envs:easy) or "
+                                                      "a Hugging Face dataset name (needs `datasets`, online)")
+    _add_backend_and_ttc_flags(p)
+    # Evaluation
+    p.add_argument("--samples", type=int, default=1, help="k: independent runs of each method per problem")
+    p.add_argument("--out", required=True, help="results folder, e.g. runs/eval/NAME (traces there are resumed)")
+    p.add_argument("--limit", type=int, default=None, help="first problems only")
+    p.add_argument("--question-field", default=None, help="default: problem, else question")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--id-field", default="id")
+    p.add_argument("--split", default="test", help="Hugging Face split")
+    p.add_argument("--no-match-calls", action="store_true",
+                   help="majority uses N samples instead of N x (T+1) (matched calls with Markovian RSA)")
+    p.set_defaults(func=_eval)
+
+
+# -----------------------------------------------------------------------------
+# serve: an OpenAI-compatible server with test-time compute (openzaya/serve.py)
+
+
+def add_serve(sub):
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, Markovian RSA via `ttc`)")
+    p.add_argument("--model", required=True, help="checkpoint directory (native layout, with its tokenizer)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    p.add_argument("--served-model-name", default=None, help="model id (default: the directory's name)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=-1, help="torch threads (-1 = torch default)")
+    # Engine
+    p.add_argument("--max-slots", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-len", type=int, default=-1, help="positions per slot (-1 = min(context, 4096))")
+    # Limits
+    p.add_argument("--max-queue", type=int, default=256, help="sequences waiting beyond the slots (429 beyond)")
+    p.add_argument("--max-n", type=int, default=16, help="sequences per request (n x prompts)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--request-timeout-s", type=float, default=600.0)
+    p.add_argument("--max-ttc-population", type=int, default=64)
+    p.add_argument("--max-ttc-rounds", type=int, default=8)
+    p.add_argument("--shutdown-grace-s", type=float, default=10.0)
+    p.set_defaults(func=lambda a: __import__("openzaya.serve", fromlist=["main"]).main(a))
+
+
+# -----------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openzaya", description="ZAYA1 MoE++ models, training and Markovian RSA")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in [add_train_tiny, add_envs]:
+    for add in [add_train_tiny, add_envs, add_solve, add_eval, add_serve]:
         add(sub)
     return parser
 

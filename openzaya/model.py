@@ -295,6 +295,18 @@ def apply_rope(x_BHTd, rope_tables):
     return x_BHTd * cos + x_BHTd.index_select(-1, perm) * sin
 
 
+def _frozen(module: nn.Module, key: str, params, build):
+    """`build()` cached on the module while gradients are off and `params` are unchanged (version counters), so
+    decode steps reuse derived weights (composed convolution, fused projections). With grad on: always rebuilt."""
+    if torch.is_grad_enabled():
+        return build()
+    stamp = tuple((p.data_ptr(), p._version) for p in params)
+    cache = module.__dict__.setdefault("_frozen", {})
+    if key not in cache or cache[key][0] != stamp:
+        cache[key] = (stamp, build())
+    return cache[key][1]
+
+
 class CCAProjection(nn.Module):
     """q, k, v of Compressed Convolutional Attention (TR App. C): conv-mixed q/k plus QK-mean skips, delayed v.
 
@@ -338,8 +350,10 @@ class CCAProjection(nn.Module):
         delayed value that would reach back across a document start are zeroed, as if the document ran alone."""
         B, T, _ = x_BTD.shape
         H, K, Dh, g, cs = self.H, self.K, self.Dh, self.H // self.K, self.cs
-        q_BTC = self.q_proj(x_BTD)                                         # (B, T, H*Dh)
-        k_BTC = self.k_proj(x_BTD)                                         # (B, T, K*Dh)
+        projs = (self.q_proj, self.k_proj, self.v_proj_current, self.v_proj_delayed)
+        w_all = _frozen(self, "qkv", [p.weight for p in projs], lambda: torch.cat([p.weight for p in projs]))
+        q_BTC, k_BTC, v_cur_BTV, v_del_BTV = F.linear(x_BTD, w_all).split(
+            [H * Dh, K * Dh, K * Dh // 2, K * Dh // 2], dim=-1)           # one matmul for q, k, v_cur, v_del
 
         # QK-mean skip terms: each query head averaged with its group's key head; keys = mean of their group.
         q_res = (q_BTC.view(B, T, K, g, Dh) + k_BTC.view(B, T, K, 1, Dh)) * 0.5   # (B, T, K, g, Dh)
@@ -353,7 +367,9 @@ class CCAProjection(nn.Module):
         else:
             qk_pad = torch.cat([conv_state_BsC.to(qk_BTC.dtype), qk_BTC], dim=1)   # (B, cs+T, C)
         new_conv_state = qk_pad[:, qk_pad.shape[1] - cs:]
-        w_GoI, bias_C = self.composed_conv()
+        convs = [self.conv_qk_depthwise.weight, self.conv_qk_depthwise.bias, self.conv_qk_grouped.weight,
+                 self.conv_qk_grouped.bias]
+        w_GoI, bias_C = _frozen(self, "conv", convs, self.composed_conv)
         taps = torch.stack([qk_pad[:, s:s + T] for s in range(cs + 1)], dim=-1)    # (B, T, C, cs+1)
         if docpos_BT is not None:   # tap s looks back cs - s tokens: keep it only inside the document
             back_s = torch.arange(cs, -1, -1, device=taps.device)
@@ -364,8 +380,6 @@ class CCAProjection(nn.Module):
         k_BTKd = conv_BTC[..., H * Dh:].reshape(B, T, K, Dh) + k_res_BTKd
 
         # Values: one half from the current token, the other half from the previous token's delayed projection.
-        v_cur_BTV = self.v_proj_current(x_BTD)
-        v_del_BTV = self.v_proj_delayed(x_BTD)
         prev_B1V = (torch.zeros_like(v_del_BTV[:, :1]) if vdel_state_BV is None
                     else vdel_state_BV[:, None].to(v_del_BTV.dtype))
         v_del_shift = torch.cat([prev_B1V, v_del_BTV[:, :-1]], dim=1)

@@ -300,8 +300,13 @@ class Run:
         return math.ceil(len(text) / 4) if n is None else n  # the CHARS_PER_TOKEN approximation of backends.py
 
     def tail(self, text: str, n: int) -> str:
-        """Last n tokens of text; shortened from the front if the re-encoded tail would exceed n tokens."""
+        """Last n tokens of text, as text. NOTE: a cut inside a multi-byte character decodes to U+FFFD, which is
+        not a suffix of text (and re-encodes to more tokens): such leading characters are dropped, so a tail is
+        always a true suffix of the rollout; then, should the re-encoded tail still exceed n tokens, characters are
+        dropped from its front until it fits."""
         t = self.backend.tail_tokens(text, n)
+        while t and not text.endswith(t):
+            t = t[1:]
         while t and self.count(t) > n:
             t = t[1:]
         return t
@@ -494,6 +499,8 @@ async def delethink(run: Run, p: TTCProblem, rounds: list[RoundStats]) -> list[C
             if k == 0:
                 ids = run.backend.tokenizer.encode(comp.text, add_special_tokens=False) if tok else None
                 head = tok.decode(ids[:cfg.head_tokens]) if ids is not None else comp.text[:4 * cfg.head_tokens]
+                while head and (not comp.text.startswith(head) or run.count(head) > cfg.head_tokens):
+                    head = head[:-1]   # a cut inside a multi-byte character (see Run.tail)
             chunks.append(comp)
             if comp.finish_reason != "length":
                 break

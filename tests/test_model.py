@@ -264,3 +264,17 @@ def test_cache_overflow_is_a_clear_error():
     cache = ZayaCache(model.config, 1, 8)
     with pytest.raises(ValueError, match="cache overflow"):
         model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
+
+
+def test_inference_weight_caches_follow_weight_updates():
+    """Derived weights cached for no-grad decoding (fused q/k/v, composed convolution) are rebuilt after updates."""
+    model = random_model(CONFIGS["sliding"])
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        before = model(ids)
+        for name, p in model.named_parameters():
+            if "qkv_proj" in name:
+                p.mul_(1.5)
+        after = model(ids)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, model(ids), atol=0)           # grad on: no cache, same numbers

@@ -1,0 +1,513 @@
+"""Dynamic expert offloading: run a ZAYA model whose experts do not fit on the compute device, with identical outputs.
+
+The ZAYA1-8B article (deployment section) points out that only ~0.76B of the 8.8B parameters are used per token
+(top-1 of 16 experts per layer, or none: the skip class), so the experts, ~95% of the weights, need not be resident.
+What we do:
+
+- Non-expert weights (embeddings, CCA attention, routers, norms, residual scalings) are loaded as usual and stay on
+  the compute device. Expert weights (`model.layers.{i}.mlp.experts.gate_up_proj` [E, 2I, D] and `down_proj`
+  [E, D, I]) stay in a slower tier: the safetensors files on disk when computing on the CPU (`tier="disk"`), or
+  CPU RAM (pinned) when computing on a GPU (`tier="host"`). Checkpoints in the native Hugging Face layout are read
+  as they are, sharded or not.
+- Each layer owns an expert cache on the compute device: a preallocated slab of `slots` experts (the byte budget is
+  split evenly over the layers, at least one expert per layer), LRU eviction by default (`policy="lfu"` keeps the
+  most used instead). A layer loads only the experts its router selected for the current step, all of them issued
+  at once (a batch per layer) while the experts already resident compute; when a step needs more experts than the
+  layer has slots, it runs in rounds (load, compute, reuse the slot).
+- Prefetch (`prefetch=True`): before layer l computes its experts, layer l+1's router is run on layer l's MoE input
+  and layer l's router latent (the EDA state that layer l+1 really receives), and the experts it predicts are
+  loaded into layer l+1's cache in the background. The prediction is approximate (layer l+1's real router input
+  has passed through one more attention block); statistics count how many prefetched experts were then used.
+- `OffloadedExperts` has `Experts`' forward signature and runs `Experts`' per-expert loop (same ops on the same
+  values), so logits equal the resident model's per-expert loop bit for bit and its grouped-GEMM path to float
+  rounding. `OffloadedMoE` is `MoE` plus the prefetch and token counting.
+
+Disk reads use `os.preadv` straight into the cache slot at the offsets of the safetensors header (the format is an
+8-byte header length, a JSON header, then raw little-endian data) rather than `safe_open(...).get_slice(name)[e]`:
+both read one expert without touching the rest of the tensor, but safetensors memory-maps the file and every page
+read through a mapping counts in the process's resident set (RssFile) until the mapping closes, which would make
+the resident set grow to the whole checkpoint over a long run. The page cache still holds what was read; the kernel
+reclaims it under pressure, and it is not this process's memory.
+
+Statistics (`model.offload.stats.summary()`): hit rate, bytes moved per token, stall time per token (time the
+compute thread waited for loads), resident and budget bytes, prefetch accuracy.
+
+Simplified: one CUDA copy stream, no pinned staging ring for disk reads on a GPU (a pinned buffer per read),
+and the per-layer split of the budget is even (a learned per-layer split could do better).
+
+Shape legend: N tokens, D hidden, I expert intermediate, E experts, S cache slots, M routed tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import TIED_KEY, _weight_files
+from .model import MoE, Router, ZayaConfig, ZayaForCausalLM, count_params
+
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+GIB = 1024**3
+
+
+def expert_key(layer: int, which: str) -> str:
+    return f"model.layers.{layer}.mlp.experts.{which}"
+
+
+def expert_nbytes(cfg: ZayaConfig, dtype: torch.dtype | None = None) -> int:
+    """Bytes of one expert (gate_up + down) in `dtype` (default: the config's)."""
+    itemsize = torch.empty((), dtype=dtype or cfg.torch_dtype).element_size()
+    return 3 * cfg.moe_intermediate_size * cfg.hidden_size * itemsize
+
+
+def all_expert_nbytes(cfg: ZayaConfig, dtype: torch.dtype | None = None) -> int:
+    return cfg.num_hidden_layers * cfg.num_experts * expert_nbytes(cfg, dtype)
+
+
+def projected_resident_bytes(cfg: ZayaConfig, fraction: float, bytes_per_param: int = 2) -> dict:
+    """Resident weight bytes with `fraction` of the expert bytes cached (from parameter counts, bf16 by default)."""
+    n = count_params(cfg)
+    expert_params = cfg.num_hidden_layers * cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size
+    non_expert = (n["total"] - expert_params) * bytes_per_param
+    experts = expert_params * bytes_per_param
+    return {"fraction": fraction, "non_expert_bytes": non_expert, "expert_bytes": experts,
+            "resident_bytes": non_expert + int(fraction * experts)}
+
+
+# -----------------------------------------------------------------------------
+# The slower tier
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _pread_into(fd: int, buf: torch.Tensor, offset: int):
+    view = memoryview(buf.view(torch.uint8).numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise IOError(f"short read at offset {offset + done} (file truncated?)")
+        done += n
+
+
+class DiskExperts:
+    """Expert weights read from the checkpoint's safetensors files, one expert at a time (`os.preadv`)."""
+
+    def __init__(self, ckpt_dir: str | Path, cfg: ZayaConfig):
+        files = _weight_files(Path(ckpt_dir))
+        headers, self.fds, self.loc = {}, {}, {}
+        for layer in range(cfg.num_hidden_layers):
+            for which in EXPERT_WEIGHTS:
+                name = expert_key(layer, which)
+                if name not in files:
+                    raise KeyError(f"{ckpt_dir}: no tensor {name} (not a native-layout ZAYA checkpoint?)")
+                path = files[name]
+                if path not in headers:
+                    headers[path] = _safetensors_header(path)
+                    self.fds[path] = os.open(path, os.O_RDONLY)
+                header, base = headers[path]
+                info = header[name]
+                if info["dtype"] not in _ST_DTYPES:
+                    raise ValueError(f"{name}: unsupported dtype {info['dtype']}")
+                dtype, shape = _ST_DTYPES[info["dtype"]], info["shape"]
+                if shape[0] != cfg.num_experts:
+                    raise ValueError(f"{name} has shape {shape}, the config says {cfg.num_experts} experts")
+                per_expert = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+                self.loc[layer, which] = (self.fds[path], base + info["data_offsets"][0], per_expert, dtype,
+                                          tuple(shape[1:]))
+
+    def read_into(self, layer: int, e: int, gate_up: torch.Tensor, down: torch.Tensor):
+        """Copy expert e of `layer` into the given tensors (any device/dtype; direct when CPU, same dtype)."""
+        for which, out in zip(EXPERT_WEIGHTS, (gate_up, down)):
+            fd, start, per_expert, dtype, shape = self.loc[layer, which]
+            if tuple(out.shape) != shape:
+                raise ValueError(f"layer {layer} {which}: slot shape {tuple(out.shape)} != stored {shape}")
+            direct = out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
+            buf = out if direct else torch.empty(shape, dtype=dtype, pin_memory=out.device.type == "cuda")
+            _pread_into(fd, buf, start + e * per_expert)
+            if not direct:
+                out.copy_(buf)
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+
+class HostExperts:
+    """All expert weights in CPU RAM (pinned for fast, asynchronous copies when the compute device is a GPU)."""
+
+    def __init__(self, disk: DiskExperts, cfg: ZayaConfig, dtype: torch.dtype, pin: bool):
+        E, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up, self.down = [], []
+        for layer in range(cfg.num_hidden_layers):
+            gu = torch.empty(E, 2 * I, D, dtype=dtype, pin_memory=pin)
+            dn = torch.empty(E, D, I, dtype=dtype, pin_memory=pin)
+            for e in range(E):
+                disk.read_into(layer, e, gu[e], dn[e])
+            self.gate_up.append(gu)
+            self.down.append(dn)
+
+    def read_into(self, layer: int, e: int, gate_up: torch.Tensor, down: torch.Tensor):
+        gate_up.copy_(self.gate_up[layer][e], non_blocking=True)
+        down.copy_(self.down[layer][e], non_blocking=True)
+
+
+class _Loader:
+    """Issues expert loads in the background: worker threads on the CPU (preadv releases the GIL), a copy stream
+    on a GPU. `start` returns a handle, `wait` blocks until that load is done and returns the seconds waited."""
+
+    def __init__(self, source, device: torch.device, threads: int = 2):
+        self.source, self.device = source, device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        use_threads = not (self.cuda and isinstance(source, HostExperts))
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="openzaya-offload") if use_threads else None
+
+    def start(self, layer, e, gate_up, down):
+        if self.pool is not None:
+            if self.cuda:
+                def job():
+                    with torch.cuda.stream(self.stream):
+                        self.source.read_into(layer, e, gate_up, down)
+                    self.stream.synchronize()
+                return self.pool.submit(job)
+            return self.pool.submit(self.source.read_into, layer, e, gate_up, down)
+        # GPU from pinned host memory: the copy stream waits for compute that may still read the slot
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self.source.read_into(layer, e, gate_up, down)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        return ev
+
+    def wait(self, handle) -> float:
+        t0 = time.perf_counter()
+        if isinstance(handle, Future):
+            handle.result()
+        else:
+            handle.synchronize()
+            torch.cuda.current_stream(self.device).wait_event(handle)
+        return time.perf_counter() - t0
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+# -----------------------------------------------------------------------------
+# Cache
+
+
+@dataclass
+class OffloadStats:
+    expert_bytes: int = 0             # bytes of one expert
+    budget_bytes: int = 0             # slots of all layers x expert_bytes
+    all_expert_bytes: int = 0         # every expert of the checkpoint
+    tokens: int = 0                   # tokens run through the model (padding excluded)
+    hits: int = 0                     # (layer, expert) uses found resident (or already in flight)
+    misses: int = 0                   # uses that had to be loaded
+    loads: int = 0                    # experts copied into the cache (misses + prefetches)
+    prefetched: int = 0               # experts loaded ahead by prefetch
+    prefetch_used: int = 0            # ... of which used before being evicted
+    stall_s: float = 0.0              # compute thread waiting for loads
+    resident: list = field(default_factory=list)   # per layer: experts currently resident
+
+    def reset(self):
+        self.tokens = self.hits = self.misses = self.loads = self.prefetched = self.prefetch_used = 0
+        self.stall_s = 0.0
+
+    def summary(self) -> dict:
+        uses = self.hits + self.misses
+        tok = max(self.tokens, 1)
+        return {"hit_rate": self.hits / uses if uses else float("nan"),
+                "bytes_moved_per_token": self.loads * self.expert_bytes / tok,
+                "stall_ms_per_token": 1e3 * self.stall_s / tok,
+                "resident_bytes": sum(self.resident) * self.expert_bytes,
+                "budget_bytes": self.budget_bytes,
+                "budget_fraction": self.budget_bytes / max(self.all_expert_bytes, 1),
+                "prefetch_accuracy": self.prefetch_used / self.prefetched if self.prefetched else float("nan"),
+                "tokens": self.tokens, "hits": self.hits, "misses": self.misses, "loads": self.loads}
+
+    def line(self) -> str:
+        s = self.summary()
+        return (f"offload | budget {s['budget_bytes'] / GIB:.2f} GiB ({100 * s['budget_fraction']:.0f}% of experts) | "
+                f"hit rate {s['hit_rate']:.3f} | moved {s['bytes_moved_per_token'] / 2**20:.1f} MiB/token | "
+                f"stall {s['stall_ms_per_token']:.2f} ms/token | resident {s['resident_bytes'] / GIB:.2f} GiB")
+
+
+class LayerCache:
+    """One layer's resident experts: a slab of `slots` experts on the compute device, expert -> slot in use order."""
+
+    def __init__(self, layer: int, slots: int, cfg: ZayaConfig, device, dtype, loader: _Loader,
+                 stats: OffloadStats, policy: str = "lru"):
+        if policy not in ("lru", "lfu"):
+            raise ValueError(f"unknown eviction policy {policy!r} (lru or lfu)")
+        E, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.layer, self.slots, self.loader, self.stats, self.policy = layer, slots, loader, stats, policy
+        self.gate_up_SKD = torch.empty(slots, 2 * I, D, device=device, dtype=dtype)
+        self.down_SDI = torch.empty(slots, D, I, device=device, dtype=dtype)
+        # per-slot views made here, outside inference mode, so worker threads may write into them
+        self.gu, self.dn = list(self.gate_up_SKD.unbind(0)), list(self.down_SDI.unbind(0))
+        self.slot_of: OrderedDict[int, int] = OrderedDict()   # least recently used first
+        self.free = list(range(slots))[::-1]
+        self.pending: dict[int, object] = {}                  # expert -> load handle
+        self.ahead: set[int] = set()                          # prefetched, not used yet
+        self.uses = torch.zeros(E, dtype=torch.long)          # lfu counts
+        stats.resident.append(0)
+
+    def _take_slot(self, protect) -> int | None:
+        if self.free:
+            return self.free.pop()
+        victims = [e for e in self.slot_of if e not in protect and e not in self.pending]
+        if not victims:
+            return None
+        e = victims[0] if self.policy == "lru" else min(victims, key=lambda v: int(self.uses[v]))
+        self.ahead.discard(e)
+        self.stats.resident[self.layer] -= 1
+        return self.slot_of.pop(e)
+
+    def _load(self, e: int, slot: int):
+        self.slot_of[e] = slot
+        self.pending[e] = self.loader.start(self.layer, e, self.gu[slot], self.dn[slot])
+        self.stats.loads += 1
+        self.stats.resident[self.layer] += 1
+
+    def _wait(self, e: int):
+        h = self.pending.pop(e, None)
+        if h is not None:
+            self.stats.stall_s += self.loader.wait(h)
+
+    def run(self, needed: list[int], compute):
+        """Make every expert in `needed` resident and call compute(e, gate_up [2I, D], down [D, I]) on each.
+        Resident experts compute first while the missing ones load (as many at once as slots allow)."""
+        for e in list(self.pending):            # prefetches of this layer, normally long done
+            self._wait(e)
+        hits = [e for e in needed if e in self.slot_of]
+        todo = hits + [e for e in needed if e not in self.slot_of]
+        self.stats.hits += len(hits)
+        self.stats.misses += len(todo) - len(hits)
+        self.stats.prefetch_used += len(self.ahead.intersection(needed))
+        self.ahead.difference_update(needed)
+        self.uses[needed] += 1
+        while todo:
+            protect = set(todo)
+            for e in todo:                       # issue loads in order while slots are available
+                if e in self.slot_of:
+                    continue
+                slot = self._take_slot(protect)
+                if slot is None:
+                    break
+                self._load(e, slot)
+            e = todo.pop(0)
+            self._wait(e)
+            self.slot_of.move_to_end(e)
+            slot = self.slot_of[e]
+            compute(e, self.gu[slot], self.dn[slot])
+
+    def prefetch(self, experts: list[int]):
+        """Start loading predicted experts (most likely first) without evicting other predicted ones."""
+        protect = set(experts)
+        for e in experts[: self.slots]:
+            if e in self.slot_of:
+                continue
+            slot = self._take_slot(protect)
+            if slot is None:
+                return
+            self._load(e, slot)
+            self.ahead.add(e)
+            self.stats.prefetched += 1
+
+
+# -----------------------------------------------------------------------------
+# Modules
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for `model.Experts` whose weights live in a `LayerCache`: same forward, same per-expert loop."""
+
+    def __init__(self, cache: LayerCache, num_experts: int):
+        super().__init__()
+        self.cache, self.num_experts = cache, num_experts
+
+    def forward(self, x_ND, route_N, weight_N):
+        E = self.num_experts
+        order_N = torch.argsort(route_N, stable=True)
+        counts_E1 = torch.bincount(route_N + 1, minlength=E + 1)          # [skip/pad, e0, e1, ...]
+        n_skip = int(counts_E1[0])
+        token_idx = order_N[n_skip:]
+        y_ND = torch.zeros_like(x_ND)
+        if token_idx.numel() == 0:
+            return y_ND
+        counts = counts_E1[1:].tolist()
+        xs = x_ND[token_idx].split(counts)                                 # per expert, in expert order
+        needed = [e for e in range(E) if counts[e]]
+        outs = {}
+
+        def compute(e, gate_up, down):
+            gate, up = F.linear(xs[e], gate_up).chunk(2, dim=-1)
+            outs[e] = F.linear(F.silu(gate) * up, down)
+
+        self.cache.run(needed, compute)
+        out_MD = torch.cat([outs[e] for e in needed])
+        out_MD = out_MD * weight_N[token_idx, None].to(x_ND.dtype)
+        return y_ND.index_copy(0, token_idx, out_MD)
+
+
+class OffloadedMoE(MoE):
+    """`MoE` with offloaded experts; optionally prefetches the next layer's experts predicted by its router."""
+
+    def __init__(self, gate: Router, experts: OffloadedExperts, stats: OffloadStats, count_tokens: bool):
+        nn.Module.__init__(self)
+        self.gate, self.experts = gate, experts
+        self.stats, self.count_tokens = stats, count_tokens
+        self.next_gate: Router | None = None     # set by load_offloaded; kept out of the module tree
+        self.next_cache: LayerCache | None = None
+
+    def __setattr__(self, name, value):
+        if name == "next_gate":                   # a reference, not a submodule (no duplicate state_dict keys)
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, x_BTD, r_prev_NR, keep_BT, replay_BT=None):
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        keep_N = None if keep_BT is None else keep_BT.reshape(-1)
+        replay_N = None if replay_BT is None else replay_BT.reshape(-1)
+        route_N, weight_N, r_NR = self.gate(x_ND, r_prev_NR, keep_N, replay_N)
+        if self.count_tokens:
+            self.stats.tokens += B * T if keep_N is None else int(keep_N.sum())
+        if self.next_gate is not None and replay_N is None:
+            with torch.no_grad():
+                pred_N = self.next_gate(x_ND, r_NR, keep_N)[0]
+            counts = torch.bincount(pred_N + 1, minlength=self.next_gate.E + 1)[1:]
+            order = torch.argsort(counts, descending=True, stable=True)
+            self.next_cache.prefetch([e for e in order.tolist() if counts[e] > 0])
+        y_ND = self.experts(x_ND, route_N, weight_N)
+        return y_ND.view(B, T, D), r_NR, route_N.view(B, T)
+
+
+class Offload:
+    """What `load_offloaded` attaches to the model as `model.offload`: caches, loader, statistics."""
+
+    def __init__(self, caches, loader, source, stats):
+        self.caches, self.loader, self.source, self.stats = caches, loader, source, stats
+
+    def close(self):
+        self.loader.close()
+        if isinstance(self.source, DiskExperts):
+            self.source.close()
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+
+def budget_to_slots(cfg: ZayaConfig, budget_bytes: int | None = None, fraction: float | None = None,
+                    dtype: torch.dtype | None = None) -> int:
+    """Cache slots per layer for a byte budget (or a fraction of all expert bytes); at least one per layer."""
+    if (budget_bytes is None) == (fraction is None):
+        raise ValueError("give exactly one of budget_bytes or fraction")
+    one = expert_nbytes(cfg, dtype)
+    if budget_bytes is None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        budget_bytes = int(round(fraction * all_expert_nbytes(cfg, dtype)))
+    slots = min(cfg.num_experts, budget_bytes // (one * cfg.num_hidden_layers))
+    if slots < 1:
+        raise ValueError(f"an expert cache of {budget_bytes / GIB:.3f} GiB is below one expert per layer "
+                         f"({cfg.num_hidden_layers} x {one / 2**20:.1f} MiB = {cfg.num_hidden_layers * one / GIB:.3f} GiB)")
+    return slots
+
+
+def load_offloaded(ckpt_dir: str | Path, budget_bytes: int | None = None, *, fraction: float | None = None,
+                   device="cpu", dtype: torch.dtype | None = None, tier: str = "auto", prefetch: bool = True,
+                   policy: str = "lru", threads: int = 2) -> ZayaForCausalLM:
+    """A `ZayaForCausalLM` with its non-expert weights on `device` and its experts offloaded.
+
+    budget_bytes (or fraction of all expert bytes) sizes the expert cache; tier "auto" = "disk" on the CPU,
+    "host" (all experts in pinned CPU RAM) on a GPU. Statistics are at `model.offload.stats`.
+    """
+    ckpt_dir, device = Path(ckpt_dir), torch.device(device)
+    if not (ckpt_dir / "config.json").exists():
+        raise FileNotFoundError(f"{ckpt_dir}: no config.json (is this a ZAYA checkpoint directory?)")
+    cfg = ZayaConfig.load(ckpt_dir)
+    dtype = dtype or cfg.torch_dtype
+    slots = budget_to_slots(cfg, budget_bytes, fraction, dtype)
+    if tier == "auto":
+        tier = "host" if device.type == "cuda" else "disk"
+    if tier not in ("disk", "host"):
+        raise ValueError(f"unknown tier {tier!r} (auto, disk or host)")
+
+    # ---- non-expert weights: read tensor by tensor, experts skipped
+    from safetensors import safe_open
+
+    skip = {expert_key(i, w) for i in range(cfg.num_hidden_layers) for w in EXPERT_WEIGHTS}
+    by_file: dict[Path, list[str]] = {}
+    for k, f in _weight_files(ckpt_dir).items():
+        if k not in skip:
+            by_file.setdefault(f, []).append(k)
+    sd = {}
+    for f, keys in by_file.items():
+        with safe_open(f, framework="pt", device="cpu") as fh:
+            for k in keys:
+                t = fh.get_tensor(k)
+                if t.is_floating_point() and not k.endswith("balancing_biases"):
+                    t = t.to(dtype)
+                sd[k] = t.to(device)
+    if cfg.tie_word_embeddings:
+        tied = sd.pop(TIED_KEY, None)
+        if tied is not None and "model.embed_tokens.weight" not in sd:
+            sd["model.embed_tokens.weight"] = tied
+
+    # ---- the model on meta, experts swapped for cached ones, then the weights assigned
+    source = DiskExperts(ckpt_dir, cfg)
+    if tier == "host":
+        source = HostExperts(source, cfg, dtype, pin=device.type == "cuda")
+    loader = _Loader(source, device, threads)
+    stats = OffloadStats(expert_bytes=expert_nbytes(cfg, dtype), all_expert_bytes=all_expert_nbytes(cfg, dtype),
+                         budget_bytes=slots * cfg.num_hidden_layers * expert_nbytes(cfg, dtype))
+    with torch.device("meta"):
+        model = ZayaForCausalLM(cfg)
+    caches = []
+    for i, layer in enumerate(model.model.layers):
+        cache = LayerCache(i, slots, cfg, device, dtype, loader, stats, policy)
+        layer.mlp = OffloadedMoE(layer.mlp.gate, OffloadedExperts(cache, cfg.num_experts), stats, count_tokens=i == 0)
+        caches.append(cache)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"{ckpt_dir}: checkpoint does not match the config; missing {missing[:8]}, "
+                       f"unexpected {unexpected[:8]}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(f"{ckpt_dir}: weight {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    model.load_state_dict(sd, assign=True, strict=True)
+    model.to(device)
+    if prefetch:
+        layers = model.model.layers
+        for i in range(len(layers) - 1):
+            layers[i].mlp.next_gate = layers[i + 1].mlp.gate
+            layers[i].mlp.next_cache = caches[i + 1]
+    cfg.dtype = str(dtype).replace("torch.", "")
+    model.offload = Offload(caches, loader, source, stats)
+    return model.eval()

@@ -1,0 +1,419 @@
+"""`openzaya pretrain` / `openzaya sft`: the resumable, data-parallel trainer (TR §III).
+
+One flat loop for both stages; the stage only changes the data: pretraining packs plain problem+solution texts (loss
+on every token), SFT packs chat samples (AP-trimmed to the window, loss on assistant tokens only). Both pack with
+best-fit-decreasing into `seq_len`-token windows whose documents are kept apart by `segment_ids_BT` in the model.
+
+- Optimizer: Muon on matrices + AdamW on the rest (optim.py); warmup then cosine or WSD; gradient clipping;
+  router bias balancing after every optimizer step (all-reduced over ranks inside the model).
+- Batch named by unit: `tokens_per_step` (global, a multiple of seq_len) and `device_batch_size` (sequences per
+  micro-batch per rank); the accumulation count is derived, and a batch that does not divide is an error.
+- Data parallel under torchrun: gradients are all-reduced by hand (one flat buffer, SUM) after the local
+  accumulation. We do not wrap the model in DistributedDataParallel: MoE experts that get no token in a micro-batch
+  leave unused parameters, which DDP handles only with find_unused_parameters; the arithmetic is the same.
+  Each step's loss is (sum of token losses) / (global target tokens of the step), so any world size and accumulation
+  split gives the single-process gradient.
+- Checkpoints (model, optimizer, router-balancing state, step = data position, RNG, curriculum placeholder) are
+  written atomically every `save_every` steps and at the end; `resume=True` continues bit-for-bit on CPU.
+- One dense log line per step and metrics.jsonl; the final model is saved in the HF layout with its tokenizer.
+Simplified: no FSDP, no context parallelism, no TensorBoard/W&B hook, the data of a run is tokenized up front.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "pretrain"            # pretrain | sft
+    data: str = ""                     # corpus directory (manifest.json + shards)
+    tokenizer: str = ""                # tokenizer directory
+    out: str = "runs/train"
+    init_from: str = ""                # model directory (HF layout) to start from; "" = fresh `model_preset`
+    model_preset: str = "nano"
+    # Batch
+    seq_len: int = 256                 # tokens per window (inputs; the window holds seq_len + 1 ids)
+    tokens_per_step: int = 8192        # global batch in tokens (windows x seq_len)
+    device_batch_size: int = 8         # sequences per micro-batch per rank
+    steps: int = 100
+    # Optimization
+    lr: float = 3e-3                   # Muon (RMS-matched) and AdamW share it
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: str = "cosine"           # cosine | wsd
+    final_lr_frac: float = 0.1
+    wsd_decay_frac: float = 0.3        # WSD: fraction of steps spent decaying
+    grad_clip: float = 1.0             # -1 = off
+    balance_lr: float = 1e-3           # router bias balancing (eq. 5)
+    # Data
+    trim: str = "ap"                   # SFT: ap (answer-preserving) | truncate (the ablation)
+    seed: int = 0
+    # Output
+    save_every: int = 50               # -1 = only at the end
+    resume: bool = False
+    device: str = "auto"               # auto | cpu | cuda
+    max_memory_gb: float = -1          # -1 = the machine's memory
+    threads: int = 0                   # torch CPU threads; 0 = leave torch's default
+
+
+# Presets are plain functions returning the dataclass.
+def nano_pretrain(**kw) -> TrainConfig:
+    return TrainConfig(**{**dict(stage="pretrain", seq_len=192, tokens_per_step=16 * 192, device_batch_size=16,
+                                 steps=300, lr=4e-3, warmup_steps=20, schedule="wsd"), **kw})
+
+
+def nano_sft(**kw) -> TrainConfig:
+    return TrainConfig(**{**dict(stage="sft", seq_len=192, tokens_per_step=16 * 192, device_batch_size=16,
+                                 steps=300, lr=2e-3, warmup_steps=10, schedule="cosine"), **kw})
+
+
+PRESETS = {"nano_pretrain": nano_pretrain, "nano_sft": nano_sft}
+
+
+def print0(*a, **kw):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **kw, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Pure helpers
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine to final_lr_frac, or WSD (flat, then linear decay over the last wsd_decay_frac)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.final_lr_frac + (1 - cfg.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    if cfg.schedule == "wsd":
+        decay_start = int(cfg.steps * (1 - cfg.wsd_decay_frac))
+        if step < decay_start:
+            return 1.0
+        t = (step - decay_start) / max(1, cfg.steps - decay_start)
+        return 1.0 - (1 - cfg.final_lr_frac) * min(t, 1.0)
+    raise ValueError(f"schedule must be cosine or wsd, got {cfg.schedule!r}")
+
+
+def batch_plan(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(global sequences per step, micro-batches per rank). Errors instead of silently rounding."""
+    if cfg.tokens_per_step % cfg.seq_len:
+        raise ValueError(f"tokens_per_step {cfg.tokens_per_step} is not a multiple of seq_len {cfg.seq_len}")
+    seqs = cfg.tokens_per_step // cfg.seq_len
+    per_micro = cfg.device_batch_size * world
+    if seqs % per_micro:
+        raise ValueError(f"{seqs} sequences per step (tokens_per_step / seq_len) is not a multiple of "
+                         f"device_batch_size {cfg.device_batch_size} x world size {world}")
+    return seqs, seqs // per_micro
+
+
+def step_indices(step: int, n_windows: int, seqs: int, seed: int) -> list[int]:
+    """Window indices of one step's global batch: consecutive slices of per-epoch permutations (the data position
+    is the step number, so resuming needs nothing else)."""
+    out, pos = [], step * seqs
+    while len(out) < seqs:
+        epoch, off = divmod(pos, n_windows)
+        perm = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = min(seqs - len(out), n_windows - off)
+        out += perm[off:off + take].tolist()
+        pos += take
+    return out
+
+
+def estimate_memory_bytes(model_cfg, cfg: TrainConfig) -> int:
+    """Rough training memory: fp32 weights + grads + two optimizer moments, plus activations of one micro-batch
+    (per layer ~24 D-wide fp32 tensors per token, and the fp32 logits with their gradient)."""
+    from .model import count_params
+    n = count_params(model_cfg)["total"]
+    tokens = cfg.device_batch_size * cfg.seq_len
+    acts = tokens * (model_cfg.num_hidden_layers * 24 * model_cfg.hidden_size + 3 * model_cfg.vocab_size) * 4
+    return n * 16 + acts
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def prepare_windows(cfg: TrainConfig, tokenizer):
+    """Load and check the corpus, tokenize (pretrain: plain text; SFT: chat, trimmed), pack into windows."""
+    from .data import build_windows, load_corpus, plain_text, tokenize_plain, tokenize_sample
+    samples = load_corpus(cfg.data)
+    if not samples:
+        raise ValueError(f"{cfg.data}: the corpus is empty")
+    budget = cfg.seq_len + 1
+    docs, actions = [], {}
+    for s in samples:
+        if cfg.stage == "pretrain":
+            docs.append(tokenize_plain(tokenizer, plain_text(s), budget))
+            act = "kept"
+        else:
+            r = tokenize_sample(tokenizer, s, budget=budget, trim=cfg.trim)
+            act = "dropped" if r is None else r[2]
+            if r is not None:
+                docs.append((r[0], r[1]))
+        actions[act] = actions.get(act, 0) + 1
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    ids, seg, labels = build_windows(docs, cfg.seq_len, pad)
+    return ids, seg, labels, actions
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict):
+    import numpy as np
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(path: Path, model, opt, step: int, cfg: TrainConfig, curriculum=None):
+    """Atomic: write a temporary file, fsync, rename over the old checkpoint."""
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+             "bias_optim": [r.bias_optim_state for r in model.routers()], "rng": _rng_state(),
+             "config": asdict(cfg), "model_config": model.config.to_dict(), "curriculum": curriculum}
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model, opt) -> dict:
+    state = torch.load(path, map_location=model.device, weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    for r, b in zip(model.routers(), state["bias_optim"]):
+        r.bias_optim_state = b
+    _set_rng_state(state["rng"])
+    return state
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+
+def build_model(cfg: TrainConfig, tokenizer, device):
+    from . import model as M
+    from .checkpoint import from_pretrained
+    if cfg.init_from:
+        model = from_pretrained(cfg.init_from, device=str(device))
+    else:
+        if cfg.model_preset not in M.PRESETS:
+            raise ValueError(f"unknown model preset {cfg.model_preset!r} (known: {sorted(M.PRESETS)})")
+        vocab = -(-tokenizer.vocab_size // 64) * 64
+        mc = M.PRESETS[cfg.model_preset](vocab)
+        mc.bos_token_id, mc.eos_token_id, mc.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+        mc.max_position_embeddings = max(mc.max_position_embeddings, cfg.seq_len + 1)
+        torch.manual_seed(cfg.seed)
+        model = M.ZayaForCausalLM(mc).to(device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} ids but the model's vocabulary is "
+                         f"{model.config.vocab_size}: they do not belong together")
+    return model
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train; returns {"final_loss", "steps", "out", "model_dir"}."""
+    from .checkpoint import save_pretrained
+    from .optim import build_optimizer
+    from .tokenizer import Tokenizer
+
+    # ---- init: distributed, device, threads
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if cfg.stage not in ("pretrain", "sft"):
+        raise ValueError(f"stage must be pretrain or sft, got {cfg.stage!r}")
+    seqs, accum = batch_plan(cfg, world)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- tokenizer, model (checked before the data work)
+    if not cfg.tokenizer or not Path(cfg.tokenizer).exists():
+        raise FileNotFoundError(f"tokenizer directory {cfg.tokenizer!r} not found")
+    tokenizer = Tokenizer.load(cfg.tokenizer)
+    model = build_model(cfg, tokenizer, device).train()
+    model.balance_lr = cfg.balance_lr
+    need = estimate_memory_bytes(model.config, cfg)
+    have = cfg.max_memory_gb * 2**30 if cfg.max_memory_gb > 0 else available_memory_bytes(device)
+    if need > 0.9 * have:
+        raise MemoryError(f"estimated training memory {need / 2**30:.1f} GiB exceeds 90% of the "
+                          f"{have / 2**30:.1f} GiB available: reduce device_batch_size, seq_len or the model")
+
+    # ---- data
+    ids_W, seg_W, labels_W, actions = prepare_windows(cfg, tokenizer)
+    n_windows = ids_W.shape[0]
+    print0(f"{cfg.stage}: {n_windows} windows of {cfg.seq_len} tokens ({actions}), {seqs} sequences/step = "
+           f"{world} ranks x {cfg.device_batch_size} x {accum} micro-batches, model "
+           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
+
+    # ---- optimizer, resume
+    opt = build_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
+    ckpt_path = out / CHECKPOINT
+    metrics_path = out / "metrics.jsonl"
+    start = 0
+    if cfg.resume and ckpt_path.exists():
+        start = load_checkpoint(ckpt_path, model, opt)["step"]
+        print0(f"resumed from {ckpt_path} at step {start}")
+    elif cfg.resume:
+        print0(f"--resume: no checkpoint at {ckpt_path}, starting fresh")
+    else:
+        torch.manual_seed(cfg.seed)
+    if rank == 0:   # keep metrics up to the resumed step only
+        old = metrics_path.read_text().splitlines() if (start and metrics_path.exists()) else []
+        metrics_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] < start))
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_val = float("nan")
+    t_start = time.time()
+    # ---- loop: one dense line per step
+    for step in range(start, cfg.steps):
+        t0 = time.time()
+        idx = step_indices(step, n_windows, seqs, cfg.seed)
+        n_targets = int((labels_W[idx] != -100).sum())
+        mine = idx[rank * seqs // world:(rank + 1) * seqs // world]
+        loss_sum = torch.zeros((), device=device)
+        for m in range(accum):
+            b = mine[m * cfg.device_batch_size:(m + 1) * cfg.device_batch_size]
+            ids, seg, labels = ids_W[b].to(device), seg_W[b].to(device), labels_W[b].to(device)
+            with autocast:
+                logits = model(ids[:, :-1], segment_ids_BT=seg[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                   reduction="sum") / max(n_targets, 1)
+            loss.backward()
+            loss_sum += loss.detach()
+        if world > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            dist.all_reduce(loss_sum)
+            off = 0
+            for p in params:
+                p.grad = flat[off:off + p.numel()].view_as(p).clone()
+                off += p.numel()
+        gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
+                 else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        mult = lr_multiplier(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * mult
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stats = model.expert_load_stats()
+        model.update_balancing_biases()
+        loss_val = float(loss_sum)
+        dt = time.time() - t0
+        load = max(s["max_mean"] for s in stats)
+        skip = sum(s["skip"] for s in stats) / len(stats)
+        rec = {"step": step + 1, "loss": loss_val, "lr": cfg.lr * mult, "grad_norm": float(gnorm),
+               "tok_s": seqs * cfg.seq_len / dt, "load_max_mean": load, "skip": skip, "target_tokens": n_targets,
+               "time_s": time.time() - t_start}
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        print0(f"step {step + 1:05d}/{cfg.steps:05d} | loss {loss_val:.4f} | lr {rec['lr']:.2e} | gnorm "
+               f"{rec['grad_norm']:.3f} | tok/s {rec['tok_s']:.0f} | load max/mean {load:.2f} | skip {skip:.2f}")
+        last = step + 1 == cfg.steps
+        if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last:
+            if rank == 0:
+                save_checkpoint(ckpt_path, model, opt, step + 1, cfg)
+            if dist.is_initialized():
+                dist.barrier()
+
+    # ---- final model in the HF layout, with its tokenizer
+    model_dir = out / "model"
+    if rank == 0:
+        tok_files = {n: (Path(cfg.tokenizer) / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")
+                     if (Path(cfg.tokenizer) / n).exists()}
+        save_pretrained(model, model_dir, extra_files=tok_files)
+    if dist.is_initialized():
+        dist.barrier()
+    return {"final_loss": loss_val, "steps": cfg.steps, "out": str(out), "model_dir": str(model_dir)}
+
+
+# -----------------------------------------------------------------------------
+# CLI glue (flags are added in cli.py; this maps them onto the dataclass)
+
+
+def add_train_flags(p, stage: str):
+    d = TrainConfig(stage=stage)
+    p.add_argument("--preset", default=None, help=f"start from a preset: {sorted(PRESETS)}")
+    # Data / model
+    p.add_argument("--data", required=True, help="corpus directory (manifest.json + JSONL shards)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument("--out", default=None, help=f"run directory (default {d.out})")
+    p.add_argument("--init-from", default=None, help="model directory (HF layout) to start from")
+    p.add_argument("--model-preset", default=None, help="fresh model preset (nano, micro, ...)")
+    # Batch
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per packed window")
+    p.add_argument("--tokens-per-step", type=int, default=None, help="global batch in tokens")
+    p.add_argument("--device-batch-size", type=int, default=None, help="sequences per micro-batch per rank")
+    p.add_argument("--steps", type=int, default=None)
+    # Optimization
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--schedule", choices=["cosine", "wsd"], default=None)
+    p.add_argument("--grad-clip", type=float, default=None, help="-1 = off")
+    p.add_argument("--trim", choices=["ap", "truncate"], default=None, help="SFT trimming (ablation: truncate)")
+    p.add_argument("--seed", type=int, default=None)
+    # Output
+    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints; -1 = only at the end")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-memory-gb", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=lambda a: main(a, stage))
+
+
+def config_from_args(a, stage: str) -> TrainConfig:
+    base = PRESETS[a.preset]() if a.preset else TrainConfig(stage=stage)
+    over = {f.name: getattr(a, f.name) for f in fields(TrainConfig)
+            if hasattr(a, f.name) and getattr(a, f.name) not in (None, False)}
+    return TrainConfig(**{**asdict(base), **over, "stage": stage})
+
+
+def main(a, stage: str):
+    result = run(config_from_args(a, stage))
+    print0(f"done: final loss {result['final_loss']:.4f}, model at {result['model_dir']}")
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,211 @@
+"""Test-time compute (openzaya/ttc.py) with real models: a tiny local checkpoint through LocalBackend, Gemma 3 270M
+through HFBackend, and the OpenAI backend against the stub server on loopback.
+
+Run: .venv/bin/python -m pytest tests/test_ttc.py
+"""
+
+import json
+
+import pytest
+import torch
+
+from openzaya.backends import Backend, LocalBackend, OpenAIBackend
+from openzaya.ttc import (AGGREGATION_TEMPLATE_V1, Run, TTCConfig, TTCProblem, build_aggregation_prompt,
+                          load_template, solve)
+from openai_stub_server import StubServer
+from test_local_backend import make_checkpoint
+
+SMALL = dict(population=4, candidates=2, rounds=2, tail_tokens=8, budget_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield LocalBackend(make_checkpoint(tmp_path_factory.mktemp("ttc") / "m"), max_slots=16, max_len=1024)
+    torch.set_num_threads(threads)
+
+
+PROBLEMS = [TTCProblem("p0", "1 plus 2 is"), TTCProblem("p1", "3 plus 4 is")]
+
+
+def read_calls(path):
+    return [r for r in map(json.loads, open(path)) if r["type"] == "call"]
+
+
+def expected_tail(tok, reasoning, tau):
+    ids = tok.encode(reasoning, add_special_tokens=False)
+    tail = reasoning if len(ids) <= tau else tok.decode(ids[-tau:])
+    while not reasoning.endswith(tail):   # a cut inside a multi-byte character: its U+FFFD is dropped
+        tail = tail[1:]
+    while len(tok.encode(tail, add_special_tokens=False)) > tau:   # ... and so is a re-encoding that grew
+        tail = tail[1:]
+    return tail
+
+
+def check_aggregation(calls, cfg, tok, question_of):
+    """Every aggregation prompt = the template over exactly C tails from the previous round, each exactly the last
+    tau tokens of that rollout's reasoning (re-tokenized here), within the bound."""
+    by_key = {c["key"]: c for c in calls}
+    n_agg = 0
+    for c in calls:
+        if c["round"] == 0:
+            assert "candidate_ids" not in c
+            continue
+        n_agg += 1
+        ids = c["candidate_ids"]
+        assert len(ids) == cfg.candidates == len(set(ids))
+        assert all(by_key[i]["round"] == c["round"] - 1 and by_key[i]["problem"] == c["problem"] for i in ids)
+        tails = [expected_tail(tok, by_key[i]["reasoning"], cfg.tail_tokens) for i in ids]
+        content = c["prompt"][0]["content"]
+        assert content == build_aggregation_prompt(question_of[c["problem"]], tails)
+        assert content.count("---- Candidate ") == cfg.candidates
+        assert c["bound_ok"] and c["prompt_content_tokens"] <= c["bound_tokens"]
+        assert len(tok.encode(content, add_special_tokens=False)) == c["prompt_content_tokens"]
+        q = len(tok.encode(question_of[c["problem"]], add_special_tokens=False))
+        template = len(tok.encode(build_aggregation_prompt("", [""] * cfg.candidates), add_special_tokens=False))
+        assert c["bound_tokens"] == q + cfg.candidates * cfg.tail_tokens + template
+    return n_agg
+
+
+def test_markovian_rsa_local_calls_tails_bound(local, tmp_path):
+    cfg = TTCConfig(**SMALL)
+    results, totals = solve(PROBLEMS, local, cfg, trace_path=tmp_path / "t.jsonl")
+    calls = read_calls(tmp_path / "t.jsonl")
+    assert len(calls) == totals["calls"] == len(PROBLEMS) * cfg.population * (cfg.rounds + 1)
+    assert len({c["key"] for c in calls}) == len(calls)
+    n_agg = check_aggregation(calls, cfg, local.tokenizer, {p.id: p.question for p in PROBLEMS})
+    assert n_agg == len(PROBLEMS) * cfg.population * cfg.rounds
+    for r in results:
+        assert [x.calls for x in r.rounds] == [cfg.population] * (cfg.rounds + 1)
+        assert len(r.final_texts) == cfg.population
+        assert r.prompt_tokens == sum(c["prompt_tokens"] for c in calls if c["problem"] == r.id)
+        assert r.completion_tokens == sum(c["completion_tokens"] for c in calls if c["problem"] == r.id)
+        assert all(x.max_prompt_tokens > 0 and x.wall_s > 0 for x in r.rounds)
+    assert totals["tail_approximation"] is None
+    recs = [json.loads(line) for line in open(tmp_path / "t.jsonl")]
+    assert recs[0]["type"] == "run" and recs[-1]["type"] == "totals"
+
+
+def test_seeds_reproduce_subsets(local, tmp_path):
+    cfg = TTCConfig(**SMALL)
+    a, b = Run(local, cfg), Run(local, TTCConfig(**SMALL, seed=1))
+    assert a.subsets("p0", 1, 4) == Run(local, cfg).subsets("p0", 1, 4)
+    assert a.subsets("p0", 1, 4) != b.subsets("p0", 1, 4) or a.subsets("p0", 2, 4) != b.subsets("p0", 2, 4)
+    solve(PROBLEMS, local, cfg, trace_path=tmp_path / "a.jsonl")
+    solve(PROBLEMS, local, cfg, trace_path=tmp_path / "b.jsonl")
+    ca, cb = read_calls(tmp_path / "a.jsonl"), read_calls(tmp_path / "b.jsonl")
+    assert [(c["key"], c.get("candidate_ids"), c["text"]) for c in ca] == \
+           [(c["key"], c.get("candidate_ids"), c["text"]) for c in cb]
+
+
+class Flaky(Backend):
+    """Wraps a backend; raises once more than `fail_after` requests were asked for; counts every request key."""
+
+    def __init__(self, inner, fail_after=None):
+        self.inner, self.tokenizer, self.fail_after, self.keys = inner, inner.tokenizer, fail_after, []
+
+    def generate(self, requests):
+        if self.fail_after is not None and len(self.keys) + len(requests) > self.fail_after:
+            raise RuntimeError("forced interruption")
+        self.keys += [r.id for r in requests]
+        return self.inner.generate(requests)
+
+
+def test_resume_after_interruption_repeats_no_call(local, tmp_path):
+    cfg = TTCConfig(**SMALL)
+    total = len(PROBLEMS) * cfg.population * (cfg.rounds + 1)
+    ref, _ = solve(PROBLEMS, local, cfg, trace_path=tmp_path / "ref.jsonl")
+    flaky = Flaky(local, fail_after=12)   # round 0 of both problems (8 calls) passes, round 1 (8 calls) fails
+    with pytest.raises(RuntimeError, match="forced interruption"):
+        solve(PROBLEMS, flaky, cfg, trace_path=tmp_path / "t.jsonl")
+    first = {c["key"] for c in read_calls(tmp_path / "t.jsonl")}
+    assert first == set(flaky.keys) and len(first) == 8
+    again = Flaky(local)
+    results, totals = solve(PROBLEMS, again, cfg, trace_path=tmp_path / "t.jsonl")
+    assert not first & set(again.keys)                     # no finished call repeated
+    assert len(again.keys) == total - len(first) and totals["resumed_calls"] == len(first)
+    calls = read_calls(tmp_path / "t.jsonl")
+    assert len(calls) == total == len({c["key"] for c in calls})
+    assert [r.final_texts for r in results] == [r.final_texts for r in ref]   # nothing lost, same outcome
+
+
+def test_other_methods_local(local, tmp_path):
+    for method, calls in [("single", 1), ("majority", 4), ("rsa", 12), ("pacore_hybrid", 12)]:
+        cfg = TTCConfig(**SMALL, method=method)
+        (res,), totals = solve([PROBLEMS[0]], local, cfg, trace_path=tmp_path / f"{method}.jsonl")
+        assert totals["calls"] == calls, method
+    rsa_calls = read_calls(tmp_path / "rsa.jsonl")
+    by_key = {c["key"]: c for c in rsa_calls}
+    for c in rsa_calls:
+        if c["round"] > 0:   # full-chain RSA carries whole texts
+            assert all(by_key[i]["text"] in c["prompt"][0]["content"] for i in c["candidate_ids"])
+    cfg = TTCConfig(**SMALL, method="delethink", head_tokens=4)
+    (res,), totals = solve([PROBLEMS[0]], local, cfg, trace_path=tmp_path / "d.jsonl")
+    dcalls = read_calls(tmp_path / "d.jsonl")
+    assert 4 <= totals["calls"] <= 12 and all(c["bound_ok"] for c in dcalls if c["round"] > 0)
+    for c in dcalls:
+        if c["round"] > 0:
+            prev = {x["key"]: x for x in dcalls}[c["candidate_ids"][0]]
+            assert c["prompt"].endswith(expected_tail(local.tokenizer, prev["text"], cfg.tail_tokens))
+
+
+def test_bad_inputs_rejected_before_any_call(local):
+    never = Flaky(local, fail_after=0)
+    for kwargs, msg in [(dict(candidates=5), "exceeds --population"), (dict(tail_tokens=32), "exceeds --budget"),
+                        (dict(budget_tokens=0), "must be positive"), (dict(population=-1), "must be positive"),
+                        (dict(tail_tokens=0), "must be positive"), (dict(method="nope"), "unknown method")]:
+        with pytest.raises(ValueError, match=msg):
+            solve(PROBLEMS, never, TTCConfig(**{**SMALL, **kwargs}))
+    with pytest.raises(ValueError, match="empty question"):
+        solve([TTCProblem("x", "  ")], never, TTCConfig(**SMALL))
+    assert never.keys == []
+
+
+def test_template_file(tmp_path):
+    (tmp_path / "t.txt").write_text("Q: {question}\n{candidates}Answer in \\boxed{}.")
+    t = load_template(tmp_path / "t.txt")
+    out = build_aggregation_prompt("what {is} 2?", ["a {candidates}", "b"], template=t)
+    assert out.startswith("Q: what {is} 2?\n---- Candidate 1 ----\na {candidates}\n\n") and out.endswith("\\boxed{}.")
+    assert build_aggregation_prompt("q", ["x"]).startswith("q\n\n") and AGGREGATION_TEMPLATE_V1.startswith("{question}")
+    (tmp_path / "bad.txt").write_text("no slots")
+    with pytest.raises(ValueError, match="placeholder"):
+        load_template(tmp_path / "bad.txt")
+
+
+def test_openai_backend_markovian_rsa_end_to_end(tmp_path):
+    cfg = TTCConfig(population=4, candidates=2, rounds=1, tail_tokens=8, budget_tokens=16)
+    with StubServer(n_words=30) as server:
+        backend = OpenAIBackend(server.url, "stub", max_concurrency=4)
+        (res,), totals = solve([TTCProblem("q", "what is 2+2?")], backend, cfg, trace_path=tmp_path / "t.jsonl")
+        assert len(server.requests) == totals["calls"] == 8
+        agg = [r for r in server.requests if "Candidate" in r["messages"][0]["content"]]
+        assert len(agg) == 4 and all(r["messages"][0]["content"].count("---- Candidate ") == 2 for r in agg)
+        assert all(r["max_completion_tokens"] == 16 for r in server.requests)
+    calls = read_calls(tmp_path / "t.jsonl")
+    assert totals["tail_approximation"] and all(c["token_count"] == totals["tail_approximation"]
+                                                for c in calls if c["round"] == 1)
+    by_key = {c["key"]: c for c in calls}
+    for c in calls:
+        if c["round"] == 1:
+            assert c["bound_ok"]
+            for i in c["candidate_ids"]:   # the approximation: last 4 x tau characters of the reasoning
+                assert by_key[i]["reasoning"][-4 * cfg.tail_tokens:] in c["prompt"][0]["content"]
+    assert res.rounds[0].completion_tokens > 0
+
+
+def test_gemma_hf_backend_markovian_rsa(gemma_dir, tmp_path):
+    from openzaya.backends import HFBackend
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        backend = HFBackend(gemma_dir[0])
+        cfg = TTCConfig(population=4, candidates=2, rounds=1, tail_tokens=8, budget_tokens=16)
+        problems = [TTCProblem("g", "What is 7 times 8? Think step by step.")]
+        results, totals = solve(problems, backend, cfg, trace_path=tmp_path / "g.jsonl")
+    finally:
+        torch.set_num_threads(threads)
+    calls = read_calls(tmp_path / "g.jsonl")
+    assert len(calls) == totals["calls"] == 4 * 2
+    assert check_aggregation(calls, cfg, backend.tokenizer, {"g": problems[0].question}) == 4
