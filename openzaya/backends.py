@@ -540,11 +540,13 @@ class OpenAIBackend(Backend):
 
 def make_backend(kind: str, model: str, base_url: str | None = None, gguf_file: str | None = None,
                  tokenizer: str | None = None, max_concurrency: int = 16, max_len: int | None = None,
-                 max_slots: int = 16, api_key: str | None = None) -> Backend:
+                 max_slots: int = 16, api_key: str | None = None, expert_cache_gb: float | None = None) -> Backend:
     """A backend from CLI-style arguments: kind local (openzaya checkpoint dir), hf (transformers dir, optionally a
     GGUF in it) or openai (server at base_url serving `model`; `tokenizer` dir makes token counts exact)."""
+    if expert_cache_gb is not None and kind != "local":
+        raise ValueError(f"--expert-cache-gb needs --backend local (got {kind!r})")
     if kind == "local":
-        return LocalBackend(model, max_slots=max_slots, max_len=max_len)
+        return LocalBackend(model, max_slots=max_slots, max_len=max_len, expert_cache_gb=expert_cache_gb)
     if kind == "hf":
         return HFBackend(model, gguf_file=gguf_file, batch_size=max_slots)
     if kind == "openai":

@@ -56,6 +56,8 @@ def _add_backend_and_ttc_flags(p):
     p.add_argument("--tokenizer", default=None, help="openai: tokenizer dir for exact token counts and tails")
     p.add_argument("--max-concurrency", type=int, default=64, help="calls in flight over all problems")
     p.add_argument("--max-len", type=int, default=None, help="local: engine positions per slot")
+    p.add_argument("--expert-cache-gb", type=float, default=-1,
+                   help="local: offload the experts, keep a cache of this many GiB (-1 = all resident; offload.py)")
     # Test-time compute (rounds follow the ZAYA1 TR: T aggregation rounds after round 0, T+1 generations)
     p.add_argument("--method", default="markovian_rsa",
                    help="single | majority | rsa | markovian_rsa | delethink | pacore_hybrid (eval: comma list)")
@@ -85,7 +87,8 @@ def _backend(a):
     from openzaya.backends import make_backend
 
     return make_backend(a.backend, a.model, base_url=a.base_url, gguf_file=a.gguf_file, tokenizer=a.tokenizer,
-                        max_concurrency=a.max_concurrency, max_len=a.max_len)
+                        max_concurrency=a.max_concurrency, max_len=a.max_len,
+                        expert_cache_gb=a.expert_cache_gb if a.expert_cache_gb > 0 else None)
 
 
 def _solve(a):
@@ -170,6 +173,8 @@ def add_serve(sub):
     # Engine
     p.add_argument("--max-slots", type=int, default=16, help="sequences decoded together")
     p.add_argument("--max-len", type=int, default=-1, help="positions per slot (-1 = min(context, 4096))")
+    p.add_argument("--expert-cache-gb", type=float, default=-1,
+                   help="offload the experts, keep a cache of this many GiB (-1 = all resident; offload.py)")
     # Limits
     p.add_argument("--max-queue", type=int, default=256, help="sequences waiting beyond the slots (429 beyond)")
     p.add_argument("--max-n", type=int, default=16, help="sequences per request (n x prompts)")
@@ -184,10 +189,39 @@ def add_serve(sub):
 # -----------------------------------------------------------------------------
 
 
+# -----------------------------------------------------------------------------
+# rl: the four-stage RL cascade (logic in openzaya/rl_loop.py, pure functions in openzaya/rl.py)
+
+
+def add_rl(sub):
+    p = sub.add_parser("rl", help="RL stages (warmup, rlve, math-code-ttc, behavioral) or the whole cascade")
+    p.add_argument("--stage", default="warmup", choices=["warmup", "rlve", "math-code-ttc", "behavioral"])
+    p.add_argument("--cascade", action="store_true", help="run all four stages in order, each from the last")
+    p.add_argument("--init", default=None, help="policy checkpoint directory (HF layout + tokenizer), e.g. the SFT one")
+    p.add_argument("--out", default="runs/rl")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt (per stage with --cascade)")
+    p.add_argument("--envs", default=None, help="comma-separated environment names instead of the stage's")
+    # Optimization
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--prompts-per-step", type=int, default=None)
+    p.add_argument("--samples-per-prompt", type=int, default=None, help="G (default 16)")
+    p.add_argument("--difficulty", type=int, default=None, help="starting difficulty")
+    # Rollouts
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--rollout-workers", type=int, default=None, help="worker processes (0 = inline)")
+    p.add_argument("--max-staleness", type=int, default=None, help="max policy versions a sample may lag")
+    p.add_argument("--sync-every", type=int, default=None, help="push weights every k trainer steps")
+    p.add_argument("--server-url", default=None, help="OpenAI-compatible server for rollouts (see rl_loop docs)")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=lambda a: __import__("openzaya.rl_loop", fromlist=["main"]).main(a))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openzaya", description="ZAYA1 MoE++ models, training and Markovian RSA")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in [add_train_tiny, add_envs, add_solve, add_eval, add_serve]:
+    for add in [add_train_tiny, add_envs, add_solve, add_eval, add_serve, add_rl]:
         add(sub)
     return parser
 

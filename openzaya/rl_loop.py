@@ -60,7 +60,7 @@ class RLConfig:
     # Optimization
     steps: int = 20
     lr: float = 1e-5
-    optimizer: str = "adamw"          # adamw | muon (openzaya.optim, momentum 0 as ZAYA1)
+    optimizer: str = "muon"           # muon (openzaya.optim: Muon momentum 0 on matrices + AdamW, as ZAYA1) | adamw
     grad_clip: float = 1.0
     prompts_per_step: int = 8         # groups per optimizer step (after filtering)
     samples_per_prompt: int = 16      # G
@@ -95,6 +95,7 @@ class RLConfig:
     max_staleness: int = 2
     sync_every: int = 1               # push weights every k trainer steps
     max_inflight_groups: int = 0      # 0 = 2 * prompts_per_step
+    max_groups_per_step: int = 256    # give up (clear error) when this many groups gave no usable batch
     # Run
     seed: int = 0
     out: str = "runs/rl"
@@ -161,6 +162,21 @@ def quality_score(text: str) -> float:
     n = len(words)
     length = min(n / 10, 1.0) if n < 10 else 1.0 if n <= 200 else max(0.0, (400 - n) / 200)
     return 0.5 * diversity + 0.5 * length
+
+
+def stage_reward(kind: str, score, text: str, canary: bool = True) -> float:
+    """The scalar reward of one response: "accuracy" (binary; reasoning stages), "reward" (the env's graded
+    score) or "gated_quality" (behavioral: quality_score of the extracted answer if every instruction
+    constraint passed, else 0). The LZ77 canary zeroes any of them."""
+    assert kind in ("accuracy", "reward", "gated_quality"), f"unknown reward kind {kind!r}"
+    if kind == "gated_quality":
+        from openzaya.envs.base import extract_answer
+        r = score.accuracy * quality_score(extract_answer(text) or "")
+    else:
+        r = score.accuracy if kind == "accuracy" else score.reward
+    if canary and rl.repetition_canary(text):
+        return 0.0
+    return float(r)
 
 
 # -----------------------------------------------------------------------------
@@ -458,13 +474,7 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
                 s["tokens"] = tokenizer.encode(s["text"], add_special_tokens=False)
             text = s.get("text") or tokenizer.decode([t for t in s["tokens"] if t not in eos_ids])
             sc = env.score(problem, text)
-            r = {"accuracy": sc.accuracy, "reward": sc.reward}.get(cfg.reward)
-            if cfg.reward == "gated_quality":
-                from openzaya.envs.base import extract_answer
-                r = sc.accuracy * quality_score(extract_answer(text) or "")
-            if cfg.canary and rl.repetition_canary(text):
-                r = 0.0
-            rewards.append(float(r))
+            rewards.append(stage_reward(cfg.reward, sc, text, cfg.canary))
             accs.append(float(sc.accuracy))
             texts.append(text)
         tails = [tokenizer.decode(s["tokens"][-cfg.ttc_tail_tokens:]) for s in res["samples"]]
@@ -481,7 +491,14 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
         while step < cfg.steps:
             t0 = time.perf_counter()
             batch, drop_stale, drop_flat, gen_tokens, gen_s = [], 0, 0, 0, 0.0
+            scanned = 0
             while len(batch) < cfg.prompts_per_step:
+                if scanned > cfg.max_groups_per_step:
+                    raise RuntimeError(
+                        f"stage {cfg.stage}: {scanned} groups scanned for step {step + 1}, {len(batch)} kept "
+                        f"({drop_flat} with equal rewards or solve rate > {cfg.max_solve_rate}, {drop_stale} stale): "
+                        "the policy gets no learning signal here; lower --difficulty or pick other environments")
+                scanned += 1
                 if not buffer:
                     target = max_inflight if inline_engine is None else cfg.prompts_per_step - len(batch)
                     while len(pending) < target:
@@ -581,7 +598,7 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
                    "resp_len": n_tok / max(B, 1), "masked": 1 - kept_tok / max(n_tok, 1),
                    "mismatch": mism / max(n_tok, 1), "stale_mean": sum(stale) / max(len(stale), 1),
                    "stale_max": max(stale, default=0), "versions": sorted(set(versions)), "trained_version": version - 1,
-                   "tok_s": gen_tokens / max(t_gen, 1e-9), "load": expert_load([r for r in routes if r is not None],
+                   "tok_s": n_tok / max(dt, 1e-9), "gen_tokens": gen_tokens, "gen_s": t_gen, "load": expert_load([r for r in routes if r is not None],
                                                                               model.config.num_experts),
                    "loss": loss_sum, "gnorm": gnorm, "kept": len(batch), "drop_flat": drop_flat,
                    "drop_stale": drop_stale, "step_s": dt, "elapsed_s": time.perf_counter() - t_start,
@@ -606,12 +623,14 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
     return {"steps": step, "metrics": history, "ckpt": str(ckpt / "model"), "model": model, "tokenizer": tokenizer}
 
 
-def run_cascade(init_dir: str, out: str, stages: list[str] | None = None, resume: bool = False, **overrides) -> list[dict]:
-    """The four stages in order, each starting from the previous stage's final checkpoint."""
+def run_cascade(init_dir: str, out: str, stages: list[str] | None = None, resume: bool = False,
+                env_objects: dict | None = None, **overrides) -> list[dict]:
+    """The four stages in order, each starting from the previous stage's final checkpoint (`<out>/<stage>/ckpt`).
+    `overrides` go to every stage preset; `env_objects` replaces the registry (tests)."""
     results, cur = [], init_dir
     for name in stages or list(STAGES):
         cfg = STAGES[name](out=str(Path(out) / name), **overrides)
-        res = run(cfg, init_dir=cur, resume=resume)
+        res = run(cfg, init_dir=cur, resume=resume, envs=env_objects)
         results.append(res)
         cur = res["ckpt"]
     return results

@@ -586,6 +586,8 @@ class ServerState:
 
     def completion_prompts(self, body: CompletionBody) -> list[list[int]]:
         p = body.prompt
+        if p == "" or (isinstance(p, list) and any(x == "" for x in p)):
+            raise APIError(400, "empty prompt", param="prompt")
         if isinstance(p, str):
             prompts = [self.tokenizer.encode(p)]
         elif p and all(isinstance(x, int) for x in p):
@@ -1075,13 +1077,18 @@ class _GuardMiddleware:
 # loading, running in a thread (tests, bench), CLI entry
 
 
-def load_app(model_dir, cfg: ServeConfig | None = None, device: str = "cpu", dtype=None) -> FastAPI:
+def load_app(model_dir, cfg: ServeConfig | None = None, device: str = "cpu", dtype=None,
+             expert_cache_gb: float | None = None) -> FastAPI:
     from pathlib import Path
 
     from .checkpoint import from_pretrained
 
     cfg = cfg or ServeConfig()
-    model = from_pretrained(model_dir, dtype=dtype, device=device)
+    if expert_cache_gb is not None:   # experts offloaded, a cache of this many GiB (offload.py)
+        from .offload import load_offloaded
+        model = load_offloaded(model_dir, int(expert_cache_gb * 1024**3), dtype=dtype, device=device)
+    else:
+        model = from_pretrained(model_dir, dtype=dtype, device=device)
     tokenizer = Tokenizer.load(model_dir)
     max_len = cfg.max_len or min(model.config.max_position_embeddings, 4096)
     engine = Engine(model, max_slots=cfg.max_slots, max_len=max_len,
@@ -1127,7 +1134,8 @@ def main(args) -> int:
                       request_timeout_s=args.request_timeout_s, max_ttc_population=args.max_ttc_population,
                       max_ttc_rounds=args.max_ttc_rounds, shutdown_grace_s=args.shutdown_grace_s,
                       api_key=args.api_key, model_name=args.served_model_name)
-    app = load_app(args.model, cfg, device=args.device)
+    gb = getattr(args, "expert_cache_gb", -1)
+    app = load_app(args.model, cfg, device=args.device, expert_cache_gb=gb if gb > 0 else None)
     print(f"serving {app.state.srv.model_name} on http://{args.host}:{args.port}/v1 "
           f"({cfg.max_slots} slots, context {app.state.srv.limit})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",

@@ -36,8 +36,8 @@ wording, question first so prompts share a prefix), the round-0 prompt (the ques
 round uses the same beta, and the deployment answer is the majority vote.
 
 Bounded context: each aggregation prompt's text is checked against |question| + C x tau + |template| tokens before
-its call (|template| = the template rendered with an empty question and C empty tails); the numbers and the verdict
-go into the trace. Tails are cut with `backend.tail_tokens` and, if a re-encoded tail is longer than tau (a cut inside
+its call (|template| = the summed token counts of the template's text pieces around the slots, `template_pieces`);
+the numbers and the verdict go into the trace. Tails are cut with `backend.tail_tokens` and, if a re-encoded tail is longer than tau (a cut inside
 a multi-byte character), shortened by characters from the front until it fits. Backends without a tokenizer
 (an OpenAI server without `tokenizer=`) use the backend's character approximation, named in the trace.
 """
@@ -93,6 +93,15 @@ def build_aggregation_prompt(question: str, tails: list[str], template: str = AG
     # question last in the substitution order, so braces inside a tail are never re-substituted
     out = template.replace("{n}", str(len(tails))).replace("{candidates}", blocks)
     return out.replace("{question}", question, 1)
+
+
+def template_pieces(n_candidates: int, template: str = AGGREGATION_TEMPLATE_V1) -> list[str]:
+    """The template's own text around the question and the C tails, as separate pieces. |template| in the bound is
+    the sum of their token counts: counting the template rendered with empty slots instead would undercount where
+    neighbouring pieces merge (e.g. Gemma's single token for a run of newlines)."""
+    sentinel = "\x00SLOT\x00"
+    text = build_aggregation_prompt(sentinel, [sentinel] * n_candidates, template)
+    return [piece for piece in text.split(sentinel) if piece]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -169,6 +178,7 @@ class RoundStats:
     wall_s: float = 0.0
     max_prompt_tokens: int = 0        # largest prompt sent this round (backend's count, chat template included)
     max_bound_tokens: int = 0         # the largest bound checked this round (aggregation rounds)
+    max_content_tokens: int = 0       # the largest aggregation prompt text checked against it (no chat template)
 
 
 @dataclass
@@ -312,6 +322,10 @@ class Run:
         return t
 
     def request(self, content: str) -> Request:
+        """A user message; a raw text prompt when the backend's tokenizer has no chat template (base models)."""
+        tok = self.backend.tokenizer
+        if tok is not None and getattr(tok, "chat_template", None) is None:
+            return Request(prompt=content, enable_thinking=self.cfg.enable_thinking)
         return Request(messages=[{"role": "user", "content": content}], enable_thinking=self.cfg.enable_thinking)
 
     def params(self, key: str, max_tokens: int | None = None) -> SamplingParams:
@@ -350,6 +364,7 @@ class Run:
         stats.max_prompt_tokens = max(stats.max_prompt_tokens, comp.prompt_tokens)
         if "bound_tokens" in meta:
             stats.max_bound_tokens = max(stats.max_bound_tokens, meta["bound_tokens"])
+            stats.max_content_tokens = max(stats.max_content_tokens, meta["prompt_content_tokens"])
         if self.progress is not None:
             self.progress(1)
         return comp
@@ -409,7 +424,7 @@ class Run:
         """N aggregation prompts for round_ from the previous population, with their bound checks."""
         C, tau = self.cfg.candidates, self.cfg.tail_tokens
         q_tokens = self.count(problem.question)
-        template_tokens = self.count(build_aggregation_prompt("", [""] * C, self.template))
+        template_tokens = sum(self.count(piece) for piece in template_pieces(C, self.template))
         bound = q_tokens + C * tau + template_tokens
         contents, metas = [], []
         for subset in self.subsets(problem.id, round_, len(prev)):

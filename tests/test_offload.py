@@ -170,6 +170,13 @@ def test_local_backend_with_expert_cache(tmp_path):
     assert backend.model.offload.stats.budget_bytes <= gb * 1024**3
     got = backend.generate(reqs)
     assert [[c.token_ids for c in r] for r in got] == [[c.token_ids for c in r] for r in want]
+    # the CLI flag of solve / eval reaches the backend
+    from openzaya import cli
+
+    a = cli.build_parser().parse_args(["solve", "q", "--model", str(path), "--expert-cache-gb", str(gb)])
+    assert cli._backend(a).model.offload.stats.budget_bytes == backend.model.offload.stats.budget_bytes
+    a = cli.build_parser().parse_args(["serve", "--model", str(path), "--expert-cache-gb", "0.5"])
+    assert a.expert_cache_gb == 0.5
 
 
 # -----------------------------------------------------------------------------
@@ -186,6 +193,9 @@ RSS_SCRIPT = textwrap.dedent("""
             if line.startswith(field):
                 return int(line.split()[1]) * 1024
     path, fraction = sys.argv[1], float(sys.argv[2])
+    from openzaya.model import ZayaConfig, ZayaForCausalLM
+    with torch.device("meta"):        # warm up torch's meta machinery (~70 MB of code and tables, any model size)
+        ZayaForCausalLM(ZayaConfig())
     base = kb("VmRSS:")
     if fraction >= 1:   # resident: touch every weight, as a long run that has used every expert does
         model = from_pretrained(path)
@@ -211,7 +221,7 @@ def _rss(path, fraction):
 
 
 def test_process_rss_stays_within_budget(tmp_path):
-    cfg = ZayaConfig(vocab_size=256, hidden_size=512, num_hidden_layers=4, num_attention_heads=4,
+    cfg = ZayaConfig(vocab_size=256, hidden_size=512, num_hidden_layers=3, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=64, moe_intermediate_size=512, num_experts=16,
                      router_hidden_size=32)
     torch.manual_seed(0)
@@ -223,13 +233,14 @@ def test_process_rss_stays_within_budget(tmp_path):
             p.normal_(0, 0.02)
     save_pretrained(model, tmp_path / "big", max_shard_bytes=64 * 2**20)
     del model
-    experts = all_expert_nbytes(cfg)                                   # 4 x 16 x 3 MiB = 192 MiB
+    experts = all_expert_nbytes(cfg)                                   # 3 x 16 x 3 MiB = 144 MiB
     off = _rss(tmp_path / "big", 0.125)
     full = _rss(tmp_path / "big", 1.0)
     s = off["stats"]
     assert s["resident_bytes"] <= s["budget_bytes"] <= 0.125 * experts
     assert full["peak_delta"] > 0.9 * experts, full
-    # non-expert weights are ~2 MB here; allow 40 MB for activations and allocator slack
-    assert off["peak_delta"] < s["budget_bytes"] + 40 * 2**20, (off, experts)
+    # non-expert weights are ~8 MB here; allow 48 MB for them, activations and allocator slack
+    assert off["peak_delta"] < s["budget_bytes"] + 48 * 2**20, (off, experts)
+    assert full["peak_delta"] - off["peak_delta"] > 0.9 * (experts - s["budget_bytes"]), (full, off)
     print(f"peak RSS growth: resident {full['peak_delta'] / 2**20:.0f} MiB, offloaded (12.5%) "
           f"{off['peak_delta'] / 2**20:.0f} MiB, experts {experts / 2**20:.0f} MiB")

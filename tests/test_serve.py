@@ -282,7 +282,8 @@ def test_queue_full_429_and_disconnect_frees_slot(tight):
     with httpx.Client(base_url=tight.url, timeout=30) as c1, httpx.Client(base_url=tight.url, timeout=30) as c2:
         with c1.stream("POST", "/v1/completions", json=body) as r1:
             assert r1.status_code == 200
-            next(r1.iter_lines())                                          # running: holds the only slot
+            lines = r1.iter_lines()   # NOTE: keep the iterator; a collected one closes the response
+            next(lines)                                                    # running: holds the only slot
             with c2.stream("POST", "/v1/completions", json=body) as r2:   # queued: the one queue place
                 assert r2.status_code == 200
                 r3 = httpx.post(tight.url + "/v1/completions", json={**body, "stream": False}, timeout=30)

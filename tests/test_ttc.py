@@ -11,7 +11,7 @@ import torch
 
 from openzaya.backends import Backend, LocalBackend, OpenAIBackend
 from openzaya.ttc import (AGGREGATION_TEMPLATE_V1, Run, TTCConfig, TTCProblem, build_aggregation_prompt,
-                          load_template, solve)
+                          load_template, solve, template_pieces)
 from openai_stub_server import StubServer
 from test_local_backend import make_checkpoint
 
@@ -57,13 +57,13 @@ def check_aggregation(calls, cfg, tok, question_of):
         assert len(ids) == cfg.candidates == len(set(ids))
         assert all(by_key[i]["round"] == c["round"] - 1 and by_key[i]["problem"] == c["problem"] for i in ids)
         tails = [expected_tail(tok, by_key[i]["reasoning"], cfg.tail_tokens) for i in ids]
-        content = c["prompt"][0]["content"]
+        content = c["prompt"] if isinstance(c["prompt"], str) else c["prompt"][0]["content"]
         assert content == build_aggregation_prompt(question_of[c["problem"]], tails)
         assert content.count("---- Candidate ") == cfg.candidates
         assert c["bound_ok"] and c["prompt_content_tokens"] <= c["bound_tokens"]
         assert len(tok.encode(content, add_special_tokens=False)) == c["prompt_content_tokens"]
         q = len(tok.encode(question_of[c["problem"]], add_special_tokens=False))
-        template = len(tok.encode(build_aggregation_prompt("", [""] * cfg.candidates), add_special_tokens=False))
+        template = sum(len(tok.encode(x, add_special_tokens=False)) for x in template_pieces(cfg.candidates))
         assert c["bound_tokens"] == q + cfg.candidates * cfg.tail_tokens + template
     return n_agg
 

@@ -1,0 +1,122 @@
+"""Evaluation harness (openzaya/evaluate.py): metrics against hand-computed values, loaders, suites, and an end-to-end
+run with a tiny local model and with a scripted backend whose answers are known.
+
+Run: .venv/bin/python -m pytest tests/test_evaluate.py
+"""
+
+import json
+from math import comb
+
+import pytest
+import torch
+
+from openzaya.backends import Backend, Completion, LocalBackend
+from openzaya.evaluate import Item, avg_at_k, evaluate, load_benchmark, maj_at_k, pass_at_k
+from openzaya.tokenizer import split_reasoning
+from openzaya.ttc import TTCConfig
+from test_local_backend import make_checkpoint
+
+
+def test_pass_at_k_matches_the_combinatorial_formula():
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)     # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(3, 0, 2) == 0.0 and pass_at_k(3, 2, 2) == 1.0   # n - c < k
+    for n in range(1, 12):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                exact = 1.0 if n - c < k else 1 - comb(n - c, k) / comb(n, k)
+                assert pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+
+
+def test_avg_and_maj_at_k_hand_values():
+    assert avg_at_k([1, 0, 1, 0]) == 0.5
+    # "2" wins 2 votes to 1 (None does not vote) and is wrong
+    assert maj_at_k(["1", "2", " 2 ", None], [1, 0, 0, 0]) == 0.0
+    assert maj_at_k(["7", "3", "7"], [1, 0, 1]) == 1.0
+    assert maj_at_k(["3", "7"], [0, 1]) == 0.0                     # tie: the earliest answer
+    assert maj_at_k([None, None], [0, 0]) == 0.0
+    # k=1 of n: the expectation over single samples = the mean correctness
+    assert maj_at_k(["1", "2", "2", "1"], [1, 0, 0, 1], k=1, trials=4000) == pytest.approx(0.5, abs=0.05)
+
+
+def test_load_jsonl_fields_and_suites(tmp_path):
+    f = tmp_path / "b.jsonl"
+    f.write_text(json.dumps({"id": "a/1", "problem": "1+1?", "answer": 2}) + "\n"
+                 + json.dumps({"id": "b", "problem": "2+2?", "answer": "4"}) + "\n")
+    items = load_benchmark(str(f))
+    assert [(i.id, i.question, i.answer) for i in items] == [("a_1", "1+1?", "2"), ("b", "2+2?", "4")]
+    g = tmp_path / "c.jsonl"
+    g.write_text(json.dumps({"idx": 3, "q": "x?", "gold": "5"}) + "\n")
+    assert load_benchmark(str(g), question_field="q", answer_field="gold", id_field="idx")[0].id == "3"
+    with pytest.raises(ValueError, match="no question field"):
+        load_benchmark(str(g))
+    with pytest.raises(ValueError, match="neither a suite"):
+        load_benchmark(str(tmp_path / "missing.jsonl"))
+    suite = load_benchmark("envs:tiny")
+    assert len(suite) == 4 and all(it.score(f"\\boxed{{{it.answer}}}") == 1.0 for it in suite)
+    assert load_benchmark("envs:tiny")[0].question == suite[0].question            # fixed seeds
+    with pytest.raises(ValueError, match="unknown suite"):
+        load_benchmark("envs:nope")
+
+
+def test_load_parquet_if_pyarrow(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["x"], "question": ["1+2?"], "answer": ["3"]}), tmp_path / "b.parquet")
+    assert load_benchmark(str(tmp_path / "b.parquet"))[0].answer == "3"
+
+
+class Scripted(Backend):
+    """Round-0 answers cycle 4, 5, 5, ... (1 in 3 right); aggregation prompts always answer 4 (right), so Markovian
+    RSA's final population is all correct."""
+
+    def __init__(self):
+        self.i = 0
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            content = r.messages[0]["content"]
+            agg = "Candidate" in content
+            ans = "4" if agg or self.i % 3 == 0 else "5"
+            self.i += 1
+            text = f"<think>\nsome thoughts\n</think>\n\n\\boxed{{{ans}}}"
+            reasoning, answer = split_reasoning(text)
+            out.append([Completion(text, reasoning, answer, "stop", 10, 20, 0.0)])
+        return out
+
+
+def test_evaluate_scripted_backend_metrics(tmp_path):
+    items = [Item("p", "2+2?", "4")]
+    base = TTCConfig(population=3, candidates=2, rounds=1, tail_tokens=8, budget_tokens=16)
+    res = evaluate(items, Scripted(), base, ["single", "majority", "markovian_rsa"], samples=3, out_dir=tmp_path)
+    m = res["methods"]
+    assert m["markovian_rsa"]["avg@k"] == 1.0 and m["markovian_rsa"]["pop_mean"] == 1.0
+    assert m["markovian_rsa"]["calls_per_problem"] == 6 and m["majority"]["calls_per_problem"] == 6  # matched
+    assert m["single"]["calls_per_problem"] == 1
+    for name in ("results.json", "report.md", "accuracy_vs_tokens.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| p | 4 |" in (tmp_path / "report.md").read_text()
+
+
+def test_evaluate_tiny_local_model_end_to_end(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        backend = LocalBackend(make_checkpoint(tmp_path / "m"), max_slots=16, max_len=1024)
+        bench = tmp_path / "b.jsonl"
+        bench.write_text("".join(json.dumps({"id": f"q{i}", "question": f"{i} plus 1 is", "answer": str(i + 1)})
+                                 + "\n" for i in range(2)))
+        base = TTCConfig(population=2, candidates=2, rounds=1, tail_tokens=4, budget_tokens=8)
+        res = evaluate(load_benchmark(str(bench)), backend, base, ["single", "markovian_rsa"], samples=2,
+                       out_dir=tmp_path / "out")
+    finally:
+        torch.set_num_threads(threads)
+    r = res["methods"]["markovian_rsa"]
+    assert r["calls_per_problem"] == 4 and r["totals"]["calls"] == 2 * 2 * 4
+    assert 0.0 <= r["avg@k"] <= 1.0 and r["tokens_per_problem"] > 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["samples"] == 2
+    assert (tmp_path / "out" / "trace_markovian_rsa.jsonl").exists()
