@@ -183,6 +183,8 @@ class _Loader:
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="openzaya-offload") if use_threads else None
 
     def start(self, layer, e, gate_up, down):
+        if self.cuda:   # the copy stream waits for compute that may still read the slot
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         if self.pool is not None:
             if self.cuda:
                 def job():
@@ -191,9 +193,7 @@ class _Loader:
                     self.stream.synchronize()
                 return self.pool.submit(job)
             return self.pool.submit(self.source.read_into, layer, e, gate_up, down)
-        # GPU from pinned host memory: the copy stream waits for compute that may still read the slot
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream):   # GPU from pinned host memory: an asynchronous copy
             self.source.read_into(layer, e, gate_up, down)
             ev = torch.cuda.Event()
             ev.record(self.stream)
