@@ -57,3 +57,15 @@ def gemma_dir() -> tuple[Path, str]:
     plain transformers checkpoint (dequantised fp32 weights, converted fast tokenizer) without gguf_file."""
     base = Path(os.environ.get("OPENZAYA_FIXTURES", Path.home() / ".cache" / "openzaya" / "fixtures"))
     return _build_gemma_fixture(base / "gemma3-270m")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests use tiny tensors: one intra-op thread is faster than two (no spin-waiting OpenMP threads, which on a
+    loaded 2-core machine made tiny steps ~15x slower) and keeps results independent of the core count."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
