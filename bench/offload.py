@@ -134,6 +134,8 @@ if args.worker:
     eng.generate(prompts, GenParams(temperature=0, max_new_tokens=4, eos_ids=[]))            # warm-up
     if args.fraction > 0:
         model.offload.stats.reset()
+        for c in model.offload.caches:      # prefetches from before the reset must not count as used after it
+            c.ahead.clear()
     res = eng.generate(prompts, GenParams(temperature=0, max_new_tokens=args.new_tokens, eos_ids=[]))
     st = eng.stats
     out = {"fraction": args.fraction, "batch": args.batch, "prefetch": bool(args.prefetch), "policy": args.policy,

@@ -218,10 +218,39 @@ def add_rl(sub):
     p.set_defaults(func=lambda a: __import__("openzaya.rl_loop", fromlist=["main"]).main(a))
 
 
+# -----------------------------------------------------------------------------
+# pretrain / sft: the resumable trainer (logic in openzaya/train.py); speedrun: the nano pipeline (openzaya/speedrun.py)
+
+
+def add_pretrain(sub):
+    p = sub.add_parser("pretrain", help="pretrain on packed plain-text solver traces (torchrun-able)")
+    __import__("openzaya.train", fromlist=["x"]).add_train_flags(p, "pretrain")
+
+
+def add_sft(sub):
+    p = sub.add_parser("sft", help="SFT on packed chat samples, AP-trimmed, loss on assistant tokens (torchrun-able)")
+    __import__("openzaya.train", fromlist=["x"]).add_train_flags(p, "sft")
+
+
+def add_speedrun(sub):
+    p = sub.add_parser("speedrun", help="corpus, tokenizer, pretrain, SFT, held-out eval and report, end to end")
+    p.add_argument("--preset", default="nano", choices=["nano", "smoke"])
+    p.add_argument("--name", default=None, help="run name: output under <root>/<name>")
+    p.add_argument("--root", default="runs")
+    p.add_argument("--pretrain-steps", type=int, default=None)
+    p.add_argument("--sft-steps", type=int, default=None)
+    p.add_argument("--eval-problems", type=int, default=None, help="held-out problems per env and difficulty")
+    p.add_argument("--ablation-trim", action="store_true", help="also compare AP trimming vs plain truncation")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=lambda a: __import__("openzaya.speedrun", fromlist=["main"]).main(a))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openzaya", description="ZAYA1 MoE++ models, training and Markovian RSA")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in [add_train_tiny, add_envs, add_solve, add_eval, add_serve, add_rl]:
+    for add in [add_train_tiny, add_envs, add_solve, add_eval, add_serve, add_rl, add_pretrain, add_sft,
+                add_speedrun]:
         add(sub)
     return parser
 

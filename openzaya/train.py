@@ -171,6 +171,9 @@ def prepare_windows(cfg: TrainConfig, tokenizer):
             if r is not None:
                 docs.append((r[0], r[1]))
         actions[act] = actions.get(act, 0) + 1
+    if not docs:
+        raise ValueError(f"{cfg.data}: all {len(samples)} samples were dropped by trimming to {budget} tokens "
+                         f"({actions}): raise seq_len")
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     ids, seg, labels = build_windows(docs, cfg.seq_len, pad)
     return ids, seg, labels, actions
@@ -299,7 +302,7 @@ def run(cfg: TrainConfig) -> dict:
         torch.manual_seed(cfg.seed)
     if rank == 0:   # keep metrics up to the resumed step only
         old = metrics_path.read_text().splitlines() if (start and metrics_path.exists()) else []
-        metrics_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] < start))
+        metrics_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start))
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))

@@ -1,0 +1,125 @@
+"""The trainer (openzaya/train.py): loss goes down, SIGKILL + --resume equals an uninterrupted run, a 2-process gloo
+job equals a 1-process job with the same global batch, bad inputs fail early.
+Run: .venv/bin/python -m pytest tests/test_train.py"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from openzaya.data import CorpusConfig, chat_segments, generate_corpus, load_corpus
+from openzaya.tokenizer import train_bpe
+from openzaya.train import TrainConfig, batch_plan, lr_multiplier, run
+
+VENV = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    generate_corpus(CorpusConfig(envs=["long_addition", "reverse_string"], difficulties=[0], samples_per_env_level=40,
+                                 seed=0, workers=1), root / "corpus", progress=False)
+    samples = load_corpus(root / "corpus")
+    tok = train_bpe(["".join(s.text for s in chat_segments(x["messages"])) for x in samples], 300)
+    tok.save(root / "tok")
+    return root
+
+
+def flags(corpus, out, steps, extra=()):
+    return ["--data", str(corpus / "corpus"), "--tokenizer", str(corpus / "tok"), "--out", str(out),
+            "--steps", str(steps), "--seq-len", "96", "--tokens-per-step", str(8 * 96), "--device-batch-size", "4",
+            "--warmup-steps", "2", "--threads", "1", "--lr", "3e-3", *extra]
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())}
+
+
+def cli(args, **kw):
+    return subprocess.run([str(VENV / "openzaya"), *args], env=ENV, capture_output=True, text=True, timeout=180, **kw)
+
+
+def test_loss_goes_down_and_schedule(corpus, tmp_path):
+    torch.set_num_threads(1)
+    cfg = TrainConfig(stage="sft", data=str(corpus / "corpus"), tokenizer=str(corpus / "tok"), out=str(tmp_path),
+                      seq_len=96, tokens_per_step=8 * 96, device_batch_size=8, steps=25, warmup_steps=3, lr=3e-3,
+                      save_every=-1)
+    r = run(cfg)
+    ls = losses(tmp_path)
+    assert ls[25] < 0.7 * ls[1], ls
+    assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "model" / "tokenizer.json").exists()
+    assert r["final_loss"] == ls[25]
+    # schedules: warmup reaches 1, cosine ends at final_lr_frac, WSD is flat then decays
+    c = TrainConfig(steps=100, warmup_steps=10, final_lr_frac=0.1)
+    assert lr_multiplier(9, c) == 1.0 and abs(lr_multiplier(100, c) - 0.1) < 1e-9
+    w = TrainConfig(steps=100, warmup_steps=10, schedule="wsd", wsd_decay_frac=0.2)
+    assert lr_multiplier(50, w) == 1.0 and lr_multiplier(90, w) < 1.0
+
+
+def test_resume_after_sigkill_matches(corpus, tmp_path):
+    steps = 10
+    full = cli(["sft", *flags(corpus, tmp_path / "full", steps, ["--save-every", "2"])])
+    assert full.returncode == 0, full.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([str(VENV / "openzaya"), "sft", *flags(corpus, out, steps, ["--save-every", "2"])],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        m = out / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 5 and (out / "checkpoint.pt").exists():
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(losses(out))
+    assert killed_at < steps, "the run finished before it was killed"
+    res = cli(["sft", *flags(corpus, out, steps, ["--save-every", "2", "--resume"])])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resumed from" in res.stdout
+    a, b = losses(tmp_path / "full"), losses(out)
+    assert sorted(b) == list(range(1, steps + 1))
+    for s in range(1, steps + 1):
+        assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
+
+
+def test_two_process_gloo_matches_one_process(corpus, tmp_path):
+    one = cli(["pretrain", *flags(corpus, tmp_path / "one", 4, ["--save-every", "-1"])])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([str(VENV / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "openzaya.cli",
+                          "pretrain", *flags(corpus, tmp_path / "two", 4, ["--save-every", "-1"])],
+                         env=ENV, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 ranks x 4 x 1 micro-batches" in two.stdout and "1 ranks x 4 x 2 micro-batches" in one.stdout
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    for s in range(1, 5):
+        assert abs(a[s] - b[s]) < 1e-5, (s, a[s], b[s])
+
+
+def test_bad_inputs_fail_early(corpus, tmp_path):
+    base = dict(stage="sft", data=str(corpus / "corpus"), tokenizer=str(corpus / "tok"), out=str(tmp_path / "x"),
+                seq_len=96, tokens_per_step=8 * 96, device_batch_size=4, steps=1)
+    with pytest.raises(ValueError, match="not a multiple"):
+        batch_plan(TrainConfig(**{**base, "device_batch_size": 3}), 1)
+    with pytest.raises(ValueError, match="not a multiple of seq_len"):
+        batch_plan(TrainConfig(**{**base, "tokens_per_step": 100}), 1)
+    from openzaya.data import DataError
+    with pytest.raises(DataError, match="manifest"):
+        run(TrainConfig(**{**base, "data": str(tmp_path / "missing")}))
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        run(TrainConfig(**{**base, "tokenizer": str(tmp_path / "nope")}))
+    with pytest.raises(MemoryError, match="estimated training memory"):
+        run(TrainConfig(**{**base, "model_preset": "zaya1_8b"}))
+    # a model whose vocabulary is smaller than the tokenizer's
+    from openzaya.checkpoint import save_pretrained
+    from openzaya.model import ZayaForCausalLM
+    from tests.zaya_ref import tiny_config
+    save_pretrained(ZayaForCausalLM(tiny_config(vocab_size=128)), tmp_path / "small")
+    with pytest.raises(ValueError, match="do not belong together"):
+        run(TrainConfig(**{**base, "init_from": str(tmp_path / "small")}))
