@@ -225,24 +225,35 @@ def load_checkpoint(path: Path, model, opt) -> dict:
 # The run
 
 
-def build_model(cfg: TrainConfig, tokenizer, device):
+def model_config(cfg: TrainConfig, tokenizer):
+    """The model's config (from init_from's config.json or a preset sized to the tokenizer), checked against the
+    tokenizer before any weight is allocated."""
     from . import model as M
-    from .checkpoint import from_pretrained
     if cfg.init_from:
-        model = from_pretrained(cfg.init_from, device=str(device))
+        mc = M.ZayaConfig.load(cfg.init_from)
     else:
         if cfg.model_preset not in M.PRESETS:
             raise ValueError(f"unknown model preset {cfg.model_preset!r} (known: {sorted(M.PRESETS)})")
-        vocab = -(-tokenizer.vocab_size // 64) * 64
-        mc = M.PRESETS[cfg.model_preset](vocab)
+        preset = M.PRESETS[cfg.model_preset]
+        try:
+            mc = preset(-(-tokenizer.vocab_size // 64) * 64)
+        except TypeError:   # presets with a fixed vocabulary (zaya1_8b)
+            mc = preset()
         mc.bos_token_id, mc.eos_token_id, mc.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         mc.max_position_embeddings = max(mc.max_position_embeddings, cfg.seq_len + 1)
-        torch.manual_seed(cfg.seed)
-        model = M.ZayaForCausalLM(mc).to(device)
-    if tokenizer.vocab_size > model.config.vocab_size:
+    if tokenizer.vocab_size > mc.vocab_size:
         raise ValueError(f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} ids but the model's vocabulary is "
-                         f"{model.config.vocab_size}: they do not belong together")
-    return model
+                         f"{mc.vocab_size}: they do not belong together")
+    return mc
+
+
+def build_model(cfg: TrainConfig, mc, device):
+    from .checkpoint import from_pretrained
+    from .model import ZayaForCausalLM
+    if cfg.init_from:
+        return from_pretrained(cfg.init_from, device=str(device))
+    torch.manual_seed(cfg.seed)
+    return ZayaForCausalLM(mc).to(device)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -273,13 +284,14 @@ def run(cfg: TrainConfig) -> dict:
     if not cfg.tokenizer or not Path(cfg.tokenizer).exists():
         raise FileNotFoundError(f"tokenizer directory {cfg.tokenizer!r} not found")
     tokenizer = Tokenizer.load(cfg.tokenizer)
-    model = build_model(cfg, tokenizer, device).train()
-    model.balance_lr = cfg.balance_lr
-    need = estimate_memory_bytes(model.config, cfg)
+    mc = model_config(cfg, tokenizer)
+    need = estimate_memory_bytes(mc, cfg)
     have = cfg.max_memory_gb * 2**30 if cfg.max_memory_gb > 0 else available_memory_bytes(device)
     if need > 0.9 * have:
         raise MemoryError(f"estimated training memory {need / 2**30:.1f} GiB exceeds 90% of the "
                           f"{have / 2**30:.1f} GiB available: reduce device_batch_size, seq_len or the model")
+    model = build_model(cfg, mc, device).train()
+    model.balance_lr = cfg.balance_lr
 
     # ---- data
     ids_W, seg_W, labels_W, actions = prepare_windows(cfg, tokenizer)
