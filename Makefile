@@ -14,7 +14,7 @@ setup: $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
 
 run: setup
-	$(BIN)/openzaya train-tiny --steps 300
+	$(BIN)/openzaya speedrun --preset nano
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow and not gpu"

@@ -222,14 +222,45 @@ def add_rl(sub):
 # pretrain / sft: the resumable trainer (logic in openzaya/train.py); speedrun: the nano pipeline (openzaya/speedrun.py)
 
 
+def _train_flags(p, stage: str):
+    """Flags of `pretrain` and `sft` (None = the preset's or TrainConfig's default, see openzaya/train.py)."""
+    p.add_argument("--preset", default=None, help="start from a preset: nano_pretrain, nano_sft")
+    # Data / model
+    p.add_argument("--data", required=True, help="corpus directory (manifest.json + JSONL shards)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument("--out", default=None, help="run directory (default runs/train)")
+    p.add_argument("--init-from", default=None, help="model directory (HF layout) to start from")
+    p.add_argument("--model-preset", default=None, help="fresh model preset (nano, micro, ...)")
+    # Batch
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per packed window")
+    p.add_argument("--tokens-per-step", type=int, default=None, help="global batch in tokens")
+    p.add_argument("--device-batch-size", type=int, default=None, help="sequences per micro-batch per rank")
+    p.add_argument("--steps", type=int, default=None)
+    # Optimization
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--schedule", choices=["cosine", "wsd"], default=None)
+    p.add_argument("--grad-clip", type=float, default=None, help="-1 = off")
+    p.add_argument("--trim", choices=["ap", "truncate"], default=None, help="SFT trimming (ablation: truncate)")
+    p.add_argument("--seed", type=int, default=None)
+    # Output
+    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints; -1 = only at the end")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-memory-gb", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=lambda a: __import__("openzaya.train", fromlist=["main"]).main(a, stage))
+
+
 def add_pretrain(sub):
     p = sub.add_parser("pretrain", help="pretrain on packed plain-text solver traces (torchrun-able)")
-    __import__("openzaya.train", fromlist=["x"]).add_train_flags(p, "pretrain")
+    _train_flags(p, "pretrain")
 
 
 def add_sft(sub):
     p = sub.add_parser("sft", help="SFT on packed chat samples, AP-trimmed, loss on assistant tokens (torchrun-able)")
-    __import__("openzaya.train", fromlist=["x"]).add_train_flags(p, "sft")
+    _train_flags(p, "sft")
 
 
 def add_speedrun(sub):

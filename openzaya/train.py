@@ -386,44 +386,13 @@ def run(cfg: TrainConfig) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# CLI glue (flags are added in cli.py; this maps them onto the dataclass)
-
-
-def add_train_flags(p, stage: str):
-    d = TrainConfig(stage=stage)
-    p.add_argument("--preset", default=None, help=f"start from a preset: {sorted(PRESETS)}")
-    # Data / model
-    p.add_argument("--data", required=True, help="corpus directory (manifest.json + JSONL shards)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
-    p.add_argument("--out", default=None, help=f"run directory (default {d.out})")
-    p.add_argument("--init-from", default=None, help="model directory (HF layout) to start from")
-    p.add_argument("--model-preset", default=None, help="fresh model preset (nano, micro, ...)")
-    # Batch
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per packed window")
-    p.add_argument("--tokens-per-step", type=int, default=None, help="global batch in tokens")
-    p.add_argument("--device-batch-size", type=int, default=None, help="sequences per micro-batch per rank")
-    p.add_argument("--steps", type=int, default=None)
-    # Optimization
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--schedule", choices=["cosine", "wsd"], default=None)
-    p.add_argument("--grad-clip", type=float, default=None, help="-1 = off")
-    p.add_argument("--trim", choices=["ap", "truncate"], default=None, help="SFT trimming (ablation: truncate)")
-    p.add_argument("--seed", type=int, default=None)
-    # Output
-    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints; -1 = only at the end")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--max-memory-gb", type=float, default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.set_defaults(func=lambda a: main(a, stage))
+# CLI glue (the flags are declared in cli.py's add_pretrain/add_sft; this maps them onto the dataclass)
 
 
 def config_from_args(a, stage: str) -> TrainConfig:
     base = PRESETS[a.preset]() if a.preset else TrainConfig(stage=stage)
     over = {f.name: getattr(a, f.name) for f in fields(TrainConfig)
-            if hasattr(a, f.name) and getattr(a, f.name) not in (None, False)}
+            if getattr(a, f.name, None) is not None and not (f.name == "resume" and not a.resume)}
     return TrainConfig(**{**asdict(base), **over, "stage": stage})
 
 

@@ -123,3 +123,12 @@ def test_bad_inputs_fail_early(corpus, tmp_path):
     save_pretrained(ZayaForCausalLM(tiny_config(vocab_size=128)), tmp_path / "small")
     with pytest.raises(ValueError, match="do not belong together"):
         run(TrainConfig(**{**base, "init_from": str(tmp_path / "small")}))
+
+
+@pytest.mark.slow
+def test_speedrun_smoke(tmp_path):
+    """The whole pipeline with the `smoke` preset (tiny corpus, 3+3 steps, ablation on): it runs and reports."""
+    r = cli(["speedrun", "--preset", "smoke", "--root", str(tmp_path), "--ablation-trim"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = (tmp_path / "smoke" / "report.md").read_text()
+    assert "Held-out accuracy" in report and "Ablation" in report and (tmp_path / "smoke" / "loss.png").exists()
