@@ -11,18 +11,6 @@ import sys
 
 
 # -----------------------------------------------------------------------------
-# train-tiny: the main job until the full speedrun exists
-
-
-def add_train_tiny(sub):
-    p = sub.add_parser("train-tiny", help="train a tiny ZAYA model on a built-in synthetic corpus and print samples")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--out", default="runs/tiny")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=lambda a: __import__("openzaya.tiny", fromlist=["main"]).main(a))
-
-
-# -----------------------------------------------------------------------------
 # envs: list, sample and self-check the verifiable environments (logic in openzaya/envs/registry.py)
 
 
@@ -264,7 +252,7 @@ def add_sft(sub):
 
 
 def add_speedrun(sub):
-    p = sub.add_parser("speedrun", help="corpus, tokenizer, pretrain, SFT, held-out eval and report, end to end")
+    p = sub.add_parser("speedrun", help="corpus, tokenizer, pretrain, SFT, four RL stages, held-out eval and report, end to end")
     p.add_argument("--preset", default="nano", choices=["nano", "smoke"])
     p.add_argument("--name", default=None, help="run name: output under <root>/<name>")
     p.add_argument("--root", default="runs")
@@ -272,6 +260,8 @@ def add_speedrun(sub):
     p.add_argument("--sft-steps", type=int, default=None)
     p.add_argument("--eval-problems", type=int, default=None, help="held-out problems per env and difficulty")
     p.add_argument("--ablation-trim", action="store_true", help="also compare AP trimming vs plain truncation")
+    p.add_argument("--no-rl", action="store_true", help="skip the four RL stages (quick runs)")
+    p.add_argument("--rl-steps", type=int, default=None, help="optimizer steps per RL stage")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=lambda a: __import__("openzaya.speedrun", fromlist=["main"]).main(a))
@@ -280,7 +270,7 @@ def add_speedrun(sub):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openzaya", description="ZAYA1 MoE++ models, training and Markovian RSA")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in [add_train_tiny, add_envs, add_solve, add_eval, add_serve, add_rl, add_pretrain, add_sft,
+    for add in [add_envs, add_solve, add_eval, add_serve, add_rl, add_pretrain, add_sft,
                 add_speedrun]:
         add(sub)
     return parser

@@ -1,16 +1,40 @@
-"""`openzaya speedrun --preset nano`: corpus -> tokenizer -> pretrain -> SFT -> held-out evaluation -> report.
+"""`openzaya speedrun --preset nano`: corpus -> tokenizer -> pretrain -> SFT -> the four RL stages -> held-out
+evaluation of `single` vs Markovian RSA after SFT and after every RL stage -> runs/<name>/report.md.
 
-The whole pipeline at nano scale on a CPU, in about ten minutes on an idle 2-core machine. The environments are
+The whole ZAYA1 pipeline at nano scale on a CPU (design: ~15-18 min on an idle 2-core machine). The environments are
 the easiest of our own (difficulty 0-1 of a handful of arithmetic and string tasks, NANO_ENVS) so that a ~1M-parameter
 model trained for a few hundred steps gets measurably above zero; held-out problems use seeds >= HELD_OUT_SEED_START.
+
+Nano-scale simplifications, stage by stage:
+- SFT mix: the solver-trace chats plus `agg_samples_per_env_level` aggregation chats (TR §VI-B) built with a short
+  nano aggregation template (NANO_AGG_TEMPLATE; the default one is ~100 tokens, most of the 128-token window): C tails
+  of tau tokens of reasoning, each the problem's own solver reasoning or, half the time, the reasoning of another
+  problem of the same env and difficulty (a wrong candidate); target = the problem's solver trace. Markovian RSA in
+  the evaluation uses the same template file, so the model has seen its aggregation prompts.
+- RL (rl_loop.run, one stage after the other from the previous stage's checkpoint), every stage restricted to
+  environments the SFT model gets signal on (RL_STAGE_ENVS), with the presets' algorithms and LR ratios (the nano LR
+  `rl_lr` replaces the 1e-5 base, scaled like the presets: warmup/rlve x1, math-code-ttc x0.5, behavioral x0.2):
+  warmup = arithmetic/number-theory/logic envs at difficulty 0 with the 75% solve-rate filter; rlve = all signal
+  envs under ZAYA1's two-sided adaptive curriculum with least-sampled env sampling; math-code-ttc = the arithmetic
+  envs only (no code envs: the nano model cannot write code) and ttc_fraction 0 (rl_loop builds self-aggregation
+  prompts with the long default template, which does not fit the nano context; aggregation is trained in SFT);
+  behavioral = GRPO with std normalisation, LR x0.2, no length reward, reward "gated_quality" on the string envs: the
+  gate is the env's own answer checker (the nano SFT data has no instruction-following samples, so the ifeval
+  checkers would give no signal) times rl_loop.quality_score of the extracted answer (~0.55 for a one-word answer,
+  so in effect a scaled accuracy reward).
+- Evaluation: `single` (one sample) and `markovian_rsa` (N, C, T, tau, beta of the config) through LocalBackend at the
+  same temperature and per-call budget, on `eval_problems` held-out problems per env and difficulty over EVAL_ENVS
+  (the envs where the SFT model is neither at 0 nor at 100%); accuracy with the binomial standard error over problems,
+  and the paired standard error of each difference.
 `--ablation-trim` adds two extra SFT runs at a tight context budget (answer-preserving trimming vs plain truncation)
-and reports both, whatever they show.
-Simplified: no midtraining stage, no aggregation data in the nano SFT mix, single greedy sample per problem.
+and reports both, whatever they show. `--no-rl` stops after SFT (and its evaluation).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import random
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -18,6 +42,17 @@ from pathlib import Path
 
 NANO_ENVS = ["long_addition", "digit_sum", "reverse_string", "sort_letters", "palindrome_check",
              "boolean_expression", "count_vowels", "integer_power"]
+EVAL_ENVS = ["long_addition", "digit_sum", "reverse_string", "sort_letters", "boolean_expression", "count_vowels"]
+RL_STAGES = ["warmup", "rlve", "math-code-ttc", "behavioral"]
+# stage -> (environments, starting difficulty, LR multiple of rl_lr, extra RLConfig overrides)
+RL_STAGE_ENVS = {
+    "warmup": (["digit_sum", "long_addition", "boolean_expression"], 0, 1.0, {}),
+    "rlve": (["reverse_string", "sort_letters", "digit_sum", "boolean_expression", "count_vowels", "long_addition"],
+             0, 1.0, {}),
+    "math-code-ttc": (["digit_sum", "long_addition"], 0, 0.5, {"ttc_fraction": 0.0}),
+    "behavioral": (["reverse_string", "sort_letters", "count_vowels"], 1, 0.2, {}),
+}
+NANO_AGG_TEMPLATE = "{question}\n\n{candidates}Check the candidates and solve it."
 
 
 @dataclass
@@ -26,14 +61,32 @@ class SpeedrunConfig:
     envs: list[str] = field(default_factory=lambda: list(NANO_ENVS))
     difficulties: list[int] = field(default_factory=lambda: [0, 1])
     samples_per_env_level: int = 800
+    agg_samples_per_env_level: int = 100   # aggregation SFT chats (nano template), 0 = none
     vocab_size: int = 512
     seq_len: int = 128
     device_batch_size: int = 32
     pretrain_steps: int = 120
     sft_steps: int = 240
     lr: float = 3e-3
-    eval_problems: int = 25            # per environment and difficulty, held-out seeds
-    eval_max_tokens: int = 64
+    # RL
+    rl: bool = True
+    rl_stages: list[str] = field(default_factory=lambda: list(RL_STAGES))
+    rl_stage_envs: dict = field(default_factory=lambda: dict(RL_STAGE_ENVS))
+    rl_steps: int = 20                     # optimizer steps per stage
+    rl_prompts_per_step: int = 8
+    rl_samples_per_prompt: int = 8
+    rl_max_new_tokens: int = 48
+    rl_lr: float = 5e-4                    # replaces the presets' 1e-5 base (ratios kept)
+    rl_max_groups_per_step: int = 256      # a stage with no signal in this many groups stops (reported)
+    # evaluation: single vs Markovian RSA (N, C, T, tau, beta) at the same temperature and per-call budget
+    eval_envs: list[str] = field(default_factory=lambda: list(EVAL_ENVS))
+    eval_problems: int = 8                 # per environment and difficulty, held-out seeds
+    eval_max_tokens: int = 64              # beta
+    eval_temperature: float = 0.7
+    ttc_population: int = 4
+    ttc_candidates: int = 2
+    ttc_rounds: int = 1
+    ttc_tail_tokens: int = 12
     ablation_trim: bool = False
     ablation_seq_len: int = 64         # tight budget: most samples (77-101 tokens) must be trimmed
     ablation_steps: int = 120
@@ -46,14 +99,98 @@ def nano(**kw) -> SpeedrunConfig:
 
 
 def smoke(**kw) -> SpeedrunConfig:
-    """Minutes-free check of the plumbing (tests): tiny corpus and step counts."""
-    return SpeedrunConfig(**{**dict(name="smoke", envs=["long_addition", "reverse_string"], difficulties=[0],
-                                    samples_per_env_level=60, vocab_size=300, pretrain_steps=3, sft_steps=3,
-                                    device_batch_size=8, eval_problems=3, eval_max_tokens=16, ablation_steps=2),
+    """A check of the plumbing in about two minutes (tests): tiny corpus and step counts, every RL stage on
+    reverse_string and long_addition. The 3-step smoke model gets no RL signal, so each stage stops after
+    rl_max_groups_per_step=8 scanned groups and the report says so (the stop-and-report path)."""
+    envs = ["long_addition", "reverse_string"]
+    return SpeedrunConfig(**{**dict(name="smoke", envs=envs, difficulties=[0], samples_per_env_level=60,
+                                    agg_samples_per_env_level=10, vocab_size=300, pretrain_steps=3, sft_steps=3,
+                                    device_batch_size=8, eval_envs=envs, eval_problems=2, eval_max_tokens=16,
+                                    ablation_steps=2, rl_steps=1, rl_prompts_per_step=2, rl_samples_per_prompt=4,
+                                    rl_max_new_tokens=16, ttc_tail_tokens=4, rl_max_groups_per_step=8,
+                                    rl_stage_envs={s: (envs, 0, m, o) for s, (_, _, m, o) in RL_STAGE_ENVS.items()}),
                                  **kw})
 
 
 PRESETS = {"nano": nano, "smoke": smoke}
+
+
+def aggregation_sft_samples(problems, tokenizer_encode, tokenizer_decode, C: int, tau: int, template: str,
+                            seed: int = 0) -> list[dict]:
+    """Aggregation chats for the SFT mix (TR §VI-B, nano version): for each problem, C candidate tails (the last tau
+    tokens of a solver reasoning: its own with probability 1/2, else that of another problem of the same env and
+    difficulty), the aggregation prompt with `template`, target = the problem's solver trace."""
+    from .data import split_trace
+    from .ttc import build_aggregation_prompt
+    rng = random.Random(seed)
+    by_cell: dict[tuple, list] = {}
+    for p in problems:
+        by_cell.setdefault((p.env, p.difficulty), []).append(p)
+    out = []
+    for p in problems:
+        others = [q for q in by_cell[(p.env, p.difficulty)] if q.answer != p.answer] or [p]
+        tails = []
+        for _ in range(C):
+            src = p if rng.random() < 0.5 else rng.choice(others)
+            reasoning = split_trace(src.solution)[0]
+            tails.append(tokenizer_decode(tokenizer_encode(reasoning)[-tau:]))
+        reasoning, answer = split_trace(p.solution)
+        out.append({"messages": [{"role": "user", "content": build_aggregation_prompt(p.prompt, tails, template)},
+                                 {"role": "assistant", "reasoning": reasoning, "content": answer}],
+                    "env": p.env, "difficulty": p.difficulty, "seed": p.seed, "kind": "aggregation"})
+    return out
+
+
+def held_out_items(envs: list[str], difficulties: list[int], n: int):
+    """Evaluation items (evaluate.Item) on held-out seeds, scored by each env's own checker."""
+    from .data import HELD_OUT_SEED_START
+    from .envs.registry import get_env
+    from .evaluate import Item
+    items = []
+    for e in envs:
+        env = get_env(e)
+        for d in difficulties:
+            for i in range(n):
+                p = env.generate(d, HELD_OUT_SEED_START + i)
+                items.append(Item(id=f"{e}-d{d}-{i}", question=p.prompt, answer=p.answer,
+                                  score=lambda text, env=env, p=p: env.score(p, text).accuracy))
+    return items
+
+
+def binomial_se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+
+
+def paired_se(a: list[float], b: list[float]) -> float:
+    """Standard error of mean(b - a) over the same problems."""
+    d = [y - x for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    return math.sqrt(sum((x - m) ** 2 for x in d) / max(len(d) - 1, 1) / len(d))
+
+
+def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, template_file: str, out_dir: Path) -> dict:
+    """`single` and `markovian_rsa` through LocalBackend (our engine) on the same items, same temperature and beta.
+    Returns per method: accuracy, binomial SE, per-cell accuracy and the per-problem correctness vector."""
+    from .backends import LocalBackend
+    from .evaluate import evaluate
+    from .ttc import TTCConfig
+    backend = LocalBackend(model_dir, max_slots=64, max_len=512)
+    base = TTCConfig(population=cfg.ttc_population, candidates=cfg.ttc_candidates, rounds=cfg.ttc_rounds,
+                     tail_tokens=cfg.ttc_tail_tokens, budget_tokens=cfg.eval_max_tokens,
+                     temperature=cfg.eval_temperature, seed=cfg.seed, max_concurrency=256, template_file=template_file)
+    res = evaluate(items, backend, base, ["single", "markovian_rsa"], samples=1, out_dir=out_dir)
+    out = {}
+    for m in ("single", "markovian_rsa"):
+        correct = [row["methods"][m]["avg@k"] for row in res["problems"]]
+        cells: dict[str, list[float]] = {}
+        for row, c in zip(res["problems"], correct):
+            cells.setdefault(row["id"].rsplit("-", 1)[0], []).append(c)
+        acc = sum(correct) / len(correct)
+        out[m] = {"accuracy": acc, "se": binomial_se(acc, len(correct)), "n": len(correct), "correct": correct,
+                  "cells": {k: sum(v) / len(v) for k, v in cells.items()},
+                  "completion_tokens_per_problem": res["methods"][m]["completion_tokens_per_problem"]}
+    out["wall_s"] = res["wall_s"]
+    return out
 
 
 def evaluate_held_out(model_dir: str | Path, envs: list[str], difficulties: list[int], n: int, max_tokens: int,
@@ -100,10 +237,32 @@ def plot_losses(runs: dict[str, Path], out_png: Path):
     plt.close(fig)
 
 
+def plot_rl_rewards(stages: dict[str, list[dict]], out_png: Path):
+    """Mean reward per optimizer step, one panel per RL stage (the rollouts' reward, before filtering)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(3.2 * max(len(stages), 1), 3), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], stages.items()):
+        ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], marker=".", label="reward")
+        ax.plot([r["step"] for r in rows], [r["acc"] for r in rows], alpha=0.6, label="accuracy")
+        ax.set_title(name)
+        ax.set_xlabel("RL step")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
 def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
     import torch
 
-    from .data import CorpusConfig, chat_segments, generate_corpus, load_corpus
+    from . import rl_loop
+    from .data import (CorpusConfig, HELD_OUT_SEED_START, chat_segments, generate_corpus, load_corpus,
+                       training_seeds, write_shards)
+    from .envs.registry import get_env
     from .tokenizer import train_bpe
     from .train import TrainConfig
     from .train import run as train
@@ -114,37 +273,83 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
 
-    # ---- 1. corpus from our solvers (held-out seeds excluded)
+    def lap(name):
+        timings[name] = time.time() - t0 - sum(timings.values())
+        print(f"[speedrun] {name}: {timings[name]:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
+
+    # ---- 1. corpus from our solvers (held-out seeds excluded), plus aggregation chats for the SFT mix
     corpus_dir = out / "corpus"
     manifest = generate_corpus(CorpusConfig(envs=cfg.envs, difficulties=cfg.difficulties,
                                             samples_per_env_level=cfg.samples_per_env_level, seed=cfg.seed),
                                corpus_dir)
-    timings["corpus"] = time.time() - t0
-    print(f"[speedrun] corpus: {manifest['samples']} samples in {timings['corpus']:.0f}s", flush=True)
-
-    # ---- 2. tokenizer
     samples = load_corpus(corpus_dir)
-    tok = train_bpe(["".join(s.text for s in chat_segments(x["messages"])) for x in samples], cfg.vocab_size)
-    tok_dir = tok.save(out / "tokenizer")
-    timings["tokenizer"] = time.time() - t0
+    agg_problems = [get_env(e).generate(d, s) for e in cfg.envs for d in cfg.difficulties
+                    for s in training_seeds(cfg.seed + 1, e, d, cfg.agg_samples_per_env_level)]
+    assert all(p.seed < HELD_OUT_SEED_START for p in agg_problems)
+    template_file = out / "agg_template.txt"
+    template_file.write_text(NANO_AGG_TEMPLATE)
+    lap("corpus")
 
-    # ---- 3. pretrain, 4. SFT
-    common = dict(data=str(corpus_dir), tokenizer=str(tok_dir), seq_len=cfg.seq_len,
+    # ---- 2. tokenizer (trained on the plain chats and rough aggregation chats: tails cut by characters here)
+    rough = aggregation_sft_samples(agg_problems, lambda s: list(s), lambda ids: "".join(ids),
+                                    cfg.ttc_candidates, 4 * cfg.ttc_tail_tokens, NANO_AGG_TEMPLATE, cfg.seed)
+    tok = train_bpe(["".join(s.text for s in chat_segments(x["messages"])) for x in samples + rough], cfg.vocab_size)
+    tok_dir = tok.save(out / "tokenizer")
+    agg = aggregation_sft_samples(agg_problems, lambda s: tok.encode(s, add_special_tokens=False), tok.decode,
+                                  cfg.ttc_candidates, cfg.ttc_tail_tokens, NANO_AGG_TEMPLATE, cfg.seed)
+    sft_mix = samples + agg
+    random.Random(cfg.seed).shuffle(sft_mix)
+    write_shards(sft_mix, out / "sft_corpus", 5000, extra={"aggregation_samples": len(agg)})
+    lap("tokenizer")
+
+    # ---- 3. pretrain (solver traces as plain text), 4. SFT (chats + aggregation chats)
+    common = dict(tokenizer=str(tok_dir), seq_len=cfg.seq_len,
                   tokens_per_step=cfg.device_batch_size * cfg.seq_len, device_batch_size=cfg.device_batch_size,
                   save_every=-1, threads=cfg.threads, seed=cfg.seed, lr=cfg.lr)
-    pre = train(TrainConfig(stage="pretrain", out=str(out / "pretrain"), steps=cfg.pretrain_steps,
-                            warmup_steps=min(20, cfg.pretrain_steps), schedule="wsd", **common))
-    timings["pretrain"] = time.time() - t0
-    sft_cfg = TrainConfig(stage="sft", out=str(out / "sft"), steps=cfg.sft_steps, init_from=pre["model_dir"],
-                          warmup_steps=min(10, cfg.sft_steps), schedule="cosine", trim="ap", **common)
+    pre = train(TrainConfig(stage="pretrain", data=str(corpus_dir), out=str(out / "pretrain"),
+                            steps=cfg.pretrain_steps, warmup_steps=min(20, cfg.pretrain_steps), schedule="wsd",
+                            **common))
+    lap("pretrain")
+    sft_cfg = TrainConfig(stage="sft", data=str(out / "sft_corpus"), out=str(out / "sft"), steps=cfg.sft_steps,
+                          init_from=pre["model_dir"], warmup_steps=min(10, cfg.sft_steps), schedule="cosine",
+                          trim="ap", **common)
     sft = train(sft_cfg)
-    timings["sft"] = time.time() - t0
+    lap("sft")
 
-    # ---- 5. held-out evaluation
-    ev = evaluate_held_out(sft["model_dir"], cfg.envs, cfg.difficulties, cfg.eval_problems, cfg.eval_max_tokens)
-    ev_pre = evaluate_held_out(pre["model_dir"], cfg.envs, cfg.difficulties[:1], min(cfg.eval_problems, 10),
-                               cfg.eval_max_tokens)
-    timings["eval"] = time.time() - t0
+    # ---- 5. held-out evaluation after SFT: single vs Markovian RSA
+    items = held_out_items(cfg.eval_envs, cfg.difficulties, cfg.eval_problems)
+    evals = {"sft": evaluate_single_vs_rsa(sft["model_dir"], items, cfg, str(template_file), out / "eval" / "sft")}
+    lap("eval sft")
+
+    # ---- 6. the RL cascade, each stage from the previous one's checkpoint, evaluated after each
+    rl_curves, rl_notes, cur = {}, {}, sft["model_dir"]
+    for stage in (cfg.rl_stages if cfg.rl else []):
+        envs, difficulty, lr_mult, extra = cfg.rl_stage_envs[stage]
+        preset = rl_loop.STAGES[stage]()
+        rc = rl_loop.STAGES[stage](out=str(out / "rl" / stage), envs=list(envs), difficulty=difficulty,
+                                   steps=cfg.rl_steps, lr=cfg.rl_lr * preset.lr / 1e-5,
+                                   prompts_per_step=cfg.rl_prompts_per_step,
+                                   samples_per_prompt=cfg.rl_samples_per_prompt,
+                                   max_new_tokens=cfg.rl_max_new_tokens, save_every=cfg.rl_steps, seed=cfg.seed,
+                                   engine_slots=cfg.rl_prompts_per_step * cfg.rl_samples_per_prompt * 2,
+                                   max_groups_per_step=cfg.rl_max_groups_per_step, **extra)
+        try:
+            res = rl_loop.run(rc, init_dir=cur)
+        except RuntimeError as e:     # no learning signal within the scan budget: report it, keep the previous policy
+            rl_notes[stage] = f"stopped: {e}"
+            print(f"[speedrun] RL {stage} stopped: {e}", flush=True)
+            lap(f"rl {stage}")
+            continue
+        del res["model"]
+        cur = res["ckpt"]
+        rl_curves[stage] = res["metrics"]
+        rl_notes[stage] = (f"{res['steps']} steps, envs {', '.join(envs)}, difficulty {difficulty} "
+                           f"({rc.curriculum} curriculum), lr {rc.lr:.1e}, reward {rc.reward}, advantage "
+                           f"{rc.advantage}, length c {rc.length_reward_c}, max solve rate {rc.max_solve_rate}, "
+                           f"ttc fraction {rc.ttc_fraction}")
+        lap(f"rl {stage}")
+        evals[stage] = evaluate_single_vs_rsa(cur, items, cfg, str(template_file), out / "eval" / stage)
+        lap(f"eval {stage}")
 
     # ---- optional: AP trimming vs plain truncation at a tight budget
     ablation = {}
@@ -155,59 +360,89 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
             e = evaluate_held_out(a["model_dir"], cfg.envs, cfg.difficulties, cfg.eval_problems, cfg.eval_max_tokens)
             ablation[trim] = {"final_loss": a["final_loss"], "accuracy": e["accuracy"],
                               "mean_accuracy": sum(e["accuracy"].values()) / len(e["accuracy"])}
-        timings["ablation"] = time.time() - t0
+        lap("ablation")
 
-    # ---- 6. report
+    # ---- 7. report
     curves = {"pretrain": out / "pretrain" / "metrics.jsonl", "sft": out / "sft" / "metrics.jsonl"}
     curves.update({f"ablation {k}": out / f"ablation_{k}" / "metrics.jsonl" for k in ablation})
     plot_losses(curves, out / "loss.png")
+    if rl_curves:
+        plot_rl_rewards(rl_curves, out / "rl_reward.png")
     wall = time.time() - t0
-    result = {"wall_s": wall, "timings_s": timings, "accuracy": ev["accuracy"],
-              "mean_accuracy": sum(ev["accuracy"].values()) / len(ev["accuracy"]),
-              "pretrain_only_accuracy": ev_pre["accuracy"], "pretrain_final_loss": pre["final_loss"],
-              "sft_final_loss": sft["final_loss"], "corpus_samples": manifest["samples"], "ablation": ablation,
+    result = {"wall_s": wall, "timings_s": timings, "evals": evals, "rl_notes": rl_notes,
+              "pretrain_final_loss": pre["final_loss"], "sft_final_loss": sft["final_loss"],
+              "corpus_samples": manifest["samples"], "aggregation_samples": len(agg), "ablation": ablation,
               "config": cfg.__dict__}
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    write_report(out / "report.md", result, ev["examples"])
-    print(f"[speedrun] done in {wall:.0f}s; mean held-out accuracy {result['mean_accuracy']:.3f}; report at "
-          f"{out / 'report.md'}", flush=True)
+    write_report(out / "report.md", result, items)
+    print(f"[speedrun] done in {wall:.0f}s; held-out accuracy single / markovian_rsa: "
+          + "; ".join(f"{k} {v['single']['accuracy']:.3f} / {v['markovian_rsa']['accuracy']:.3f}"
+                      for k, v in evals.items()) + f"; report at {out / 'report.md'}", flush=True)
     return result
 
 
-def write_report(path: Path, r: dict, examples: dict):
+def write_report(path: Path, r: dict, items):
     c = r["config"]
+    ev = r["evals"]
+    n = ev["sft"]["single"]["n"]
     lines = [f"# Speedrun `{c['name']}`", "",
-             f"Wall time **{r['wall_s']:.0f} s** (corpus {r['timings_s']['corpus']:.0f}s, then cumulative: "
-             + ", ".join(f"{k} {v:.0f}s" for k, v in r["timings_s"].items() if k != "corpus") + ").",
+             f"Wall time **{r['wall_s']:.0f} s** (" + ", ".join(f"{k} {v:.0f}s" for k, v in r["timings_s"].items())
+             + ").",
              f"Corpus: {r['corpus_samples']} solver-trace samples from {len(c['envs'])} environments at difficulties "
-             f"{c['difficulties']}; tokenizer BPE {c['vocab_size']}; pretrain {c['pretrain_steps']} steps "
-             f"(final loss {r['pretrain_final_loss']:.3f}), SFT {c['sft_steps']} steps (final loss "
-             f"{r['sft_final_loss']:.3f}), {c['device_batch_size']} x {c['seq_len']} tokens per step.", "",
-             "![loss curves](loss.png)", "",
-             f"## Held-out accuracy (greedy, single sample, {c['eval_problems']} problems per cell, seeds >= 10000)",
-             "", "| env / difficulty | SFT | pretrain only (d0, 10 problems) |", "|---|---|---|"]
-    for k, v in sorted(r["accuracy"].items()):
-        pre = r["pretrain_only_accuracy"].get(k)
-        lines.append(f"| {k} | {v:.2f} | {'' if pre is None else f'{pre:.2f}'} |")
-    lines += ["", f"Mean over cells: **{r['mean_accuracy']:.3f}**.", ""]
+             f"{c['difficulties']}, plus {r['aggregation_samples']} aggregation chats in the SFT mix; tokenizer BPE "
+             f"{c['vocab_size']}; pretrain {c['pretrain_steps']} steps (final loss {r['pretrain_final_loss']:.3f}), "
+             f"SFT {c['sft_steps']} steps (final loss {r['sft_final_loss']:.3f}), {c['device_batch_size']} x "
+             f"{c['seq_len']} tokens per step.", "", "![loss curves](loss.png)", ""]
+    if r["rl_notes"]:
+        lines += ["## RL stages", "", f"{c['rl_prompts_per_step']} prompts x {c['rl_samples_per_prompt']} samples "
+                  f"per step, {c['rl_max_new_tokens']} new tokens, up to {c['rl_steps']} steps per stage.", ""]
+        lines += [f"- **{k}**: {v}" for k, v in r["rl_notes"].items()]
+        lines += ["", "![RL reward per stage](rl_reward.png)" if (path.parent / "rl_reward.png").exists() else "", ""]
+    lines += [f"## Held-out accuracy ({n} problems: {c['eval_problems']} per env and difficulty over "
+              f"{', '.join(c['eval_envs'])} at difficulties {c['difficulties']}, seeds >= 10000)", "",
+              f"`single` = one sample; `markovian_rsa` = N={c['ttc_population']}, C={c['ttc_candidates']}, "
+              f"T={c['ttc_rounds']}, tau={c['ttc_tail_tokens']}, beta={c['eval_max_tokens']} (answer = majority of "
+              f"the final population); both at temperature {c['eval_temperature']} and beta tokens per call. "
+              "± = binomial standard error over problems; differences carry the paired standard error.", "",
+              "| after | single | markovian_rsa | RSA - single | vs SFT (single) | vs SFT (RSA) | decode tokens "
+              "single / RSA |", "|---|---|---|---|---|---|---|"]
+    base = ev["sft"]
+    for stage, e in ev.items():
+        s, m = e["single"], e["markovian_rsa"]
+        d_rs = f"{m['accuracy'] - s['accuracy']:+.3f} ± {paired_se(s['correct'], m['correct']):.3f}"
+        vs = ("" if stage == "sft" else
+              f"{s['accuracy'] - base['single']['accuracy']:+.3f} ± "
+              f"{paired_se(base['single']['correct'], s['correct']):.3f}")
+        vm = ("" if stage == "sft" else
+              f"{m['accuracy'] - base['markovian_rsa']['accuracy']:+.3f} ± "
+              f"{paired_se(base['markovian_rsa']['correct'], m['correct']):.3f}")
+        lines.append(f"| {stage} | {s['accuracy']:.3f} ± {s['se']:.3f} | {m['accuracy']:.3f} ± {m['se']:.3f} | "
+                     f"{d_rs} | {vs} | {vm} | {s['completion_tokens_per_problem']:.0f} / "
+                     f"{m['completion_tokens_per_problem']:.0f} |")
+    lines += ["", "Per env and difficulty (single / markovian_rsa):", "",
+              "| cell | " + " | ".join(ev) + " |", "|---|" + "---|" * len(ev)]
+    for cell in base["single"]["cells"]:
+        lines.append(f"| {cell} | " + " | ".join(f"{e['single']['cells'][cell]:.2f} / "
+                                                 f"{e['markovian_rsa']['cells'][cell]:.2f}" for e in ev.values())
+                     + " |")
+    lines += ["", "Traces and per-method reports: `eval/<stage>/`.", ""]
     if r["ablation"]:
         lines += [f"## Ablation: answer-preserving trimming vs plain truncation (SFT at {c['ablation_seq_len']} "
-                  f"tokens, {c['ablation_steps']} steps)", "", "| trimming | final loss | mean accuracy |",
-                  "|---|---|---|"]
+                  f"tokens, {c['ablation_steps']} steps; greedy single sample)", "",
+                  "| trimming | final loss | mean accuracy |", "|---|---|---|"]
         for k, v in r["ablation"].items():
             lines.append(f"| {k} | {v['final_loss']:.3f} | {v['mean_accuracy']:.3f} |")
         lines.append("")
-    lines += ["## One sample per environment", ""]
-    for env, (prompt, text, answer) in sorted(examples.items()):
-        lines += [f"**{env}** (reference `{answer}`)", "```", prompt.strip(), "--- model:", text.strip()[:400], "```", ""]
     path.write_text("\n".join(lines))
 
 
 def main(a):
     cfg = PRESETS[a.preset]()
-    over = {k: getattr(a, k) for k in ("name", "pretrain_steps", "sft_steps", "threads", "seed", "eval_problems")
-            if getattr(a, k, None) is not None}
+    over = {k: getattr(a, k) for k in ("name", "pretrain_steps", "sft_steps", "threads", "seed", "eval_problems",
+                                       "rl_steps") if getattr(a, k, None) is not None}
     if a.ablation_trim:
         over["ablation_trim"] = True
+    if getattr(a, "no_rl", False):
+        over["rl"] = False
     cfg = replace(cfg, **over)
     run(cfg, a.root)

@@ -1,0 +1,52 @@
+"""The speedrun's own pieces (aggregation SFT chats, standard errors, held-out items) and, slow, the smoke run with
+the RL stages."""
+
+import subprocess
+import sys
+
+import pytest
+
+from openzaya import speedrun
+from openzaya.envs.registry import get_env
+
+
+def test_aggregation_sft_samples_use_template_and_keep_target():
+    env = get_env("digit_sum")
+    problems = [env.generate(1, s) for s in range(6)]
+    out = speedrun.aggregation_sft_samples(problems, lambda s: s.split(), " ".join, C=2, tau=3,
+                                           template=speedrun.NANO_AGG_TEMPLATE, seed=0)
+    assert len(out) == 6
+    for p, x in zip(problems, out):
+        user, asst = x["messages"]
+        assert user["content"].startswith(p.prompt) and "Candidate 2" in user["content"]
+        assert user["content"].endswith("Check the candidates and solve it.")
+        assert f"\\boxed{{{p.answer}}}" in asst["content"] and x["seed"] < 10_000
+
+
+def test_standard_errors():
+    assert speedrun.binomial_se(0.5, 100) == pytest.approx(0.05)
+    assert speedrun.binomial_se(1.0, 10) == 0.0
+    a, b = [0, 1, 0, 1], [1, 1, 0, 1]
+    assert speedrun.paired_se(a, b) == pytest.approx(0.25)   # diffs 1,0,0,0: sd 0.5, / sqrt(4)
+
+
+def test_held_out_items_score_with_env_checker():
+    items = speedrun.held_out_items(["reverse_string"], [0], 2)
+    assert [it.id for it in items] == ["reverse_string-d0-0", "reverse_string-d0-1"]
+    assert items[0].score(f"</think> \\boxed{{{items[0].answer}}}") == 1.0
+    assert items[0].score("</think> \\boxed{zzzzzz}") == 0.0
+
+
+@pytest.mark.slow
+def test_speedrun_smoke_with_rl(tmp_path):
+    """The smoke preset end to end with the four RL stages (each stops for lack of signal and is reported), then
+    `--no-rl` skips them."""
+    cmd = [sys.executable, "-m", "openzaya.cli", "speedrun", "--preset", "smoke", "--root", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = (tmp_path / "smoke" / "report.md").read_text()
+    assert "## RL stages" in report and "markovian_rsa" in report and "behavioral" in report
+    r = subprocess.run(cmd + ["--no-rl", "--name", "smoke_norl"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = (tmp_path / "smoke_norl" / "report.md").read_text()
+    assert "## RL stages" not in report and "| sft |" in report
