@@ -238,6 +238,8 @@ def _train_flags(p, stage: str):
     p.add_argument("--device", default=None)
     p.add_argument("--max-memory-gb", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--log-to", choices=["", "tensorboard", "wandb"], default=None,
+                   help="also log per-step metrics to TensorBoard or W&B (optional packages)")
     p.set_defaults(func=lambda a: __import__("openzaya.train", fromlist=["main"]).main(a, stage))
 
 

@@ -72,7 +72,7 @@ class SpeedrunConfig:
     rl: bool = True
     rl_stages: list[str] = field(default_factory=lambda: list(RL_STAGES))
     rl_stage_envs: dict = field(default_factory=lambda: dict(RL_STAGE_ENVS))
-    rl_steps: int = 20                     # optimizer steps per stage
+    rl_steps: int = 30                     # optimizer steps per stage
     rl_prompts_per_step: int = 8
     rl_samples_per_prompt: int = 8
     rl_max_new_tokens: int = 48
@@ -80,7 +80,7 @@ class SpeedrunConfig:
     rl_max_groups_per_step: int = 256      # a stage with no signal in this many groups stops (reported)
     # evaluation: single vs Markovian RSA (N, C, T, tau, beta) at the same temperature and per-call budget
     eval_envs: list[str] = field(default_factory=lambda: list(EVAL_ENVS))
-    eval_problems: int = 8                 # per environment and difficulty, held-out seeds
+    eval_problems: int = 12                # per environment and difficulty, held-out seeds
     eval_max_tokens: int = 64              # beta
     eval_temperature: float = 0.7
     ttc_population: int = 4

@@ -67,6 +67,34 @@ class TrainConfig:
     device: str = "auto"               # auto | cpu | cuda
     max_memory_gb: float = -1          # -1 = the machine's memory
     threads: int = 0                   # torch CPU threads; 0 = leave torch's default
+    log_to: str = ""                   # "" | tensorboard | wandb (optional packages; a clear error if missing)
+
+
+def _external_logger(cfg: TrainConfig, out: Path):
+    """Optional TensorBoard (out/tensorboard) or W&B sink for the per-step metrics; metrics.jsonl is always written."""
+    if not cfg.log_to:
+        return lambda rec: None
+    if cfg.log_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise SystemExit(f"--log-to tensorboard needs the tensorboard package (pip install tensorboard): {e}")
+        writer = SummaryWriter(str(out / "tensorboard"))
+
+        def log(rec):
+            for k, v in rec.items():
+                if k != "step":
+                    writer.add_scalar(f"{cfg.stage}/{k}", v, rec["step"])
+            writer.flush()
+        return log
+    if cfg.log_to == "wandb":
+        try:
+            import wandb
+        except ImportError as e:
+            raise SystemExit(f"--log-to wandb needs the wandb package (pip install wandb): {e}")
+        wandb.init(project="openzaya", name=f"{out.name}-{cfg.stage}", config=asdict(cfg), dir=str(out))
+        return lambda rec: wandb.log(rec, step=rec["step"])
+    raise SystemExit(f"--log-to must be '', 'tensorboard' or 'wandb', got {cfg.log_to!r}")
 
 
 # Presets are plain functions returning the dataclass.
@@ -316,6 +344,7 @@ def run(cfg: TrainConfig) -> dict:
         old = metrics_path.read_text().splitlines() if (start and metrics_path.exists()) else []
         metrics_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start))
 
+    log_scalars = _external_logger(cfg, out) if rank == 0 else (lambda rec: None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -365,6 +394,7 @@ def run(cfg: TrainConfig) -> dict:
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            log_scalars(rec)
         print0(f"step {step + 1:05d}/{cfg.steps:05d} | loss {loss_val:.4f} | lr {rec['lr']:.2e} | gnorm "
                f"{rec['grad_norm']:.3f} | tok/s {rec['tok_s']:.0f} | load max/mean {load:.2f} | skip {skip:.2f}")
         last = step + 1 == cfg.steps

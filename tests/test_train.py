@@ -50,8 +50,9 @@ def test_loss_goes_down_and_schedule(corpus, tmp_path):
     torch.set_num_threads(1)
     cfg = TrainConfig(stage="sft", data=str(corpus / "corpus"), tokenizer=str(corpus / "tok"), out=str(tmp_path),
                       seq_len=96, tokens_per_step=8 * 96, device_batch_size=8, steps=25, warmup_steps=3, lr=3e-3,
-                      save_every=-1)
+                      save_every=-1, log_to="tensorboard")
     r = run(cfg)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
     ls = losses(tmp_path)
     assert ls[25] < 0.7 * ls[1], ls
     assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "model" / "tokenizer.json").exists()
