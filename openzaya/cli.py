@@ -129,7 +129,7 @@ def _eval(a):
 
 def add_eval(sub):
     p = sub.add_parser("eval", help="evaluate methods on a benchmark file or suite; writes results, report, plot")
-    p.add_argument("--benchmark", required=True, help="a .jsonl/.parquet file, a suite (envs:tiny, envs:easy) or "
+    p.add_argument("--benchmark", required=True, help="a .jsonl/.parquet file, a suite (envs:tiny, envs:easy, envs:nano) or "
                                                       "a Hugging Face dataset name (needs `datasets`, online)")
     _add_backend_and_ttc_flags(p)
     # Evaluation

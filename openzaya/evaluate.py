@@ -101,6 +101,10 @@ SUITES = {
     "envs:easy": env_suite([("long_addition", 0), ("multi_step_arithmetic", 0), ("gcd", 0), ("lcm", 0),
                             ("linear_equation", 0), ("digit_sum", 0), ("modular_arithmetic", 0), ("factorial", 0)],
                            seeds_per_env=2),
+    # the environments of the nano speedrun (easy levels), held-out seeds
+    "envs:nano": env_suite([(e, d) for e in ("long_addition", "digit_sum", "reverse_string", "sort_letters",
+                                             "palindrome_check", "boolean_expression", "count_vowels",
+                                             "integer_power") for d in (0, 1)], seeds_per_env=2),
 }
 
 
