@@ -110,6 +110,13 @@ class Backend:
     def tail_approximation(self) -> str | None:
         return None if self.tokenizer is not None else f"last {CHARS_PER_TOKEN} characters per token"
 
+    def prompt_ids(self, request: Request) -> list[int]:
+        """Prompt text: encoded with the tokenizer's special tokens (BOS); messages: the chat template (holds BOS)."""
+        if request.messages is not None:
+            return self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True,
+                                                      enable_thinking=request.enable_thinking, tokenize=True)
+        return self.tokenizer.encode(request.prompt)
+
     def count_tokens(self, text: str) -> int | None:
         return None if self.tokenizer is None else len(self.tokenizer.encode(text, add_special_tokens=False))
 
@@ -161,12 +168,6 @@ class LocalBackend(Backend):
                              decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
         self.eos_ids = sorted(set(model.config.eos_ids + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])))
         self.name = str(model_dir) if model_dir is not None else "local-model"
-
-    def prompt_ids(self, request: Request) -> list[int]:
-        if request.messages is not None:
-            return self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True,
-                                                      enable_thinking=request.enable_thinking, tokenize=True)
-        return self.tokenizer.encode(request.prompt)
 
     def generate(self, requests: list[Request]) -> list[list[Completion]]:
         from .engine import GenParams
@@ -242,13 +243,6 @@ class HFBackend(Backend):
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self.batch_size = batch_size
         self.name = str(model_dir)
-
-    def prompt_ids(self, request: Request) -> list[int]:
-        """Prompt text: encoded with the tokenizer's special tokens (BOS); messages: the chat template (holds BOS)."""
-        if request.messages is not None:
-            return self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True,
-                                                      enable_thinking=request.enable_thinking, tokenize=True)
-        return self.tokenizer.encode(request.prompt)
 
     def generate(self, requests: list[Request]) -> list[list[Completion]]:
         requests = list(requests)
