@@ -11,15 +11,6 @@ def toy_decode(ids):
     return "".join(chr(97 + i % 26) for i in ids)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # NOTE: tiny matmuls on a shared 2-core machine are far faster on one thread (no OpenMP barrier waits).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
     # A large init spread so that greedy outputs vary (std 0.02 makes a random model repeat one token).

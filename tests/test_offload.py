@@ -25,14 +25,6 @@ from zaya_ref import random_model, tiny_config
 E = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def diverse_router_model(cfg, seed=0):
     """A random model whose routers spread tokens over many experts (init routers send nearly all to one)."""
     model = random_model(cfg, seed=seed)
