@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -271,6 +272,8 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
     torch.set_num_threads(cfg.threads)
     out = Path(root) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("eval", "rl"):      # a rerun starts fresh: TTC traces would be resumed, RL metrics appended
+        shutil.rmtree(out / stale, ignore_errors=True)
     timings = {}
 
     def lap(name):
