@@ -23,14 +23,6 @@ from openzaya.tokenizer import train_bpe
 from zaya_ref import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_policy(seed=0):
     tok = train_bpe(["hello world 123"], vocab_size=264)      # bytes + specials only: no merges
     cfg = tiny_config(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,

@@ -12,7 +12,6 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 from openzaya.backends import OpenAIBackend, Request, SamplingParams
 from openzaya.engine import Engine, GenParams
@@ -21,14 +20,6 @@ from test_local_backend import make_checkpoint
 from zaya_ref import random_model, tiny_config
 
 KEY = "sk-test"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,7 @@ SMALL = dict(population=4, candidates=2, rounds=2, tail_tokens=8, budget_tokens=
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield LocalBackend(make_checkpoint(tmp_path_factory.mktemp("ttc") / "m"), max_slots=16, max_len=1024)
-    torch.set_num_threads(threads)
+    return LocalBackend(make_checkpoint(tmp_path_factory.mktemp("ttc") / "m"), max_slots=16, max_len=1024)
 
 
 PROBLEMS = [TTCProblem("p0", "1 plus 2 is"), TTCProblem("p1", "3 plus 4 is")]
