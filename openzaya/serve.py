@@ -312,12 +312,15 @@ async def wait_jobs(sched: Scheduler, jobs: list[Job], events: asyncio.Queue, re
             left = deadline - time.monotonic()
             if left <= 0:
                 raise APIError(408, "request timed out", "timeout_error", code="timeout")
-            try:
-                idx, ev = await asyncio.wait_for(events.get(), timeout=min(1.0, left))
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    return
-                continue
+            if not events.empty():   # the common case under load: skip wait_for's task and timer
+                idx, ev = events.get_nowait()
+            else:
+                try:
+                    idx, ev = await asyncio.wait_for(events.get(), timeout=min(1.0, left))
+                except asyncio.TimeoutError:
+                    if request is not None and await request.is_disconnected():
+                        return
+                    continue
             if ev[0] == "error":
                 raise APIError(ev[1], ev[2], "server_error" if ev[1] >= 500 else "invalid_request_error",
                                code="timeout" if ev[1] == 408 else None)
