@@ -403,12 +403,14 @@ class OpenAIBackend(Backend):
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, max_concurrency: int = 16,
                  timeout_s: float = 600.0, max_retries: int = 4, backoff_s: float = 0.5,
-                 tokenizer: Tokenizer | str | os.PathLike | None = None, logprobs: bool = False):
+                 tokenizer: Tokenizer | str | os.PathLike | None = None, logprobs: bool = False,
+                 token_ids: bool = False):
         base_url = base_url.rstrip("/")
         self.base_url = base_url if base_url.endswith("/v1") else base_url + "/v1"
         self.model, self.api_key = model, api_key
         self.max_concurrency, self.timeout_s = max_concurrency, timeout_s
         self.max_retries, self.backoff_s, self.logprobs = max_retries, backoff_s, logprobs
+        self.token_ids = token_ids     # ask for the sampled token ids (vLLM's and openzaya's return_token_ids)
         self.tokenizer = Tokenizer.load(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         self.chat_max_tokens_key = "max_completion_tokens"
         self.native_n = {"completions": True, "chat/completions": True}
@@ -448,6 +450,8 @@ class OpenAIBackend(Backend):
             body["top_k"] = p.top_k
         if p.min_p > 0:
             body["min_p"] = p.min_p
+        if self.token_ids:
+            body["return_token_ids"] = True
         if route == "completions":
             body.update(prompt=r.prompt, max_tokens=p.max_tokens)
             if self.logprobs:

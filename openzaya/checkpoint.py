@@ -123,22 +123,13 @@ def load_state_dict(ckpt_dir: str | Path, dtype: torch.dtype | None = None, devi
     return sd
 
 
-def from_pretrained(ckpt_dir: str | Path, dtype: torch.dtype | None = None, device="cpu") -> ZayaForCausalLM:
-    """Load a native-layout ZAYA checkpoint (ours or transformers'). dtype defaults to the config's."""
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "config.json").exists():
-        raise FileNotFoundError(f"{ckpt_dir}: no config.json (is this a ZAYA checkpoint directory?)")
-    cfg = ZayaConfig.load(ckpt_dir)
-    dtype = dtype or cfg.torch_dtype
+def _checked_state_dict(ckpt_dir: Path, cfg: ZayaConfig, expected: dict, dtype, device) -> dict:
+    """The checkpoint's tensors, checked against `expected` (a state_dict of the target model): same keys, shapes."""
     sd = load_state_dict(ckpt_dir, dtype=dtype, device=device)
     if cfg.tie_word_embeddings:
         tied = sd.pop(TIED_KEY, None)
         if tied is not None and "model.embed_tokens.weight" not in sd:
             sd["model.embed_tokens.weight"] = tied
-
-    with torch.device("meta"):
-        model = ZayaForCausalLM(cfg)
-    expected = {k: v for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
@@ -149,6 +140,36 @@ def from_pretrained(ckpt_dir: str | Path, dtype: torch.dtype | None = None, devi
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ValueError(f"{ckpt_dir}: weight {k} has shape {tuple(v.shape)}, "
                              f"the config expects {tuple(expected[k].shape)}")
+    return sd
+
+
+def from_pretrained(ckpt_dir: str | Path, dtype: torch.dtype | None = None, device="cpu") -> ZayaForCausalLM:
+    """Load a native-layout ZAYA checkpoint (ours or transformers'). dtype defaults to the config's."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "config.json").exists():
+        raise FileNotFoundError(f"{ckpt_dir}: no config.json (is this a ZAYA checkpoint directory?)")
+    cfg = ZayaConfig.load(ckpt_dir)
+    dtype = dtype or cfg.torch_dtype
+    with torch.device("meta"):
+        model = ZayaForCausalLM(cfg)
+    sd = _checked_state_dict(ckpt_dir, cfg, model.state_dict(), dtype, device)
     model.load_state_dict(sd, assign=True, strict=True)
     cfg.dtype = str(dtype).replace("torch.", "")
     return model.to(device).eval()
+
+
+@torch.no_grad()
+def load_weights_into(model: ZayaForCausalLM, ckpt_dir: str | Path) -> int:
+    """Copy a checkpoint's weights into an existing model in place (same config; dtype and device are the model's),
+    e.g. a server picking up an RL trainer's new policy. Checks everything before changing anything. Returns the
+    number of tensors copied."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "config.json").exists():
+        raise FileNotFoundError(f"{ckpt_dir}: no config.json (is this a ZAYA checkpoint directory?)")
+    cfg = ZayaConfig.load(ckpt_dir)
+    target = model.state_dict()
+    p = next(model.parameters())
+    sd = _checked_state_dict(ckpt_dir, cfg, target, p.dtype, p.device)
+    for k, v in sd.items():
+        target[k].copy_(v)
+    return len(sd)

@@ -156,6 +156,8 @@ def add_serve(sub):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
     p.add_argument("--served-model-name", default=None, help="model id (default: the directory's name)")
+    p.add_argument("--enable-weight-updates", action="store_true",
+                   help="serve POST /update_weights_from_disk {model_path} (RL trainers push new policies)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=-1, help="torch threads (-1 = torch default)")
     # Engine

@@ -16,13 +16,16 @@ How a run goes (a flat narrative in `run()`; the pure pieces live in `rl.py`):
 - `rollout_workers = 0` runs the very same `generate_jobs` inline (synchronous, staleness 0): tests and debugging.
 
 OpenAI-compatible server (`--server-url`): the workers then send the jobs' chat messages to the server instead of
-running the engine, and the weights sync through a directory: every `sync_every` steps the trainer writes the
-policy (HF layout + tokenizer) atomically to `<out>/policy_sync/` and `<out>/policy_sync/VERSION`; the server is
-expected to watch that directory and reload (e.g. vLLM's `/v1/load_weights`-style endpoint or a restart). The
-version a server result is tagged with is the last one published when the job was sent (we cannot see when the
-server actually reloaded). Server completions must return token ids and logprobs to be trainable with the
-behaviour logprobs; without them the trainer re-tokenises the text and uses its own (current) logprobs as the
-behaviour, and router replay is off for them. This path is untested here beyond construction (no server).
+running the engine (asking for `return_token_ids` and logprobs), and the weights sync through a directory: at the
+start and every `sync_every` steps the trainer writes the policy (HF layout + tokenizer) to `<out>/policy_sync/`
+(+ `VERSION`) and POSTs `{"model_path": ...}` to `<server>/update_weights_from_disk` (SGLang's endpoint; `openzaya
+serve --enable-weight-updates` serves it too), which returns once the server swapped the weights in between two
+decode steps. Only then do the workers learn the new version, so a result's version tag is never newer than the
+weights that produced it (sequences in flight at the swap finish on the new weights, tagged old, as in PipelineRL).
+For a server without that endpoint (vLLM) set `server_reload=False` and reload it yourself from the sync
+directory; the tags then assume the reload is immediate. Without token ids in the response the trainer
+re-tokenises the text and uses its own logprobs as the behaviour; router replay is always off for server samples.
+Tested against `openzaya serve` on loopback (tests/test_rl_loop.py).
 
 Checkpoints (`<out>/ckpt/`, every `save_every` steps and at the end): the policy (HF layout + tokenizer) and
 `trainer_state.pt` (optimizer, step, policy version, curriculum + least-sampled sampler + seed counter, RNG, best
@@ -80,17 +83,22 @@ class RLConfig:
     max_solve_rate: float = 1.0       # warmup: 0.75
     # Curriculum
     curriculum: str = "fixed"         # fixed | zaya
-    difficulty: int = 0               # starting (and, for fixed, only) difficulty
+    difficulty: int = 0               # starting (zaya) or lowest (fixed) difficulty
+    max_difficulty: int | None = None  # zaya: the curriculum's ceiling (None = 9); fixed: None = only `difficulty`,
+                                       # else each problem's difficulty is drawn uniformly from difficulty..this
     env_sampling: str = "uniform"     # uniform | least_sampled
     ttc_fraction: float = 0.0         # share of jobs that are self-aggregation prompts (math-code-ttc)
     ttc_candidates: int = 4           # C tails per aggregation prompt
     ttc_tail_tokens: int = 64         # tau
+    ttc_template: str | None = None   # aggregation template text (None = ttc.AGGREGATION_TEMPLATE_V1)
     # Rollouts
     max_new_tokens: int = 64
     temperature: float = 1.0
     max_prompt_tokens: int = 512
     rollout_workers: int = 0          # processes; 0 = inline
     server_url: str | None = None     # OpenAI-compatible server instead of the engine
+    server_model: str | None = None   # the server's model id (None = the first of its /v1/models)
+    server_reload: bool = True        # POST <server>/update_weights_from_disk after each publish (SGLang, openzaya)
     engine_slots: int = 64
     max_staleness: int = 2
     sync_every: int = 1               # push weights every k trainer steps
@@ -218,6 +226,31 @@ def generate_jobs_server(backend, jobs: list[dict], version: int) -> list[dict]:
          "text": c.text} for c in cs]} for j, cs in zip(jobs, comps)]
 
 
+def _server_root(url: str) -> str:
+    url = url.rstrip("/")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+def server_model_name(url: str) -> str:
+    """The first model id a server lists at /v1/models."""
+    import httpx
+    r = httpx.get(_server_root(url) + "/v1/models", timeout=30)
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
+
+
+def server_load_weights(url: str, model_dir: Path):
+    """Ask the server to load `model_dir` (SGLang's and openzaya's POST /update_weights_from_disk); clear error if it
+    cannot (training on against a server that kept old weights would silently be off-policy)."""
+    import httpx
+    r = httpx.post(_server_root(url) + "/update_weights_from_disk", json={"model_path": str(Path(model_dir).resolve())},
+                   timeout=600)
+    if r.status_code != 200 or not r.json().get("success", False):
+        raise RuntimeError(f"{url}: the server did not load the new policy from {model_dir} (HTTP {r.status_code}: "
+                           f"{r.text[:300]}); start `openzaya serve` with --enable-weight-updates, or set "
+                           f"server_reload=False and reload the server yourself")
+
+
 def rollout_worker(worker_id: int, init: dict, job_q, result_q, weights_q):
     """Worker process: build the engine (or server backend), then loop: newest weights -> take jobs -> generate."""
     torch.set_num_threads(1)
@@ -227,7 +260,8 @@ def rollout_worker(worker_id: int, init: dict, job_q, result_q, weights_q):
     version, backend, engine = init["version"], None, None
     if init["server_url"]:
         from openzaya.backends import OpenAIBackend
-        backend = OpenAIBackend(init["server_url"], logprobs=True)
+        backend = OpenAIBackend(init["server_url"], init["server_model"] or server_model_name(init["server_url"]),
+                                logprobs=True, token_ids=True)
     else:
         model = ZayaForCausalLM(ZayaConfig.from_dict(init["config"])).eval()
         model.load_state_dict(init["state_dict"])
@@ -236,7 +270,7 @@ def rollout_worker(worker_id: int, init: dict, job_q, result_q, weights_q):
         try:                                   # swap in the newest weights pushed so far
             while True:
                 version, sd = weights_q.get_nowait()
-                if engine is not None:
+                if engine is not None and sd is not None:
                     engine.model.load_state_dict(sd)
                 del sd
         except queue_mod.Empty:
@@ -284,14 +318,21 @@ class ProblemSource:
         assert not missing, f"unknown environments {missing[:5]} ({len(missing)} missing)"
         assert self.cfg.envs, f"stage {self.cfg.stage}: no environments"
         self.rng = self.rng or random.Random(self.cfg.seed)
+        top = self.cfg.max_difficulty
+        assert top is None or self.cfg.difficulty <= top, f"difficulty {self.cfg.difficulty} > max_difficulty {top}"
         if self.cfg.curriculum == "zaya":
-            self.curriculum = ZayaCurriculum(initial=self.cfg.difficulty)
+            self.curriculum = ZayaCurriculum(initial=self.cfg.difficulty, max_difficulty=9 if top is None else top)
         if self.cfg.env_sampling == "least_sampled":
             self.sampler = LeastSampledSampler(list(self.cfg.envs))
 
     def difficulty(self, name: str) -> int:
         env = self.envs[name]
-        d = self.curriculum.difficulty(name) if self.curriculum is not None else self.cfg.difficulty
+        if self.curriculum is not None:
+            d = self.curriculum.difficulty(name)
+        elif self.cfg.max_difficulty is not None:
+            d = self.rng.randint(self.cfg.difficulty, self.cfg.max_difficulty)
+        else:
+            d = self.cfg.difficulty
         return min(max(d, env.min_difficulty), env.max_difficulty)
 
     def next_problem(self):
@@ -299,9 +340,10 @@ class ProblemSource:
         cfg = self.cfg
         if cfg.ttc_fraction > 0 and len(self.recent) and self.rng.random() < cfg.ttc_fraction:
             problem, tails = self.recent[self.rng.randrange(len(self.recent))]
-            from openzaya.ttc import build_aggregation_prompt
+            from openzaya.ttc import AGGREGATION_TEMPLATE_V1, build_aggregation_prompt
             picked = self.rng.sample(tails, min(cfg.ttc_candidates, len(tails)))
-            return "aggregate", problem.env, problem, build_aggregation_prompt(problem.prompt, picked)
+            prompt = build_aggregation_prompt(problem.prompt, picked, cfg.ttc_template or AGGREGATION_TEMPLATE_V1)
+            return "aggregate", problem.env, problem, prompt
         for _ in range(20):
             name = self.sampler.sample(self.rng) if self.sampler is not None else self.rng.choice(cfg.envs)
             self.seed_counter += 1
@@ -406,11 +448,18 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
         os.replace(d / "trainer_state.pt.tmp", d / "trainer_state.pt")
 
     def publish():
-        """Push the current weights to the rollout side (queues, or the server's sync directory)."""
+        """Push the current weights to the rollout side: the workers' queues, or the server's sync directory (and,
+        with server_reload, the server's update_weights_from_disk, which returns once the server loaded them).
+        Server workers learn the new version only after that, so their results never claim newer weights."""
         if cfg.server_url:
             save_pretrained(model, sync_dir)
             tokenizer.save(sync_dir)
             (sync_dir / "VERSION").write_text(str(version))
+            if cfg.server_reload:
+                server_load_weights(cfg.server_url, sync_dir)
+            for wq in weight_qs:
+                wq.put((version, None))
+            return
         for wq in weight_qs:
             wq.put((version, {k: v.detach().clone() for k, v in model.state_dict().items()}))
 
@@ -422,10 +471,14 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
         import torch.multiprocessing as mp
         ctx = mp.get_context("spawn")
         job_q, result_q = ctx.Queue(), ctx.Queue()
+        if cfg.server_url:
+            assert cfg.chat, "server rollouts send chat messages: set chat=True (the model needs a chat template)"
+            publish()                  # the server starts from exactly the trainer's weights
         init = {"version": version, "config": model.config.to_dict(), "engine_slots": cfg.engine_slots,
                 "max_len": max_len, "router_replay": cfg.router_replay, "server_url": cfg.server_url,
+                "server_model": cfg.server_model,
                 "jobs_per_call": max(1, cfg.engine_slots // G),
-                "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                "state_dict": None if cfg.server_url else {k: v.detach().clone() for k, v in model.state_dict().items()}}
         for w in range(max(cfg.rollout_workers, 1)):
             wq = ctx.Queue()
             weight_qs.append(wq)
@@ -472,12 +525,17 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
         for s in res["samples"]:
             if s["tokens"] is None:                          # server without token ids: re-tokenise its text
                 s["tokens"] = tokenizer.encode(s["text"], add_special_tokens=False)
+                s["logprobs"] = None                         # (they no longer line up with the tokens)
             text = s.get("text") or tokenizer.decode([t for t in s["tokens"] if t not in eos_ids])
             sc = env.score(problem, text)
             rewards.append(stage_reward(cfg.reward, sc, text, cfg.canary))
             accs.append(float(sc.accuracy))
             texts.append(text)
-        tails = [tokenizer.decode(s["tokens"][-cfg.ttc_tail_tokens:]) for s in res["samples"]]
+        tails = []     # the last tau tokens of each sample's reasoning, as Markovian RSA passes them on
+        if cfg.ttc_fraction > 0:
+            from openzaya.tokenizer import split_reasoning
+            tails = [tokenizer.decode(tokenizer.encode(split_reasoning(t)[0], add_special_tokens=False)
+                                      [-cfg.ttc_tail_tokens:]) for t in texts]
         return {**info, **res, "rewards": rewards, "accs": accs, "texts": texts, "tails": tails}
 
     # ---- loop: fill a batch of fresh-enough, informative groups, then one optimizer step

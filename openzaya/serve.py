@@ -35,6 +35,7 @@ no `best_of`, no `logit_bias` (ignored like any unknown field). TTC takes a sing
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import secrets
 import threading
@@ -42,6 +43,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
@@ -51,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backends import Backend, BackendError, Completion, Request
+from .checkpoint import load_weights_into
 from .engine import Engine, GenParams, GenResult
 from .tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer, split_reasoning
 
@@ -68,6 +71,7 @@ class ServeConfig:
     shutdown_grace_s: float = 10.0      # in-flight work gets this long on shutdown, then is cancelled
     api_key: str | None = None          # bearer token for /v1/* (None = open)
     model_name: str | None = None       # id served by /v1/models (None = the checkpoint directory's name)
+    weight_updates: bool = False        # serve POST /update_weights_from_disk (RL rollouts; off = 404)
 
 
 class APIError(Exception):
@@ -203,6 +207,14 @@ class Scheduler:
             self.inbox.append(("cancel", jobs))
             self.cond.notify()
 
+    async def call(self, fn):
+        """Run fn() on the scheduler thread between two engine steps (e.g. a weight update); returns its result."""
+        fut = concurrent.futures.Future()
+        with self.cond:
+            self.inbox.append(("call", [(fn, fut)]))
+            self.cond.notify()
+        return await asyncio.wrap_future(fut)
+
     def shutdown(self, grace_s: float):
         """Refuse new work, let in-flight sequences finish for grace_s, cancel the rest, stop the thread."""
         with self.cond:
@@ -229,7 +241,13 @@ class Scheduler:
             out: dict = {}
             for kind, jobs in cmds:
                 for j in jobs:
-                    if kind == "submit":
+                    if kind == "call":
+                        fn, fut = j
+                        try:
+                            fut.set_result(fn())
+                        except Exception as e:   # reported to the caller, the scheduler goes on
+                            fut.set_exception(e)
+                    elif kind == "submit":
                         self._submit_one(j, out)
                     elif j.handle is not None and not j.finished:
                         self._drop(j, None, out)
@@ -472,6 +490,8 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ttc: TTCSpec | None = None
+    return_token_ids: bool = Field(False, description="vLLM extension: each choice carries its sampled token_ids "
+                                                      "(non-streaming requests)")
 
 
 class CompletionBody(_Sampling):
@@ -488,6 +508,10 @@ class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     reasoning_content: str | None = None
+
+
+class UpdateWeightsBody(_Strict):
+    model_path: str
 
 
 class ChatTemplateKwargs(_Strict):
@@ -515,6 +539,7 @@ class ServerState:
         self.metrics = Metrics()
         self.sched = Scheduler(engine, cfg.max_queue, self.metrics)
         self.created = int(time.time())
+        self.weights_version = 0        # weight updates applied (update_weights_from_disk)
 
     def gen_params(self, temperature, top_p, top_k, min_p, max_tokens, stop, seed) -> GenParams:
         return GenParams(temperature=1.0 if temperature is None else temperature,
@@ -701,6 +726,23 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig | None = N
         return {"object": "list", "data": [{"id": srv.model_name, "object": "model", "created": srv.created,
                                             "owned_by": "openzaya", "max_model_len": srv.limit}]}
 
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(body: UpdateWeightsBody):
+        """SGLang's endpoint: load new weights (same config) from a checkpoint directory into the running engine,
+        between two engine steps; sequences in flight continue with the new weights (as PipelineRL does)."""
+        if not cfg.weight_updates:
+            raise APIError(404, "weight updates are off (start the server with --enable-weight-updates)",
+                           code="not_found")
+        path = Path(body.model_path)
+        if not (path / "config.json").exists():
+            raise APIError(400, f"{path}: not a checkpoint directory (no config.json)", param="model_path")
+        try:
+            n = await srv.sched.call(lambda: load_weights_into(engine.model, path))
+        except (KeyError, ValueError, OSError) as e:
+            raise APIError(400, f"cannot load {path}: {e}", param="model_path")
+        srv.weights_version += 1
+        return {"success": True, "message": f"loaded {n} tensors from {path}", "weights_version": srv.weights_version}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: HTTPRequest):
         srv.check_model(body.model)
@@ -710,6 +752,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig | None = N
             if len(prompts) != 1 or not isinstance(body.prompt, str):
                 raise APIError(400, "ttc takes one text prompt", param="prompt")
             return await _ttc(srv, body, body.prompt, None, True, request, deadline, chat=False)
+        if body.stream and body.return_token_ids:
+            raise APIError(400, "return_token_ids is supported for non-streaming requests only", param="stream")
         max_tokens = [srv.max_tokens(body, len(p), 16) for p in prompts]
         jobs = srv.jobs_for(body, prompts, max_tokens, body.stream, deadline)
         events = srv.submit(jobs)
@@ -726,6 +770,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig | None = N
             choices.append({"index": j.index, "text": res.text, "finish_reason": res.finish_reason,
                             "logprobs": _token_logprobs(tokenizer, res.tokens, res.logprobs, False, top)
                             if body.logprobs is not None else None})
+            if body.return_token_ids:
+                choices[-1]["token_ids"] = list(res.tokens)
         pt, ct = sum(len(p) for p in prompts), sum(r.completion_tokens for r in results)
         srv.count_usage(pt, ct)
         return {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name,
@@ -743,6 +789,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig | None = N
             c = users[0].content
             question = c if isinstance(c, str) else "".join(p.text for p in c or [])
             return await _ttc(srv, body, question, ids, thinking, request, deadline, chat=True)
+        if body.stream and body.return_token_ids:
+            raise APIError(400, "return_token_ids is supported for non-streaming requests only", param="stream")
         max_tokens = srv.max_tokens(body, len(ids), None)
         jobs = srv.jobs_for(body, [ids], [max_tokens], body.stream, deadline)
         events = srv.submit(jobs)
@@ -761,6 +809,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig | None = N
                             "message": {"role": "assistant", "content": answer, "reasoning_content": reasoning},
                             "logprobs": _token_logprobs(tokenizer, res.tokens, res.logprobs, True, top)
                             if body.logprobs else None})
+            if body.return_token_ids:
+                choices[-1]["token_ids"] = list(res.tokens)
         pt, ct = len(ids), sum(r.completion_tokens for r in results)
         srv.count_usage(pt, ct)
         return {"id": rid, "object": "chat.completion", "created": created, "model": srv.model_name,
@@ -1044,7 +1094,7 @@ class _GuardMiddleware:
             await send(message)
 
         try:
-            if cfg.api_key and path.startswith("/v1/"):
+            if cfg.api_key and (path.startswith("/v1/") or path == "/update_weights_from_disk"):
                 auth = headers.get("authorization", "")
                 token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
                 if not secrets.compare_digest(token.encode(), cfg.api_key.encode()):
@@ -1136,7 +1186,8 @@ def main(args) -> int:
                       max_queue=args.max_queue, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
                       request_timeout_s=args.request_timeout_s, max_ttc_population=args.max_ttc_population,
                       max_ttc_rounds=args.max_ttc_rounds, shutdown_grace_s=args.shutdown_grace_s,
-                      api_key=args.api_key, model_name=args.served_model_name)
+                      api_key=args.api_key, model_name=args.served_model_name,
+                      weight_updates=args.enable_weight_updates)
     gb = getattr(args, "expert_cache_gb", -1)
     app = load_app(args.model, cfg, device=args.device, expert_cache_gb=gb if gb > 0 else None)
     print(f"serving {app.state.srv.model_name} on http://{args.host}:{args.port}/v1 "

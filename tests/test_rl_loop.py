@@ -160,6 +160,86 @@ def test_self_aggregation_prompts_come_from_own_rollouts():
     assert problem.prompt in text2 and "tail one 17" in text2 and "tail two 42" in text2
 
 
+def test_self_aggregation_prompts_use_the_configured_template():
+    envs = _coin_envs(["long_addition"])
+    cfg = rl_loop.RLConfig(envs=["long_addition"], ttc_fraction=1.0, ttc_candidates=2,
+                           ttc_template="{question}|{candidates}END")
+    src = rl_loop.ProblemSource(cfg, envs)
+    kind, name, problem, _ = src.next_problem()
+    src.update(name, problem, kind, [0.0, 1.0], [0.0, 1.0], ["tail A", "tail B"])
+    kind, _, _, text = src.next_problem()
+    assert kind == "aggregate" and text.startswith(problem.prompt + "|") and text.endswith("END")
+    assert "tail A" in text and "tail B" in text and len(text) < len(problem.prompt) + 200   # not the long default
+
+
+def test_difficulty_range_and_curriculum_ceiling():
+    envs = _coin_envs(["long_addition"])
+    fixed = rl_loop.ProblemSource(rl_loop.RLConfig(envs=["long_addition"], difficulty=1), envs)
+    assert {fixed.next_problem()[2].difficulty for _ in range(20)} == {1}
+    ranged = rl_loop.ProblemSource(rl_loop.RLConfig(envs=["long_addition"], difficulty=0, max_difficulty=2), envs)
+    assert {ranged.next_problem()[2].difficulty for _ in range(60)} == {0, 1, 2}
+    zaya = rl_loop.ProblemSource(rl_loop.RLConfig(envs=["long_addition"], curriculum="zaya", max_difficulty=1), envs)
+    for _ in range(5):                                        # solved every time: climbs, but not above the ceiling
+        kind, name, problem, _ = zaya.next_problem()
+        zaya.update(name, problem, kind, [1.0] * 4, [1.0] * 4, [])
+    assert zaya.difficulty("long_addition") == 1
+    with pytest.raises(AssertionError, match="max_difficulty"):
+        rl_loop.ProblemSource(rl_loop.RLConfig(envs=["long_addition"], difficulty=3, max_difficulty=2), envs)
+
+
+def test_rollouts_through_an_openai_server_with_weight_sync(tmp_path):
+    """The --server-url path against `openzaya serve` on loopback: rollouts come from the server (token ids and
+    logprobs included), the trainer pushes every new policy through update_weights_from_disk, and the server ends
+    with exactly the trainer's weights."""
+    from openzaya.checkpoint import save_pretrained
+    from openzaya.serve import ServeConfig, ServerThread, load_app
+    model, tok = tiny_policy()
+    save_pretrained(model, tmp_path / "init")
+    tok.save(tmp_path / "init")
+    app = load_app(tmp_path / "init", ServeConfig(max_slots=16, max_len=256, weight_updates=True))
+    srv = app.state.srv
+    with ServerThread(app) as server:
+        cfg = digits_config(tmp_path, steps=3, prompts_per_step=2, samples_per_prompt=4, chat=True,
+                            server_url=server.url + "/v1", max_staleness=2)
+        res = rl_loop.run(cfg, model=model, tokenizer=tok, envs=digits_env())
+        served = srv.metrics.render(srv.sched)
+    assert res["steps"] == 3
+    assert srv.weights_version == 1 + 3                       # the initial publish + one per step (sync_every 1)
+    trained = res["model"].state_dict()
+    for k, v in srv.engine.model.state_dict().items():
+        assert torch.equal(v, trained[k]), k                   # the server runs the trainer's final policy
+    assert 'openzaya_requests_total{endpoint="/v1/chat/completions",code="200"}' in served, served[:2000]
+    assert all(m["stale_max"] <= 2 for m in res["metrics"])
+    fresh = [m["mismatch"] for m in res["metrics"] if m["stale_max"] == 0]
+    assert fresh and max(fresh) < 1e-4     # samples of the trainer's current weights: the server's logprobs = ours
+
+
+def test_server_weight_updates_are_off_by_default_and_checked(tmp_path):
+    import httpx
+
+    from openzaya.checkpoint import save_pretrained
+    from openzaya.serve import ServeConfig, ServerThread, load_app
+    model, tok = tiny_policy()
+    save_pretrained(model, tmp_path / "m")
+    tok.save(tmp_path / "m")
+    with ServerThread(load_app(tmp_path / "m", ServeConfig(max_slots=2, max_len=64))) as server:
+        r = httpx.post(server.url + "/update_weights_from_disk", json={"model_path": str(tmp_path / "m")})
+        assert r.status_code == 404 and "enable-weight-updates" in r.json()["error"]["message"]
+    other = ZayaForCausalLM(tiny_config(vocab_size=tok.vocab_size, hidden_size=48))
+    save_pretrained(other, tmp_path / "other")
+    app = load_app(tmp_path / "m", ServeConfig(max_slots=2, max_len=64, weight_updates=True, api_key="k"))
+    with ServerThread(app) as server:
+        body = {"model_path": str(tmp_path / "other")}
+        assert httpx.post(server.url + "/update_weights_from_disk", json=body).status_code == 401
+        r = httpx.post(server.url + "/update_weights_from_disk", json=body, headers={"Authorization": "Bearer k"})
+        assert r.status_code == 400 and "shape" in r.json()["error"]["message"]     # nothing was changed
+        r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": "Bearer k"},
+                       json={"model": app.state.srv.model_name, "messages": [{"role": "user", "content": "hi"}],
+                             "max_tokens": 3, "return_token_ids": True, "logprobs": True})
+        ch = r.json()["choices"][0]
+        assert len(ch["token_ids"]) == len(ch["logprobs"]["content"]) == r.json()["usage"]["completion_tokens"]
+
+
 # ---- checkpoint and resume
 
 def test_resume_continues_a_run(tmp_path):
