@@ -197,12 +197,17 @@ def add_rl(sub):
     p.add_argument("--prompts-per-step", type=int, default=None)
     p.add_argument("--samples-per-prompt", type=int, default=None, help="G (default 16)")
     p.add_argument("--difficulty", type=int, default=None, help="starting difficulty")
+    p.add_argument("--max-difficulty", type=int, default=None,
+                   help="curriculum ceiling (zaya); with a fixed curriculum, draw from difficulty..this")
     # Rollouts
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--rollout-workers", type=int, default=None, help="worker processes (0 = inline)")
     p.add_argument("--max-staleness", type=int, default=None, help="max policy versions a sample may lag")
     p.add_argument("--sync-every", type=int, default=None, help="push weights every k trainer steps")
     p.add_argument("--server-url", default=None, help="OpenAI-compatible server for rollouts (see rl_loop docs)")
+    p.add_argument("--server-model", default=None, help="the server's model id (default: first of /v1/models)")
+    p.add_argument("--no-server-reload", action="store_true",
+                   help="do not POST update_weights_from_disk after each publish (reload the server yourself)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=lambda a: __import__("openzaya.rl_loop", fromlist=["main"]).main(a))

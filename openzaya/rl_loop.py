@@ -703,8 +703,11 @@ def main(args) -> int:
         "steps": args.steps, "lr": args.lr, "prompts_per_step": args.prompts_per_step,
         "samples_per_prompt": args.samples_per_prompt, "max_new_tokens": args.max_new_tokens,
         "rollout_workers": args.rollout_workers, "max_staleness": args.max_staleness, "sync_every": args.sync_every,
-        "server_url": args.server_url, "seed": args.seed, "difficulty": args.difficulty,
+        "server_url": args.server_url, "server_model": args.server_model, "seed": args.seed,
+        "difficulty": args.difficulty, "max_difficulty": args.max_difficulty,
         "save_every": args.save_every}.items() if v is not None}
+    if args.no_server_reload:
+        overrides["server_reload"] = False
     if args.envs:
         overrides["envs"] = args.envs.split(",")
     if args.cascade:

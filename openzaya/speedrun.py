@@ -12,20 +12,21 @@ Nano-scale simplifications, stage by stage:
   problem of the same env and difficulty (a wrong candidate); target = the problem's solver trace. Markovian RSA in
   the evaluation uses the same template file, so the model has seen its aggregation prompts.
 - RL (rl_loop.run, one stage after the other from the previous stage's checkpoint), every stage restricted to
-  environments the SFT model gets signal on (RL_STAGE_ENVS), with the presets' algorithms and LR ratios (the nano LR
-  `rl_lr` replaces the 1e-5 base, scaled like the presets: warmup/rlve x1, math-code-ttc x0.5, behavioral x0.2):
-  warmup = arithmetic/number-theory/logic envs at difficulty 0 with the 75% solve-rate filter; rlve = all signal
-  envs under ZAYA1's two-sided adaptive curriculum with least-sampled env sampling; math-code-ttc = the arithmetic
-  envs only (no code envs: the nano model cannot write code) and ttc_fraction 0 (rl_loop builds self-aggregation
-  prompts with the long default template, which does not fit the nano context; aggregation is trained in SFT);
-  behavioral = GRPO with std normalisation, LR x0.2, no length reward, reward "gated_quality" on the string envs: the
-  gate is the env's own answer checker (the nano SFT data has no instruction-following samples, so the ifeval
-  checkers would give no signal) times rl_loop.quality_score of the extracted answer (~0.55 for a one-word answer,
-  so in effect a scaled accuracy reward).
-- Evaluation: `single` (one sample) and `markovian_rsa` (N, C, T, tau, beta of the config) through LocalBackend at the
+  environments the SFT model gets signal on (RL_STAGE_ENVS) at difficulties 0-1 (max_difficulty=1), with the
+  presets' algorithms and LR ratios (the nano LR `rl_lr` replaces the 1e-5 base, scaled like the presets:
+  warmup/rlve x1, math-code-ttc x0.5, behavioral x0.2): warmup = arithmetic/logic envs with the 75% solve-rate
+  filter; rlve = all signal envs under ZAYA1's two-sided adaptive curriculum (ceiling 1) with least-sampled env
+  sampling; math-code-ttc = the arithmetic envs (no code envs: the nano model cannot write code) with 25%
+  self-aggregation prompts built from the policy's own reasoning tails with the nano template (C and tau of the
+  evaluation); behavioral = GRPO with std normalisation, LR x0.2, no length reward, reward "gated_quality" on the
+  string envs: the gate is the env's own answer checker (the nano SFT data has no instruction-following samples, so
+  the ifeval checkers would give no signal) times rl_loop.quality_score of the extracted answer (~0.55 for a
+  one-word answer, so in effect a scaled accuracy reward).
+- Evaluation: `single` (one sample per run, `eval_single_samples` runs per problem, avg@k) and `markovian_rsa`
+  (N, C, T, tau, beta of the config, one run: the majority of its final population) through LocalBackend at the
   same temperature and per-call budget, on `eval_problems` held-out problems per env and difficulty over EVAL_ENVS
-  (the envs where the SFT model is neither at 0 nor at 100%); accuracy with the binomial standard error over problems,
-  and the paired standard error of each difference.
+  (the envs where the SFT model is neither at 0 nor at 100%); accuracy with the standard error over problems, and
+  the paired standard error of each difference.
 `--ablation-trim` adds two extra SFT runs at a tight context budget (answer-preserving trimming vs plain truncation)
 and reports both, whatever they show. `--no-rl` stops after SFT (and its evaluation).
 """
@@ -46,12 +47,14 @@ NANO_ENVS = ["long_addition", "digit_sum", "reverse_string", "sort_letters", "pa
 EVAL_ENVS = ["long_addition", "digit_sum", "reverse_string", "sort_letters", "boolean_expression", "count_vowels"]
 RL_STAGES = ["warmup", "rlve", "math-code-ttc", "behavioral"]
 # stage -> (environments, starting difficulty, LR multiple of rl_lr, extra RLConfig overrides)
+# Every stage stays within difficulties 0-1 (max_difficulty=1), the levels the nano SFT data covers: above them the
+# model is at 0 (no signal) or, for boolean_expression, at a coin flip that the ZAYA curriculum keeps climbing on.
 RL_STAGE_ENVS = {
-    "warmup": (["digit_sum", "long_addition", "boolean_expression"], 0, 1.0, {}),
+    "warmup": (["digit_sum", "long_addition", "boolean_expression"], 0, 1.0, {"max_difficulty": 1}),
     "rlve": (["reverse_string", "sort_letters", "digit_sum", "boolean_expression", "count_vowels", "long_addition"],
-             0, 1.0, {}),
-    "math-code-ttc": (["digit_sum", "long_addition"], 0, 0.5, {"ttc_fraction": 0.0}),
-    "behavioral": (["reverse_string", "sort_letters", "count_vowels"], 1, 0.2, {}),
+             0, 1.0, {"max_difficulty": 1}),
+    "math-code-ttc": (["digit_sum", "long_addition"], 0, 0.5, {"max_difficulty": 1, "ttc_fraction": 0.25}),
+    "behavioral": (["reverse_string", "sort_letters", "count_vowels"], 0, 0.2, {"max_difficulty": 1}),
 }
 NANO_AGG_TEMPLATE = "{question}\n\n{candidates}Check the candidates and solve it."
 
@@ -77,11 +80,12 @@ class SpeedrunConfig:
     rl_prompts_per_step: int = 8
     rl_samples_per_prompt: int = 8
     rl_max_new_tokens: int = 48
-    rl_lr: float = 5e-4                    # replaces the presets' 1e-5 base (ratios kept)
+    rl_lr: float = 2.5e-4                  # replaces the presets' 1e-5 base (ratios kept); 5e-4 lost accuracy
     rl_max_groups_per_step: int = 256      # a stage with no signal in this many groups stops (reported)
     # evaluation: single vs Markovian RSA (N, C, T, tau, beta) at the same temperature and per-call budget
     eval_envs: list[str] = field(default_factory=lambda: list(EVAL_ENVS))
-    eval_problems: int = 12                # per environment and difficulty, held-out seeds
+    eval_problems: int = 24                # per environment and difficulty, held-out seeds
+    eval_single_samples: int = 4           # `single` runs per problem (avg@k); Markovian RSA runs once
     eval_max_tokens: int = 64              # beta
     eval_temperature: float = 0.7
     ttc_population: int = 4
@@ -158,8 +162,10 @@ def held_out_items(envs: list[str], difficulties: list[int], n: int):
     return items
 
 
-def binomial_se(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+def mean_se(xs: list[float]) -> float:
+    """Standard error of the mean of per-problem scores (0/1, or avg@k fractions)."""
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1) / len(xs))
 
 
 def paired_se(a: list[float], b: list[float]) -> float:
@@ -171,7 +177,7 @@ def paired_se(a: list[float], b: list[float]) -> float:
 
 def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, template_file: str, out_dir: Path) -> dict:
     """`single` and `markovian_rsa` through LocalBackend (our engine) on the same items, same temperature and beta.
-    Returns per method: accuracy, binomial SE, per-cell accuracy and the per-problem correctness vector."""
+    Returns per method: accuracy, its standard error, per-cell accuracy and the per-problem correctness vector."""
     from .backends import LocalBackend
     from .evaluate import evaluate
     from .ttc import TTCConfig
@@ -179,18 +185,18 @@ def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, te
     base = TTCConfig(population=cfg.ttc_population, candidates=cfg.ttc_candidates, rounds=cfg.ttc_rounds,
                      tail_tokens=cfg.ttc_tail_tokens, budget_tokens=cfg.eval_max_tokens,
                      temperature=cfg.eval_temperature, seed=cfg.seed, max_concurrency=256, template_file=template_file)
-    res = evaluate(items, backend, base, ["single", "markovian_rsa"], samples=1, out_dir=out_dir)
-    out = {}
-    for m in ("single", "markovian_rsa"):
+    out = {"wall_s": 0.0}
+    for m, k in (("single", cfg.eval_single_samples), ("markovian_rsa", 1)):
+        res = evaluate(items, backend, base, [m], samples=k, out_dir=out_dir / m)
         correct = [row["methods"][m]["avg@k"] for row in res["problems"]]
         cells: dict[str, list[float]] = {}
         for row, c in zip(res["problems"], correct):
             cells.setdefault(row["id"].rsplit("-", 1)[0], []).append(c)
         acc = sum(correct) / len(correct)
-        out[m] = {"accuracy": acc, "se": binomial_se(acc, len(correct)), "n": len(correct), "correct": correct,
-                  "cells": {k: sum(v) / len(v) for k, v in cells.items()},
+        out[m] = {"accuracy": acc, "se": mean_se(correct), "n": len(correct), "runs": k, "correct": correct,
+                  "cells": {c: sum(v) / len(v) for c, v in cells.items()},
                   "completion_tokens_per_problem": res["methods"][m]["completion_tokens_per_problem"]}
-    out["wall_s"] = res["wall_s"]
+        out["wall_s"] += res["wall_s"]
     return out
 
 
@@ -335,7 +341,9 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
                                    samples_per_prompt=cfg.rl_samples_per_prompt,
                                    max_new_tokens=cfg.rl_max_new_tokens, save_every=cfg.rl_steps, seed=cfg.seed,
                                    engine_slots=cfg.rl_prompts_per_step * cfg.rl_samples_per_prompt * 2,
-                                   max_groups_per_step=cfg.rl_max_groups_per_step, **extra)
+                                   max_groups_per_step=cfg.rl_max_groups_per_step,
+                                   ttc_candidates=cfg.ttc_candidates, ttc_tail_tokens=cfg.ttc_tail_tokens,
+                                   ttc_template=NANO_AGG_TEMPLATE, **extra)
         try:
             res = rl_loop.run(rc, init_dir=cur)
         except RuntimeError as e:     # no learning signal within the scan budget: report it, keep the previous policy
@@ -403,10 +411,11 @@ def write_report(path: Path, r: dict, items):
         lines += ["", "![RL reward per stage](rl_reward.png)" if (path.parent / "rl_reward.png").exists() else "", ""]
     lines += [f"## Held-out accuracy ({n} problems: {c['eval_problems']} per env and difficulty over "
               f"{', '.join(c['eval_envs'])} at difficulties {c['difficulties']}, seeds >= 10000)", "",
-              f"`single` = one sample; `markovian_rsa` = N={c['ttc_population']}, C={c['ttc_candidates']}, "
+              f"`single` = one sample, averaged over {c['eval_single_samples']} runs per problem (avg@k); "
+              f"`markovian_rsa` = N={c['ttc_population']}, C={c['ttc_candidates']}, "
               f"T={c['ttc_rounds']}, tau={c['ttc_tail_tokens']}, beta={c['eval_max_tokens']} (answer = majority of "
               f"the final population); both at temperature {c['eval_temperature']} and beta tokens per call. "
-              "± = binomial standard error over problems; differences carry the paired standard error.", "",
+              "± = standard error over problems; differences carry the paired standard error.", "",
               "| after | single | markovian_rsa | RSA - single | vs SFT (single) | vs SFT (RSA) | decode tokens "
               "single / RSA |", "|---|---|---|---|---|---|---|"]
     base = ev["sft"]

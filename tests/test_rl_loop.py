@@ -261,6 +261,9 @@ def test_cli_rl_flags():
     a = build_parser().parse_args(["rl", "--stage", "rlve", "--init", "x", "--steps", "3", "--rollout-workers", "2",
                                    "--max-staleness", "1", "--sync-every", "2", "--resume"])
     assert a.stage == "rlve" and a.steps == 3 and a.rollout_workers == 2 and a.max_staleness == 1 and a.resume
+    a = build_parser().parse_args(["rl", "--server-url", "http://h:1/v1", "--server-model", "m", "--no-server-reload",
+                                   "--max-difficulty", "1"])
+    assert a.server_url == "http://h:1/v1" and a.server_model == "m" and a.no_server_reload and a.max_difficulty == 1
     a = build_parser().parse_args(["rl", "--cascade", "--init", "sft"])
     assert a.cascade and a.init == "sft"
 

@@ -24,8 +24,9 @@ def test_aggregation_sft_samples_use_template_and_keep_target():
 
 
 def test_standard_errors():
-    assert speedrun.binomial_se(0.5, 100) == pytest.approx(0.05)
-    assert speedrun.binomial_se(1.0, 10) == 0.0
+    assert speedrun.mean_se([0.0, 1.0] * 50) == pytest.approx(0.5 / 99 ** 0.5)   # sample sd 0.5025, / sqrt(100)
+    assert speedrun.mean_se([1.0] * 10) == 0.0
+    assert speedrun.mean_se([0.25, 0.75]) == pytest.approx(0.25)
     a, b = [0, 1, 0, 1], [1, 1, 0, 1]
     assert speedrun.paired_se(a, b) == pytest.approx(0.25)   # diffs 1,0,0,0: sd 0.5, / sqrt(4)
 
