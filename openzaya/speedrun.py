@@ -354,7 +354,8 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
         del res["model"]
         cur = res["ckpt"]
         rl_curves[stage] = res["metrics"]
-        rl_notes[stage] = (f"{res['steps']} steps, envs {', '.join(envs)}, difficulty {difficulty} "
+        top = "" if rc.max_difficulty is None else f"-{rc.max_difficulty}"
+        rl_notes[stage] = (f"{res['steps']} steps, envs {', '.join(envs)}, difficulty {difficulty}{top} "
                            f"({rc.curriculum} curriculum), lr {rc.lr:.1e}, reward {rc.reward}, advantage "
                            f"{rc.advantage}, length c {rc.length_reward_c}, max solve rate {rc.max_solve_rate}, "
                            f"ttc fraction {rc.ttc_fraction}")
