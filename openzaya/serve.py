@@ -21,6 +21,11 @@ How requests flow:
   plus a `ttc` object with the vote and the per-round accounting; `usage` sums every call. With `stream: true`,
   chunks with empty `choices` and a `ttc` progress object are sent after every round, then the answer.
 
+RL trainers: `return_token_ids: true` (vLLM's field) adds each choice's sampled token ids (non-streaming), and with
+`--enable-weight-updates` the server takes SGLang's `POST /update_weights_from_disk {"model_path": DIR}`: the
+checkpoint is checked against the running model, then copied in by the scheduler thread between two engine steps
+(sequences in flight continue on the new weights). Off by default (404); behind the API key when one is set.
+
 Limits and safety: bearer API key (401), body size cap (413), prompt + max tokens within the context (400,
 code context_length_exceeded), caps on n and on the TTC population / rounds (400), a bounded system (slots + queue,
 429 beyond), a per-request timeout (408; the scheduler also cancels overdue jobs itself), client disconnects cancel
