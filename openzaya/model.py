@@ -543,7 +543,6 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.use_grouped_mm = True   # set False to force the per-expert loop (the tested fallback)
 
-    @torch.compiler.disable   # data-dependent token counts, and CPU grouped_mm has no fp32 meta kernel: eager
     def forward(self, x_ND, route_N, weight_N):
         E = self.gate_up_proj.shape[0]
         order_N = torch.argsort(route_N, stable=True)
