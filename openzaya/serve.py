@@ -417,26 +417,37 @@ def _held_suffix(text: str, needles: list[str]) -> int:
 class TextStream:
     """Incremental detokenisation of one sequence: `push(token)` returns the cumulative text that can no longer
     change (no trailing partial UTF-8 character, no tail that may become a stop string, nothing at or after a
-    stop string). `final(result)` returns the engine's exact final text."""
+    stop string). Each push decodes only the tokens since the last committed text plus one token of context
+    (vLLM's prefix/read offsets), so a long stream costs O(length), not O(length^2)."""
 
     def __init__(self, tokenizer: Tokenizer, stops: list[str], eos: set[int]):
         self.tok, self.stops, self.eos = tokenizer, stops, eos
         self.tokens: list[int] = []
+        self.text = ""                    # decode(tokens[:read]), complete characters only
+        self.prefix = self.read = 0       # tokens[prefix:read] = context re-decoded with each new token
         self.safe = ""
+        self.stopped = False
+        self.max_stop = max((len(x) for x in stops), default=0)
 
     def push(self, token: int) -> str:
-        if token in self.eos:
+        if token in self.eos or self.stopped:
             return self.safe
         self.tokens.append(token)
-        text = self.tok.decode(self.tokens)
-        end = len(text)
-        while end and text[end - 1] == "\ufffd":
-            end -= 1
+        head = self.tok.decode(self.tokens[self.prefix:self.read])
+        full = self.tok.decode(self.tokens[self.prefix:])
+        old_len = len(self.text)
+        if len(full) > len(head) and not full.endswith("\ufffd"):   # a partial character waits for its bytes
+            self.text += full[len(head):]
+            self.prefix, self.read = self.read, len(self.tokens)
+        text, end = self.text, len(self.text)
         if self.stops:
-            hits = [p for p in (text.find(s) for s in self.stops) if p >= 0]
-            end = min([end] + hits)
-            end = min(end, len(text) - _held_suffix(text, self.stops)) if not hits else end
-        if end > len(self.safe) and text.startswith(self.safe):
+            start = max(0, old_len - self.max_stop + 1)             # a new stop must overlap the new text
+            hits = [p for p in (text.find(x, start) for x in self.stops) if p >= 0]
+            if hits:
+                end, self.stopped = min(hits), True
+            else:
+                end -= _held_suffix(text, self.stops)
+        if end > len(self.safe):
             self.safe = text[:end]
         return self.safe
 

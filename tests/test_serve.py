@@ -310,3 +310,44 @@ def test_graceful_shutdown_finishes_in_flight_work(ckpt):
     t.join(timeout=60)
     assert box["r"].status_code == 200 and box["r"].json()["usage"]["completion_tokens"] == 200
     assert not s.thread.is_alive() and not app.state.srv.sched.thread.is_alive()
+
+
+def _naive_stream_text(tok, tokens, stops):
+    """What a stream may have shown after `tokens`: the full re-decode, cut at a trailing partial character, at
+    the first stop string, and before a tail that may still become one (the definition TextStream implements)."""
+    from openzaya.serve import _held_suffix
+    text = tok.decode(tokens)
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    hits = [p for p in (text.find(s) for s in stops) if p >= 0]
+    if hits:
+        return text[:min(hits)]
+    return text[:min(end, len(text) - _held_suffix(text, stops))] if stops else text[:end]
+
+
+@pytest.mark.parametrize("which", ["nano", "gemma"])
+def test_text_stream_matches_full_redecode(which, gemma_dir):
+    import random
+
+    from openzaya.serve import TextStream
+    from openzaya.tokenizer import Tokenizer, train_bpe
+    text = "Ünïcödé 漢字 and emoji 🙂🚀 mixed with plain words, STOP here; then more text après."
+    if which == "gemma":
+        tok = Tokenizer.load(gemma_dir[0])
+    else:
+        tok = train_bpe([text, "hello world"], vocab_size=300)
+    ids = tok.encode(text, add_special_tokens=False)
+    rng = random.Random(0)
+    sequences = [ids] + [[rng.choice(ids) for _ in range(40)] for _ in range(5)]   # shuffles split characters
+    for stops in ([], ["STOP"], ["ji 🙂", "zz"]):
+        for seq in sequences:
+            ts = TextStream(tok, stops, eos=set())
+            shown = ""
+            for n, t in enumerate(seq, 1):
+                now = ts.push(t)
+                assert now.startswith(shown)                    # a stream only grows
+                shown = now
+                ref = _naive_stream_text(tok, seq[:n], stops)
+                assert ref.startswith(now)                      # never shows what a full re-decode would not
+            assert shown == _naive_stream_text(tok, seq, stops)
