@@ -443,12 +443,18 @@ def _inputs(gen, rng: random.Random, level: int, count: int) -> list[list]:
     return [gen(rng, n) for _ in range(count)]
 
 
-def _gen_output(prog, rng, level):
+def _reference_value(prog, rng, level):
+    """One random argument list for the program and what the reference implementation returns for it."""
     name, _, src, gen = prog
     args = _inputs(gen, rng, level, 1)[0]
     res = _call(src, name, [args])
     assert res and res[0][0] == "ok", f"reference failed on {args}: {res}"
-    value = res[0][1]
+    return args, res[0][1]
+
+
+def _gen_output(prog, rng, level):
+    name, _, src, _ = prog
+    args, value = _reference_value(prog, rng, level)
     call = f"{name}({', '.join(repr(a) for a in args)})"
     prompt = (f"Here is a Python function:\n\n```python\n{src}```\n\nWhat does `{call}` return? "
               "Give the value as a Python literal.")
@@ -457,16 +463,12 @@ def _gen_output(prog, rng, level):
 
 def _gen_input(prog, rng, level):
     name, _, src, gen = prog
-    args = _inputs(gen, rng, level, 1)[0]
-    res = _call(src, name, [args])
-    assert res and res[0][0] == "ok", f"reference failed on {args}: {res}"
-    value = res[0][1]
+    args, value = _reference_value(prog, rng, level)
+    # NOTE: the example shows the form with the reference arguments' types; it is not necessarily an answer
+    example = _inputs(gen, random.Random(rng.random()), level, 1)[0]
     prompt = (f"Here is a Python function:\n\n```python\n{src}```\n\nGive arguments for which `{name}` returns "
               f"`{value!r}`. Answer with a Python list of the {len(args)} positional argument(s), e.g. "
-              f"`{args!r}` has the right form.")
-    # NOTE: the example shows the form with the reference arguments' types; it is not necessarily an answer
-    example = [_inputs(gen, random.Random(rng.random()), level, 1)[0]]
-    prompt = prompt.replace(f"`{args!r}` has the right form", f"`{example[0]!r}` has the right form")
+              f"`{example!r}` has the right form.")
     return prompt, repr(args), {"task": "input", "program": name, "args": args, "expected": value}
 
 

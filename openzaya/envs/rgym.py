@@ -18,11 +18,10 @@ any valid solution passes, so `openzaya envs check` cannot score a reference): s
 
 from __future__ import annotations
 
-import os
 import random
 
 from openzaya.envs.base import Env, Problem, Score, extract_answer
-from openzaya.envs.rlve import WorkerPool, serve
+from openzaya.envs.rlve import WorkerPool, serve, shared_pool
 
 GEN_TIMEOUT_S = 30.0
 SCORE_TIMEOUT_S = 10.0
@@ -111,14 +110,8 @@ def _serve() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # parent side
 
-_POOL: WorkerPool | None = None
-
-
 def pool() -> WorkerPool:
-    global _POOL
-    if _POOL is None:
-        _POOL = WorkerPool("openzaya.envs.rgym", workers=max(1, min(4, os.cpu_count() or 1)))
-    return _POOL
+    return shared_pool("openzaya.envs.rgym")
 
 
 def _make_env(name: str, levels: int) -> Env:

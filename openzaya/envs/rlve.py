@@ -198,14 +198,18 @@ def _serve() -> None:
 # parent side
 
 
-_POOL: WorkerPool | None = None
+_POOLS: dict[str, WorkerPool] = {}
+
+
+def shared_pool(module: str) -> WorkerPool:
+    """The process-wide pool of workers serving `module` (made on first use, up to 4 workers); rgym uses it too."""
+    if module not in _POOLS:
+        _POOLS[module] = WorkerPool(module, workers=max(1, min(4, os.cpu_count() or 1)))
+    return _POOLS[module]
 
 
 def pool() -> WorkerPool:
-    global _POOL
-    if _POOL is None:
-        _POOL = WorkerPool("openzaya.envs.rlve", workers=max(1, min(4, os.cpu_count() or 1)))
-    return _POOL
+    return shared_pool("openzaya.envs.rlve")
 
 
 def _make_env(name: str) -> Env:
