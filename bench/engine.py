@@ -14,7 +14,6 @@ Prints the ratios and writes runs/bench/engine.json.
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 

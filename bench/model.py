@@ -10,7 +10,6 @@ Run: .venv/bin/python bench/model.py [--quick] [--out runs/bench/model.json]
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 

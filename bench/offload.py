@@ -23,7 +23,6 @@ Prints a table and writes runs/bench/offload.json.
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time

@@ -32,7 +32,6 @@ Dh head dim, C conv channels (=(H+K)*Dh), R router latent, E experts, I expert i
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 

@@ -24,7 +24,6 @@ Shape legend: G samples per group (prompt), B rollouts in a batch, T tokens (pad
 
 from __future__ import annotations
 
-import math
 import zlib
 
 import torch

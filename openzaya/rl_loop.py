@@ -39,7 +39,6 @@ are listed in each preset's docstring.
 from __future__ import annotations
 
 import json
-import math
 import os
 import queue as queue_mod
 import random
@@ -548,7 +547,7 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            batch, drop_stale, drop_flat, gen_tokens, gen_s = [], 0, 0, 0, 0.0
+            batch, drop_stale, drop_flat, gen_tokens = [], 0, 0, 0
             scanned = 0
             while len(batch) < cfg.prompts_per_step:
                 if scanned > cfg.max_groups_per_step:

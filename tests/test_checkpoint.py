@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import openzaya.checkpoint as ckpt
 from openzaya.checkpoint import from_pretrained, save_pretrained
-from zaya_ref import random_model, reference_from, tiny_config
+from zaya_ref import random_model, tiny_config
 
 
 def _ids():

@@ -3,7 +3,6 @@
 Run: .venv/bin/python -m pytest tests/test_model.py
 """
 
-import math
 
 import pytest
 import torch

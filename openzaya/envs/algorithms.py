@@ -218,7 +218,7 @@ def coin_change(rng, d):
     best = [0] + [10 ** 9] * amount
     for s in range(1, amount + 1):
         best[s] = 1 + min(best[s - c] for c in coins if c <= s)
-    steps = [f"best[s] = 1 + min best[s - c] over coins c <= s, best[0] = 0.",
+    steps = ["best[s] = 1 + min best[s - c] over coins c <= s, best[0] = 0.",
              f"best[0..{amount}] = {', '.join(map(str, best))}."]
     return (f"With unlimited coins of values {', '.join(map(str, coins))}, what is the minimum number of coins that "
             f"sum to exactly {amount}?", best[amount], steps)
@@ -262,7 +262,7 @@ def maze(rng, d):
     while True:
         walls = {(r, c) for r in range(rows) for c in range(cols) if rng.random() < 0.3}
         walls -= {(0, 0), (rows - 1, cols - 1)}
-        dist, q, parent = {(0, 0): 0}, deque([(0, 0)]), {}
+        dist, q = {(0, 0): 0}, deque([(0, 0)])
         while q:
             r, c = q.popleft()
             for nr, nc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):

@@ -9,7 +9,6 @@ comma-separated lists. Simplified: no decimals beyond exact percentages, no symb
 from __future__ import annotations
 
 from fractions import Fraction
-from math import gcd
 
 from openzaya.envs.own import compact_score, fraction_score, fraction_str, make_env
 
