@@ -615,6 +615,65 @@ class ZayaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+class _LMHeadLogprobs(torch.autograd.Function):
+    """log softmax(h W^T)[target] per row, a chunk of rows at a time: the [N, V] logits never exist at once
+    (at the released vocab of 262K, 64K tokens of fp32 logits would be 68 GB, before log_softmax's copies). The backward recomputes each chunk's
+    logits: d logp / d logits = onehot(target) - softmax. Rows with target < 0 get logp 0 and no gradient.
+    Matmuls run in `dtype` (the autocast dtype when autocast is on), softmax statistics in fp32."""
+
+    @staticmethod
+    def forward(ctx, h_ND, w_VD, target_N, chunk: int, dtype):
+        logp_N = torch.zeros(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
+        lse_N = torch.zeros_like(logp_N)
+        w = w_VD.to(dtype)
+        valid_N = target_N >= 0
+        tgt_N = target_N.clamp_min(0)
+        for i in range(0, h_ND.shape[0], chunk):
+            logits_nV = F.linear(h_ND[i:i + chunk].to(dtype), w).float()
+            lse_n = torch.logsumexp(logits_nV, dim=-1)
+            lse_N[i:i + chunk] = lse_n
+            logp_N[i:i + chunk] = logits_nV.gather(1, tgt_N[i:i + chunk, None])[:, 0] - lse_n
+        ctx.save_for_backward(h_ND, w_VD, tgt_N, valid_N, lse_N)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return logp_N * valid_N
+
+    @staticmethod
+    def backward(ctx, g_N):
+        h_ND, w_VD, tgt_N, valid_N, lse_N = ctx.saved_tensors
+        dtype = ctx.dtype
+        w = w_VD.to(dtype)
+        g_N = g_N.float() * valid_N
+        grad_h = torch.empty_like(h_ND) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if ctx.needs_input_grad[1] else None
+        for i in range(0, h_ND.shape[0], ctx.chunk):
+            h_nD = h_ND[i:i + ctx.chunk].to(dtype)
+            probs_nV = torch.exp(F.linear(h_nD, w).float() - lse_N[i:i + ctx.chunk, None])
+            g_n1 = g_N[i:i + ctx.chunk, None]
+            dlogits_nV = (probs_nV * -g_n1).scatter_add_(1, tgt_N[i:i + ctx.chunk, None], g_n1).to(dtype)
+            if grad_h is not None:
+                grad_h[i:i + ctx.chunk] = dlogits_nV @ w
+            if grad_w is not None:
+                grad_w += (dlogits_nV.T @ h_nD).float()
+        return grad_h, None if grad_w is None else grad_w.to(w_VD.dtype), None, None, None
+
+
+def lm_head_logprobs(h_ND, w_VD, target_N, max_chunk_logits: int = 2**26):
+    """Per-row log-probability of `target_N` under softmax(h W^T), fp32 [N]; 0 where target < 0 (ignored).
+
+    When all N x V logits fit in `max_chunk_logits` (256 MB of fp32 by default) they are computed at once with a
+    plain autograd graph; above that, chunks of rows with the recomputing backward (about one extra LM-head matmul,
+    memory bounded by the chunk)."""
+    N, V = h_ND.shape[0], w_VD.shape[0]
+    if N * V <= max_chunk_logits:
+        logits_NV = F.linear(h_ND, w_VD).float()
+        logp_N = torch.log_softmax(logits_NV, dim=-1).gather(1, target_N.clamp_min(0)[:, None])[:, 0]
+        return logp_N * (target_N >= 0)
+    dtype = h_ND.dtype
+    if torch.is_autocast_enabled(h_ND.device.type):
+        dtype = torch.get_autocast_dtype(h_ND.device.type)
+    return _LMHeadLogprobs.apply(h_ND, w_VD, target_N, max(1, max_chunk_logits // V), dtype)
+
+
 # -----------------------------------------------------------------------------
 # The causal LM
 
@@ -747,6 +806,15 @@ class ZayaForCausalLM(nn.Module):
         if return_routes:
             return out, torch.stack(routes)
         return out
+
+    def token_logprobs(self, input_ids, targets_BT, **forward_kwargs):
+        """log p(targets_BT[b, t] | input_ids[b, :t+1]) [B, T'] fp32 for the first T' <= T positions, through the
+        chunked LM head (no [B, T, V] logits); targets < 0 (e.g. -100) are ignored: logprob 0, no gradient.
+        `forward_kwargs` go to `forward` (attention_mask, replay_routes, segment_ids_BT, ...)."""
+        h_BTD = self(input_ids, return_hidden=True, **forward_kwargs)
+        B, Tt = targets_BT.shape
+        h_ND = h_BTD[:, :Tt].reshape(B * Tt, -1)
+        return lm_head_logprobs(h_ND, self.output_embeddings(), targets_BT.reshape(-1)).view(B, Tt)
 
     # --- training-only: bias balancing (TR eq. 5) and load statistics ------------------------------
     def routers(self) -> list[Router]:

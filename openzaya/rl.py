@@ -156,12 +156,7 @@ def repetition_canary(text: str, threshold: float = 0.05, chunk_bytes: int = 102
 
 
 # -----------------------------------------------------------------------------
-# Per-token log-probabilities and trust regions; all [B, T] tensors, mask_BT = completion tokens
-
-
-def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] per position, fp32."""
-    return torch.log_softmax(logits_BTV.float(), dim=-1).gather(-1, targets_BT[..., None])[..., 0]
+# Trust regions on per-token log-probabilities (model.token_logprobs); all [B, T] tensors, mask_BT = completion tokens
 
 
 def dppo_tv_mask(logp_BT: torch.Tensor, behav_logp_BT: torch.Tensor, delta: float = 0.1) -> torch.Tensor:

@@ -610,8 +610,7 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
                 replay = None
                 if cfg.router_replay and all(r is not None for r in routes[sl]):
                     replay = rl.pad_routes(routes[sl], T)
-                logits_BTV = model(ids_BT, replay_routes=replay)[:, :-1]
-                logp_BT = rl.token_logprobs(logits_BTV, ids_BT[:, 1:])
+                logp_BT = model.token_logprobs(ids_BT, ids_BT[:, 1:], replay_routes=replay)   # chunked LM head
                 if any(b is None for b in behav[sl]):            # server without logprobs: on-policy assumption
                     behav_BT = logp_BT.detach()
                 else:

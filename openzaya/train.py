@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -360,10 +359,9 @@ def run(cfg: TrainConfig) -> dict:
         for m in range(accum):
             b = mine[m * cfg.device_batch_size:(m + 1) * cfg.device_batch_size]
             ids, seg, labels = ids_W[b].to(device), seg_W[b].to(device), labels_W[b].to(device)
-            with autocast:
-                logits = model(ids[:, :-1], segment_ids_BT=seg[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                   reduction="sum") / max(n_targets, 1)
+            with autocast:   # chunked LM head: no [B, T, V] logits (labels -100 score 0)
+                logp_BT = model.token_logprobs(ids[:, :-1], labels, segment_ids_BT=seg[:, :-1])
+            loss = -logp_BT.sum() / max(n_targets, 1)
             loss.backward()
             loss_sum += loss.detach()
         if world > 1:

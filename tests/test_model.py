@@ -3,6 +3,7 @@
 Run: .venv/bin/python -m pytest tests/test_model.py
 """
 
+import math
 
 import pytest
 import torch
@@ -222,6 +223,43 @@ def test_overfits_fixed_batch():
         losses.append(loss.item())
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.1 * losses[0]
+
+
+def test_lm_head_logprobs_hand_values_and_chunked_equals_full():
+    """Hand values, then the chunked (recomputing) path against log_softmax of the full logits: values and
+    gradients for h and W, ignored targets (-100) scoring 0 with no gradient, a chunk that does not divide N."""
+    from openzaya.model import lm_head_logprobs
+    h = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    w = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])                 # row 0: probs (0.75, 0.25); row 1: (0.5, 0.5)
+    assert torch.allclose(lm_head_logprobs(h, w, torch.tensor([1, 0])), torch.tensor([math.log(0.25), math.log(0.5)]))
+
+    torch.manual_seed(0)
+    N, D, V = 301, 16, 50
+    h = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    t[::7] = -100
+    g = torch.randn(N, dtype=torch.float64)
+    ref = torch.log_softmax(h @ w.T, -1).gather(1, t.clamp_min(0)[:, None])[:, 0] * (t >= 0)
+    (ref * g).sum().backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    for budget in (N * V, 40 * V):                                       # one chunk (plain graph), 8 chunks
+        h.grad = w.grad = None
+        out = lm_head_logprobs(h, w, t, max_chunk_logits=budget)
+        (out * g).sum().backward()
+        assert out.dtype == torch.float32 and (out[::7] == 0).all()
+        assert torch.allclose(out.double(), ref, atol=1e-5)
+        assert torch.allclose(h.grad, gh, atol=1e-5) and torch.allclose(w.grad, gw, atol=1e-5)
+
+
+def test_token_logprobs_equals_forward_logits():
+    model = random_model(tiny_config(), seed=1, noise=0.3)
+    ids = torch.randint(0, 128, (2, 20))
+    targets = ids[:, 1:].clone()
+    targets[0, :3] = -100
+    lp = model.token_logprobs(ids, targets)
+    ref = torch.log_softmax(model(ids)[:, :-1], -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    assert torch.allclose(lp, ref * (targets >= 0), atol=1e-5) and (lp[0, :3] == 0).all()
 
 
 def test_param_counts_match_module_and_spec():

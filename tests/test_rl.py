@@ -110,12 +110,6 @@ def test_repetition_canary():
 
 # ---- per-token losses and trust regions
 
-def test_token_logprobs():
-    logits = torch.tensor([[[0., 0.], [math.log(3.), 0.]]])          # [1, 2, 2]
-    lp = rl.token_logprobs(logits, torch.tensor([[1, 0]]))
-    assert close(lp, [[math.log(0.5), math.log(0.75)]])
-
-
 def test_dppo_mask_and_loss():
     behav = torch.log(torch.tensor([[0.5, 0.5, 0.5]]))
     new = torch.log(torch.tensor([[0.55, 0.65, 0.38]])).requires_grad_()
@@ -178,9 +172,9 @@ def test_router_replay_reproduces_behaviour_logprobs():
     comps = [r.tokens for r in res]
     ids, mask = rl.pad_rollouts(prompts, comps, pad_id=0)
     replay = rl.pad_routes([r.routes for r in res], ids.shape[1])
-    with torch.no_grad():
-        logits, routes = model(ids, replay_routes=replay, return_routes=True)
-    lp = rl.token_logprobs(logits[:, :-1], ids[:, 1:])
+    with torch.no_grad():   # the trainer's call (chunked LM head), then the routes actually taken
+        lp = model.token_logprobs(ids, ids[:, 1:], replay_routes=replay)
+        _, routes = model(ids, replay_routes=replay, return_routes=True)
     behav = rl.pad_behaviour_logprobs([len(p) for p in prompts], [r.logprobs for r in res], ids.shape[1])
     assert (mask.sum(1) == torch.tensor([len(c) for c in comps], dtype=torch.float32)).all()
     assert torch.allclose(lp * mask, behav * mask, atol=1e-5), (lp * mask - behav * mask).abs().max()
