@@ -59,7 +59,7 @@ from typing import Callable
 
 import torch
 
-from openzaya.model import Experts, ZayaCache, ZayaForCausalLM
+from openzaya.model import ZayaCache, ZayaForCausalLM
 
 
 @dataclass
@@ -183,13 +183,7 @@ class Engine:
         self.routes_SLT = torch.full((max_slots, L, max_len), -1, dtype=torch.long, device=self.device)
         self.tok_S = torch.zeros(max_slots, dtype=torch.long, device=self.device)   # last sampled token per slot
         self.decode_fn = decode_one_token
-        if compile:
-            # The experts stay eager inside the compiled step: data-dependent token counts, and CPU grouped_mm has
-            # no fp32 fake kernel. (Wrapped here, not at class definition: torch.compiler.disable imports dynamo,
-            # ~3 s on every `import openzaya.model`.)
-            for m in model.modules():
-                if isinstance(m, Experts) and not hasattr(m.forward, "_torchdynamo_disable"):
-                    m.forward = torch.compiler.disable(m.forward)
+        if compile:   # the experts run as one opaque custom op inside the compiled step (model._experts_op)
             self.decode_fn = torch.compile(decode_one_token, dynamic=True)
         self.stats = {}
         # incremental interface state (submit / step / cancel)

@@ -299,7 +299,7 @@ def apply_rope(x_BHTd, rope_tables):
 def _frozen(module: nn.Module, key: str, params, build):
     """`build()` cached on the module while gradients are off and `params` are unchanged (version counters), so
     decode steps reuse derived weights (composed convolution, fused projections). With grad on: always rebuilt."""
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():   # compiled: rebuilt inside the graph
         return build()
     stamp = tuple((p.data_ptr(), p._version) for p in params)
     cache = module.__dict__.setdefault("_frozen", {})
@@ -533,9 +533,52 @@ def _has_grouped_mm(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-class Experts(nn.Module):
+def _experts_forward(x_ND, route_N, weight_N, gate_up_EID, down_EDI, use_grouped_mm: bool):
     """SwiGLU experts with grouped dispatch: sort tokens by expert, run each expert once on its contiguous slice
     (one grouped GEMM where torch has one, else a loop over the experts that received tokens)."""
+    E = gate_up_EID.shape[0]
+    order_N = torch.argsort(route_N, stable=True)
+    counts_E1 = torch.bincount(route_N + 1, minlength=E + 1)          # [skip/pad, e0, e1, ...]
+    n_skip = int(counts_E1[0])
+    token_idx = order_N[n_skip:]                                        # skip and padding are never computed
+    y_ND = torch.zeros_like(x_ND)
+    if token_idx.numel() == 0:
+        return y_ND
+    xs_MD = x_ND[token_idx]
+    if use_grouped_mm and _has_grouped_mm(x_ND.device) and x_ND.dtype != torch.float16:
+        offs_E = counts_E1[1:].cumsum(0).to(torch.int32)
+        gate, up = F.grouped_mm(xs_MD, gate_up_EID.transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
+        out_MD = F.grouped_mm((F.silu(gate) * up).contiguous(), down_EDI.transpose(1, 2), offs=offs_E)
+    else:
+        # NOTE: split/unbind rather than slicing/indexing: their backward is one cat/stack, whereas each
+        # slice or select would materialise a full-size zero gradient per expert.
+        w_gate_up, w_down = gate_up_EID.unbind(0), down_EDI.unbind(0)
+        outs = []
+        for e, xs_nD in enumerate(xs_MD.split(counts_E1[1:].tolist())):
+            if xs_nD.shape[0] == 0:
+                continue
+            gate, up = F.linear(xs_nD, w_gate_up[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, w_down[e]))
+        out_MD = torch.cat(outs)
+    out_MD = out_MD * weight_N[token_idx, None].to(x_ND.dtype)
+    return y_ND.index_copy(0, token_idx, out_MD)
+
+
+@torch.library.custom_op("openzaya::experts", mutates_args=())
+def _experts_op(x_ND: torch.Tensor, route_N: torch.Tensor, weight_N: torch.Tensor, gate_up_EID: torch.Tensor,
+                down_EDI: torch.Tensor, use_grouped_mm: bool) -> torch.Tensor:
+    """The experts as one opaque op for torch.compile (inference only): its token counts are data-dependent and
+    CPU grouped_mm has no fp32 fake kernel, so the compiler sees only 'y has the shape of x'."""
+    return _experts_forward(x_ND, route_N, weight_N, gate_up_EID, down_EDI, use_grouped_mm)
+
+
+@_experts_op.register_fake
+def _(x_ND, route_N, weight_N, gate_up_EID, down_EDI, use_grouped_mm):
+    return torch.empty_like(x_ND)
+
+
+class Experts(nn.Module):
+    """SwiGLU experts `gate_up_proj [E, 2I, D]`, `down_proj [E, D, I]`, grouped dispatch (`_experts_forward`)."""
 
     def __init__(self, cfg: ZayaConfig):
         super().__init__()
@@ -545,32 +588,10 @@ class Experts(nn.Module):
         self.use_grouped_mm = True   # set False to force the per-expert loop (the tested fallback)
 
     def forward(self, x_ND, route_N, weight_N):
-        E = self.gate_up_proj.shape[0]
-        order_N = torch.argsort(route_N, stable=True)
-        counts_E1 = torch.bincount(route_N + 1, minlength=E + 1)          # [skip/pad, e0, e1, ...]
-        n_skip = int(counts_E1[0])
-        token_idx = order_N[n_skip:]                                        # skip and padding are never computed
-        y_ND = torch.zeros_like(x_ND)
-        if token_idx.numel() == 0:
-            return y_ND
-        xs_MD = x_ND[token_idx]
-        if self.use_grouped_mm and _has_grouped_mm(x_ND.device) and x_ND.dtype != torch.float16:
-            offs_E = counts_E1[1:].cumsum(0).to(torch.int32)
-            gate, up = F.grouped_mm(xs_MD, self.gate_up_proj.transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
-            out_MD = F.grouped_mm((F.silu(gate) * up).contiguous(), self.down_proj.transpose(1, 2), offs=offs_E)
-        else:
-            # NOTE: split/unbind rather than slicing/indexing: their backward is one cat/stack, whereas each
-            # slice or select would materialise a full-size zero gradient per expert.
-            w_gate_up, w_down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-            outs = []
-            for e, xs_nD in enumerate(xs_MD.split(counts_E1[1:].tolist())):
-                if xs_nD.shape[0] == 0:
-                    continue
-                gate, up = F.linear(xs_nD, w_gate_up[e]).chunk(2, dim=-1)
-                outs.append(F.linear(F.silu(gate) * up, w_down[e]))
-            out_MD = torch.cat(outs)
-        out_MD = out_MD * weight_N[token_idx, None].to(x_ND.dtype)
-        return y_ND.index_copy(0, token_idx, out_MD)
+        args = (x_ND, route_N, weight_N, self.gate_up_proj, self.down_proj, self.use_grouped_mm)
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            return _experts_op(*args)          # compiled decode (Engine(compile=True)): opaque to the compiler
+        return _experts_forward(*args)
 
 
 class MoE(nn.Module):
@@ -744,9 +765,12 @@ class ZayaForCausalLM(nn.Module):
         arange_T = torch.arange(T, device=dev)
         write_BT = None
         if cache is not None:
-            S = int(cache.write_B.max()) + T
-            if S > cache.max_len:
-                raise ValueError(f"cache overflow: {S - T} + {T} tokens > max_len {cache.max_len}")
+            if torch.compiler.is_compiling():
+                S = cache.max_len   # static shapes: attend over the whole cache, unwritten keys are masked
+            else:
+                S = int(cache.write_B.max()) + T
+                if S > cache.max_len:
+                    raise ValueError(f"cache overflow: {S - T} + {T} tokens > max_len {cache.max_len}")
             start_B1 = cache.pos_B[:, None]
             write_BT = cache.write_B[:, None] + arange_T                          # cache index of each new token
             rows_B1 = torch.arange(B, device=dev)[:, None]
