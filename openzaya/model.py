@@ -20,6 +20,9 @@ What we do differently from the reference (same numbers, less work):
 - Attention uses SDPA's causal kernel when there is no padding and no window, and a boolean mask otherwise.
 - The decode cache is preallocated (`ZayaCache`), one row per sequence slot, with per-row write positions,
   so the engine can run continuous batching without reallocating.
+- Training scores tokens through `token_logprobs`: an fp32 LM head that works on chunks of rows when the logits
+  would exceed 256 MB, so the [B, T, V] logits (V = 262K for the released model) never exist at once.
+- Under `torch.compile` (the engine's compiled decode) the experts are one opaque custom op (`openzaya::experts`).
 
 Training-only pieces (each tested): bias balancing by the report's eq. 5 (`update_balancing_biases`),
 router replay (`forward(..., replay_routes=...)`, `return_routes=True`), and per-layer expert-load statistics.
