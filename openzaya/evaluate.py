@@ -250,10 +250,46 @@ def evaluate(items: list[Item], backend, base: TTCConfig, methods: list[str], sa
             f"pass@{samples}": mean(f"pass@{samples}"), "maj@k": mean("maj@k"), "pop_mean": mean("pop_mean"),
             "tokens_per_problem": mean("tokens"), "completion_tokens_per_problem": mean("completion_tokens"),
             "calls_per_problem": mean("calls"), "wall_s_per_problem": mean("wall_s"), "totals": totals}
+        if out_dir and (Path(out_dir) / f"trace_{method}.jsonl").exists():
+            results["methods"][method]["aggregation"] = aggregation_diagnostics(
+                Path(out_dir) / f"trace_{method}.jsonl")
     results["problems"] = list(per_problem.values())
     if out_dir:
         write_report(results, out_dir)
     return results
+
+
+def aggregation_diagnostics(trace_path: str | os.PathLike) -> dict | None:
+    """Does the aggregator verify, or only copy? From a TTC trace (calls of rounds >= 1 that list the candidates they
+    were shown), per number k of correct candidates shown: calls and the aggregator's accuracy. `random_copy` is
+    what copying one shown candidate at random would score (mean k / C): an aggregator that cannot tell right from
+    wrong candidates sits at or below it. Also: how often the output's answer is one of the shown answers, and how
+    often it keeps the answer when all shown candidates agree. None when the trace has no aggregation calls."""
+    calls = {}
+    for line in Path(trace_path).read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("type") == "call":
+            calls[rec["key"]] = rec          # a resumed call's record replaces the earlier one
+    agg = [c for c in calls.values() if c.get("candidate_ids") and c.get("reward") is not None]
+    if not agg:
+        return None
+    by_k: dict[int, list[float]] = {}
+    copy_base, copied, agree, kept = [], 0, 0, 0
+    for c in agg:
+        shown = [calls[k] for k in c["candidate_ids"] if k in calls]
+        k = sum(1 for s in shown if (s.get("reward") or 0) >= 1.0)
+        by_k.setdefault(k, []).append(c["reward"])
+        copy_base.append(k / max(len(shown), 1))
+        answers = {normalize(s["extracted"]) for s in shown if s.get("extracted") is not None}
+        out = normalize(c["extracted"]) if c.get("extracted") is not None else None
+        copied += out in answers
+        if len(answers) == 1 and all(s.get("extracted") is not None for s in shown):
+            agree += 1
+            kept += out in answers
+    return {"calls": len(agg), "accuracy": sum(c["reward"] for c in agg) / len(agg),
+            "random_copy": sum(copy_base) / len(copy_base), "copy_rate": copied / len(agg),
+            "agreeing_calls": agree, "keeps_agreeing_answer": kept / agree if agree else None,
+            "by_correct_shown": {k: {"calls": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(by_k.items())}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -286,6 +322,17 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> None:
                      f"{r['avg@k']:.3f} | {r['pass@1']:.3f} | {r[f'pass@{k}']:.3f} | {r['maj@k']:.3f} | "
                      f"{r['pop_mean']:.3f} | {r['tokens_per_problem']:.0f} | {r['completion_tokens_per_problem']:.0f} "
                      f"| {r['calls_per_problem']:.0f} | {r['wall_s_per_problem']:.2f} |")
+    for m, r in results["methods"].items():
+        a = r.get("aggregation")
+        if not a:
+            continue
+        keep = "-" if a["keeps_agreeing_answer"] is None else f"{a['keeps_agreeing_answer']:.2f}"
+        lines += ["", f"### {m}: aggregation calls ({a['calls']})", "",
+                  f"Accuracy {a['accuracy']:.3f} vs {a['random_copy']:.3f} for copying a random shown candidate; "
+                  f"answer is one of the shown answers in {a['copy_rate']:.2f} of the calls; keeps the answer of "
+                  f"agreeing candidates in {keep} of {a['agreeing_calls']} calls.", "",
+                  "| correct candidates shown | calls | aggregator accuracy |", "|---|---|---|"]
+        lines += [f"| {k} | {v['calls']} | {v['accuracy']:.3f} |" for k, v in a["by_correct_shown"].items()]
     lines += ["", "## Per problem", "", "| problem | gold | " + " | ".join(f"{m} avg@k / pop / tokens / answers"
                                                                          for m in methods) + " |",
               "|---|---|" + "---|" * len(methods)]

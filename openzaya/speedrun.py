@@ -195,7 +195,8 @@ def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, te
         acc = sum(correct) / len(correct)
         out[m] = {"accuracy": acc, "se": mean_se(correct), "n": len(correct), "runs": k, "correct": correct,
                   "cells": {c: sum(v) / len(v) for c, v in cells.items()},
-                  "completion_tokens_per_problem": res["methods"][m]["completion_tokens_per_problem"]}
+                  "completion_tokens_per_problem": res["methods"][m]["completion_tokens_per_problem"],
+                  "aggregation": res["methods"][m].get("aggregation")}
         out["wall_s"] += res["wall_s"]
     return out
 
@@ -438,6 +439,23 @@ def write_report(path: Path, r: dict, items):
         lines.append(f"| {cell} | " + " | ".join(f"{e['single']['cells'][cell]:.2f} / "
                                                  f"{e['markovian_rsa']['cells'][cell]:.2f}" for e in ev.values())
                      + " |")
+    aggs = {stage: e["markovian_rsa"].get("aggregation") for stage, e in ev.items()}
+    if any(aggs.values()):
+        lines += ["", "Markovian RSA's aggregation calls (does the aggregator verify or only copy? "
+                  "`evaluate.aggregation_diagnostics`): accuracy next to what copying a random shown candidate would "
+                  "score, and accuracy by the number of correct candidates shown.", "",
+                  "| after | calls | accuracy | random copy | 0 correct shown | 1 | 2+ | keeps agreeing answer |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for stage, a in aggs.items():
+            if not a:
+                continue
+            groups = [[], [], []]                          # 0, 1, 2+ correct candidates shown: (calls, accuracy)
+            for k, v in a["by_correct_shown"].items():
+                groups[min(int(k), 2)].append((v["calls"], v["accuracy"]))
+            cells = [f"{sum(n * acc for n, acc in g) / sum(n for n, _ in g):.2f}" if g else "-" for g in groups]
+            keep = "-" if a["keeps_agreeing_answer"] is None else f"{a['keeps_agreeing_answer']:.2f}"
+            lines.append(f"| {stage} | {a['calls']} | {a['accuracy']:.3f} | {a['random_copy']:.3f} | "
+                         + " | ".join(cells) + f" | {keep} |")
     lines += ["", "Traces and per-method reports: `eval/<stage>/`.", ""]
     if r["ablation"]:
         lines += [f"## Ablation: answer-preserving trimming vs plain truncation (SFT at {c['ablation_seq_len']} "

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from openzaya.backends import Backend, Completion, LocalBackend
-from openzaya.evaluate import Item, avg_at_k, evaluate, load_benchmark, maj_at_k, pass_at_k
+from openzaya.evaluate import Item, aggregation_diagnostics, avg_at_k, evaluate, load_benchmark, maj_at_k, pass_at_k
 from openzaya.tokenizer import split_reasoning
 from openzaya.ttc import TTCConfig
 from test_local_backend import make_checkpoint
@@ -100,6 +100,31 @@ def test_evaluate_scripted_backend_metrics(tmp_path):
     for name in ("results.json", "report.md", "accuracy_vs_tokens.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| p | 4 |" in (tmp_path / "report.md").read_text()
+    # the scripted aggregator always answers right: a perfect verifier, above copying a random shown candidate
+    a = m["markovian_rsa"]["aggregation"]
+    assert a["calls"] == 9 and a["accuracy"] == 1.0 and a["random_copy"] < 1.0
+    assert all(v["accuracy"] == 1.0 for v in a["by_correct_shown"].values())
+    assert "markovian_rsa: aggregation calls (9)" in (tmp_path / "report.md").read_text()
+
+
+def test_aggregation_diagnostics_hand_values(tmp_path):
+    """Round 0: a right (4), b wrong (5), c wrong (5). Round 1: x shown (a, b) answers 4; y shown (b, c) keeps the
+    agreeing 5; z shown (b, c) answers 6 (no shown answer)."""
+    def call(key, rnd, answer, reward, shown=None):
+        return {"type": "call", "key": key, "round": rnd, "extracted": answer, "reward": reward,
+                **({"candidate_ids": shown} if shown else {})}
+    recs = [{"type": "run"}, call("a", 0, "4", 1.0), call("b", 0, "5", 0.0), call("c", 0, "5", 0.0),
+            call("x", 1, "4", 1.0, ["a", "b"]), call("y", 1, "5", 0.0, ["b", "c"]), call("z", 1, "6", 0.0, ["b", "c"])]
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    a = aggregation_diagnostics(path)
+    assert a["calls"] == 3 and abs(a["accuracy"] - 1 / 3) < 1e-9
+    assert abs(a["random_copy"] - (0.5 + 0 + 0) / 3) < 1e-9           # copying a random shown candidate
+    assert abs(a["copy_rate"] - 2 / 3) < 1e-9                           # x and y repeat a shown answer
+    assert a["agreeing_calls"] == 2 and a["keeps_agreeing_answer"] == 0.5
+    assert a["by_correct_shown"] == {0: {"calls": 2, "accuracy": 0.0}, 1: {"calls": 1, "accuracy": 1.0}}
+    path.write_text(json.dumps(call("a", 0, "4", 1.0)) + "\n")
+    assert aggregation_diagnostics(path) is None                        # no aggregation calls
 
 
 def test_evaluate_tiny_local_model_end_to_end(tmp_path):

@@ -47,6 +47,7 @@ def test_speedrun_smoke_with_rl(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     report = (tmp_path / "smoke" / "report.md").read_text()
     assert "## RL stages" in report and "markovian_rsa" in report and "behavioral" in report
+    assert "| after | calls | accuracy | random copy |" in report and "\n| sft | 16 | " in report   # 4 problems x N 4
     r = subprocess.run(cmd + ["--no-rl", "--name", "smoke_norl"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     report = (tmp_path / "smoke_norl" / "report.md").read_text()
