@@ -23,8 +23,9 @@ Nano-scale simplifications, stage by stage:
   the ifeval checkers would give no signal) times rl_loop.quality_score of the extracted answer (~0.55 for a
   one-word answer, so in effect a scaled accuracy reward).
 - Evaluation: `single` (one sample per run, `eval_single_samples` runs per problem, avg@k) and `markovian_rsa`
-  (N, C, T, tau, beta of the config, one run: the majority of its final population) through LocalBackend at the
-  same temperature and per-call budget, on `eval_problems` held-out problems per env and difficulty over EVAL_ENVS
+  (N, C, T, tau, beta of the config, one run: the majority of its final population, and next to it the TR's number,
+  the mean correctness over the final population) through LocalBackend at the same temperature and per-call budget,
+  on `eval_problems` held-out problems per env and difficulty over EVAL_ENVS
   (the envs where the SFT model is neither at 0 nor at 100%); accuracy with the standard error over problems, and
   the paired standard error of each difference.
 `--ablation-trim` adds two extra SFT runs at a tight context budget (answer-preserving trimming vs plain truncation)
@@ -189,6 +190,7 @@ def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, te
     for m, k in (("single", cfg.eval_single_samples), ("markovian_rsa", 1)):
         res = evaluate(items, backend, base, [m], samples=k, out_dir=out_dir / m)
         correct = [row["methods"][m]["avg@k"] for row in res["problems"]]
+        pop = [row["methods"][m]["pop_mean"] for row in res["problems"]]   # = correct for `single`
         cells: dict[str, list[float]] = {}
         for row, c in zip(res["problems"], correct):
             cells.setdefault(row["id"].rsplit("-", 1)[0], []).append(c)
@@ -196,7 +198,8 @@ def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, te
         out[m] = {"accuracy": acc, "se": mean_se(correct), "n": len(correct), "runs": k, "correct": correct,
                   "cells": {c: sum(v) / len(v) for c, v in cells.items()},
                   "completion_tokens_per_problem": res["methods"][m]["completion_tokens_per_problem"],
-                  "aggregation": res["methods"][m].get("aggregation")}
+                  "aggregation": res["methods"][m].get("aggregation"),
+                  "pop_mean": sum(pop) / len(pop), "pop_mean_se": mean_se(pop), "pop_correct": pop}
         out["wall_s"] += res["wall_s"]
     return out
 
@@ -416,14 +419,16 @@ def write_report(path: Path, r: dict, items):
               f"`single` = one sample, averaged over {c['eval_single_samples']} runs per problem (avg@k); "
               f"`markovian_rsa` = N={c['ttc_population']}, C={c['ttc_candidates']}, "
               f"T={c['ttc_rounds']}, tau={c['ttc_tail_tokens']}, beta={c['eval_max_tokens']} (answer = majority of "
-              f"the final population); both at temperature {c['eval_temperature']} and beta tokens per call. "
+              f"the final population; `RSA pop mean` = mean correctness over the final population, the number the "
+              f"ZAYA1 TR reports); both at temperature {c['eval_temperature']} and beta tokens per call. "
               "± = standard error over problems; differences carry the paired standard error.", "",
-              "| after | single | markovian_rsa | RSA - single | vs SFT (single) | vs SFT (RSA) | decode tokens "
-              "single / RSA |", "|---|---|---|---|---|---|---|"]
+              "| after | single | markovian_rsa | RSA - single | RSA pop mean - single | vs SFT (single) | "
+              "vs SFT (RSA) | decode tokens single / RSA |", "|---|---|---|---|---|---|---|---|"]
     base = ev["sft"]
     for stage, e in ev.items():
         s, m = e["single"], e["markovian_rsa"]
         d_rs = f"{m['accuracy'] - s['accuracy']:+.3f} ± {paired_se(s['correct'], m['correct']):.3f}"
+        d_pop = f"{m['pop_mean'] - s['accuracy']:+.3f} ± {paired_se(s['correct'], m['pop_correct']):.3f}"
         vs = ("" if stage == "sft" else
               f"{s['accuracy'] - base['single']['accuracy']:+.3f} ± "
               f"{paired_se(base['single']['correct'], s['correct']):.3f}")
@@ -431,7 +436,7 @@ def write_report(path: Path, r: dict, items):
               f"{m['accuracy'] - base['markovian_rsa']['accuracy']:+.3f} ± "
               f"{paired_se(base['markovian_rsa']['correct'], m['correct']):.3f}")
         lines.append(f"| {stage} | {s['accuracy']:.3f} ± {s['se']:.3f} | {m['accuracy']:.3f} ± {m['se']:.3f} | "
-                     f"{d_rs} | {vs} | {vm} | {s['completion_tokens_per_problem']:.0f} / "
+                     f"{d_rs} | {d_pop} | {vs} | {vm} | {s['completion_tokens_per_problem']:.0f} / "
                      f"{m['completion_tokens_per_problem']:.0f} |")
     lines += ["", "Per env and difficulty (single / markovian_rsa):", "",
               "| cell | " + " | ".join(ev) + " |", "|---|" + "---|" * len(ev)]
