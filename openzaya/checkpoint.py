@@ -123,6 +123,12 @@ def load_state_dict(ckpt_dir: str | Path, dtype: torch.dtype | None = None, devi
     return sd
 
 
+def _load_config(ckpt_dir: Path) -> ZayaConfig:
+    if not (ckpt_dir / "config.json").exists():
+        raise FileNotFoundError(f"{ckpt_dir}: no config.json (is this a ZAYA checkpoint directory?)")
+    return ZayaConfig.load(ckpt_dir)
+
+
 def _checked_state_dict(ckpt_dir: Path, cfg: ZayaConfig, expected: dict, dtype, device) -> dict:
     """The checkpoint's tensors, checked against `expected` (a state_dict of the target model): same keys, shapes."""
     sd = load_state_dict(ckpt_dir, dtype=dtype, device=device)
@@ -146,9 +152,7 @@ def _checked_state_dict(ckpt_dir: Path, cfg: ZayaConfig, expected: dict, dtype, 
 def from_pretrained(ckpt_dir: str | Path, dtype: torch.dtype | None = None, device="cpu") -> ZayaForCausalLM:
     """Load a native-layout ZAYA checkpoint (ours or transformers'). dtype defaults to the config's."""
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "config.json").exists():
-        raise FileNotFoundError(f"{ckpt_dir}: no config.json (is this a ZAYA checkpoint directory?)")
-    cfg = ZayaConfig.load(ckpt_dir)
+    cfg = _load_config(ckpt_dir)
     dtype = dtype or cfg.torch_dtype
     with torch.device("meta"):
         model = ZayaForCausalLM(cfg)
@@ -164,9 +168,7 @@ def load_weights_into(model: ZayaForCausalLM, ckpt_dir: str | Path) -> int:
     e.g. a server picking up an RL trainer's new policy. Checks everything before changing anything. Returns the
     number of tensors copied."""
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "config.json").exists():
-        raise FileNotFoundError(f"{ckpt_dir}: no config.json (is this a ZAYA checkpoint directory?)")
-    cfg = ZayaConfig.load(ckpt_dir)
+    cfg = _load_config(ckpt_dir)
     target = model.state_dict()
     p = next(model.parameters())
     sd = _checked_state_dict(ckpt_dir, cfg, target, p.dtype, p.device)

@@ -199,7 +199,7 @@ def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, te
                   "cells": {c: sum(v) / len(v) for c, v in cells.items()},
                   "completion_tokens_per_problem": res["methods"][m]["completion_tokens_per_problem"],
                   "aggregation": res["methods"][m].get("aggregation"),
-                  "pop_mean": sum(pop) / len(pop), "pop_mean_se": mean_se(pop), "pop_correct": pop}
+                  "pop_mean": sum(pop) / len(pop), "pop_correct": pop}
         out["wall_s"] += res["wall_s"]
     return out
 

@@ -233,6 +233,9 @@ def test_server_weight_updates_are_off_by_default_and_checked(tmp_path):
         assert httpx.post(server.url + "/update_weights_from_disk", json=body).status_code == 401
         r = httpx.post(server.url + "/update_weights_from_disk", json=body, headers={"Authorization": "Bearer k"})
         assert r.status_code == 400 and "shape" in r.json()["error"]["message"]     # nothing was changed
+        r = httpx.post(server.url + "/update_weights_from_disk", json={"model_path": str(tmp_path)},
+                       headers={"Authorization": "Bearer k"})
+        assert r.status_code == 400 and "no config.json" in r.json()["error"]["message"]
         r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": "Bearer k"},
                        json={"model": app.state.srv.model_name, "messages": [{"role": "user", "content": "hi"}],
                              "max_tokens": 3, "return_token_ids": True, "logprobs": True})
