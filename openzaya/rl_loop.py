@@ -83,8 +83,8 @@ class RLConfig:
     # Curriculum
     curriculum: str = "fixed"         # fixed | zaya
     difficulty: int = 0               # starting (zaya) or lowest (fixed) difficulty
-    max_difficulty: int | None = None  # zaya: the curriculum's ceiling (None = 9); fixed: None = only `difficulty`,
-                                       # else each problem's difficulty is drawn uniformly from difficulty..this
+    max_difficulty: int | None = None  # zaya: the curriculum's ceiling (None = its default); fixed: None = only
+                                       # `difficulty`, else each problem's difficulty is uniform in difficulty..this
     env_sampling: str = "uniform"     # uniform | least_sampled
     ttc_fraction: float = 0.0         # share of jobs that are self-aggregation prompts (math-code-ttc)
     ttc_candidates: int = 4           # C tails per aggregation prompt
@@ -320,7 +320,8 @@ class ProblemSource:
         top = self.cfg.max_difficulty
         assert top is None or self.cfg.difficulty <= top, f"difficulty {self.cfg.difficulty} > max_difficulty {top}"
         if self.cfg.curriculum == "zaya":
-            self.curriculum = ZayaCurriculum(initial=self.cfg.difficulty, max_difficulty=9 if top is None else top)
+            self.curriculum = ZayaCurriculum(initial=self.cfg.difficulty,
+                                             max_difficulty=ZayaCurriculum.max_difficulty if top is None else top)
         if self.cfg.env_sampling == "least_sampled":
             self.sampler = LeastSampledSampler(list(self.cfg.envs))
 
