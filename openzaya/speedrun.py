@@ -6,11 +6,18 @@ the easiest of our own (difficulty 0-1 of a handful of arithmetic and string tas
 model trained for a few hundred steps gets measurably above zero; held-out problems use seeds >= HELD_OUT_SEED_START.
 
 Nano-scale simplifications, stage by stage:
-- SFT mix: the solver-trace chats plus `agg_samples_per_env_level` aggregation chats (TR §VI-B) built with a short
-  nano aggregation template (NANO_AGG_TEMPLATE; the default one is ~100 tokens, most of the 128-token window): C tails
+- SFT mix: the solver-trace chats plus `agg_samples_per_env_level` aggregation chats built with a short nano
+  aggregation template (NANO_AGG_TEMPLATE; the default one is ~100 tokens, most of the 128-token window): C tails
   of tau tokens of reasoning, each the problem's own solver reasoning or, half the time, the reasoning of another
-  problem of the same env and difficulty (a wrong candidate); target = the problem's solver trace. Markovian RSA in
-  the evaluation uses the same template file, so the model has seen its aggregation prompts.
+  problem of the same env and difficulty; target = the problem's solver trace. These teach the prompt format only.
+  Markovian RSA in the evaluation uses the same template file, so the model has seen its aggregation prompts.
+- Aggregation SFT (TR §VI-B: C sampled rollouts -> tau-tails -> the teacher's aggregated rollout is the target), a
+  second SFT phase of `agg_sft_steps` from the SFT checkpoint: the SFT model samples `agg_sft_rollouts` rollouts of
+  fresh training problems at the evaluation's temperature and beta, `agg_sft_chats_per_problem` aggregation prompts
+  are built from C of their tails (the cut Markovian RSA uses), and the teacher is the env's reference solver (its
+  trace is the target) instead of a stronger model; the phase trains on these chats mixed 1:1 with the SFT mix. The
+  held-out row "sft" is the model after both phases. Without this phase (synthetic candidates only) the nano
+  aggregator did no better than copying a random candidate (dev/LOG.md, sessions 2-3).
 - RL (rl_loop.run, one stage after the other from the previous stage's checkpoint), every stage restricted to
   environments the SFT model gets signal on (RL_STAGE_ENVS) at difficulties 0-1 (max_difficulty=1), with the
   presets' algorithms and LR ratios (the nano LR `rl_lr` replaces the 1e-5 base, scaled like the presets:
@@ -58,6 +65,10 @@ RL_STAGE_ENVS = {
     "behavioral": (["reverse_string", "sort_letters", "count_vowels"], 0, 0.2, {"max_difficulty": 1}),
 }
 NANO_AGG_TEMPLATE = "{question}\n\n{candidates}Check the candidates and solve it."
+# engine slots for the evaluation and the aggregation-SFT rollouts: a nano decode step costs about the same for 64 or
+# 256 sequences, so 256 slots ran the same 144-problem evaluation in 26-30 s instead of 39-40 s, with identical
+# results (every request carries its own seed)
+NANO_EVAL_SLOTS = 256
 
 
 @dataclass
@@ -66,7 +77,13 @@ class SpeedrunConfig:
     envs: list[str] = field(default_factory=lambda: list(NANO_ENVS))
     difficulties: list[int] = field(default_factory=lambda: [0, 1])
     samples_per_env_level: int = 800
-    agg_samples_per_env_level: int = 100   # aggregation SFT chats (nano template), 0 = none
+    agg_samples_per_env_level: int = 100   # aggregation-format chats in the SFT mix (synthetic tails), 0 = none
+    # aggregation SFT on the SFT model's own rollouts (TR §VI-B), 0 steps = skip the phase
+    agg_sft_steps: int = 80
+    agg_sft_problems_per_env_level: int = 100
+    agg_sft_rollouts: int = 4              # rollouts sampled per problem; C of their tails per aggregation prompt
+    agg_sft_chats_per_problem: int = 2
+    agg_sft_lr: float = 1e-3
     vocab_size: int = 512
     seq_len: int = 128
     device_batch_size: int = 32
@@ -111,6 +128,7 @@ def smoke(**kw) -> SpeedrunConfig:
     envs = ["long_addition", "reverse_string"]
     return SpeedrunConfig(**{**dict(name="smoke", envs=envs, difficulties=[0], samples_per_env_level=60,
                                     agg_samples_per_env_level=10, vocab_size=300, pretrain_steps=3, sft_steps=3,
+                                    agg_sft_steps=2, agg_sft_problems_per_env_level=4,
                                     device_batch_size=8, eval_envs=envs, eval_problems=2, eval_max_tokens=16,
                                     ablation_steps=2, rl_steps=1, rl_prompts_per_step=2, rl_samples_per_prompt=4,
                                     rl_max_new_tokens=16, ttc_tail_tokens=4, rl_max_groups_per_step=8,
@@ -145,6 +163,46 @@ def aggregation_sft_samples(problems, tokenizer_encode, tokenizer_decode, C: int
                                  {"role": "assistant", "reasoning": reasoning, "content": answer}],
                     "env": p.env, "difficulty": p.difficulty, "seed": p.seed, "kind": "aggregation"})
     return out
+
+
+def self_aggregation_samples(model_dir: str | Path, problems, cfg: SpeedrunConfig, seed: int = 0) -> tuple[list[dict], dict]:
+    """Aggregation chats on a model's own rollouts (TR §VI-B, nano teacher = the env's reference solver): for each
+    problem, `cfg.agg_sft_rollouts` samples through LocalBackend at the evaluation's temperature and beta, then
+    `cfg.agg_sft_chats_per_problem` prompts of C tails (tau tokens of reasoning, backend.tail_tokens like Markovian
+    RSA) drawn without replacement; target = the problem's solver trace. Returns the chats and the rollouts' stats."""
+    from tqdm import tqdm
+
+    from .backends import LocalBackend, Request, SamplingParams
+    from .data import split_trace
+    from .envs.registry import get_env
+    from .ttc import build_aggregation_prompt
+    if cfg.ttc_candidates > cfg.agg_sft_rollouts:
+        raise ValueError(f"agg_sft_rollouts={cfg.agg_sft_rollouts} < C={cfg.ttc_candidates}: too few tails per prompt")
+    backend = LocalBackend(model_dir, max_slots=NANO_EVAL_SLOTS, max_len=512)
+    reqs = [Request(messages=[{"role": "user", "content": p.prompt}],
+                    params=SamplingParams(temperature=cfg.eval_temperature, max_tokens=cfg.eval_max_tokens,
+                                          n=cfg.agg_sft_rollouts, seed=seed * 1_000_003 + i))
+            for i, p in enumerate(problems)]
+    outs = []
+    for i in tqdm(range(0, len(reqs), 64), desc="aggregation SFT rollouts", file=sys.stderr):
+        outs += backend.generate(reqs[i:i + 64])
+    rng = random.Random(seed)
+    chats, correct, agreeing = [], [], 0
+    for p, rollouts in zip(problems, outs):
+        env = get_env(p.env)
+        correct += [env.score(p, c.text).accuracy for c in rollouts]
+        tails = [backend.tail_tokens(c.reasoning, cfg.ttc_tail_tokens) for c in rollouts]
+        reasoning, answer = split_trace(p.solution)
+        for _ in range(cfg.agg_sft_chats_per_problem):
+            shown = rng.sample(range(len(rollouts)), cfg.ttc_candidates)
+            agreeing += len({tails[j] for j in shown}) == 1
+            prompt = build_aggregation_prompt(p.prompt, [tails[j] for j in shown], NANO_AGG_TEMPLATE)
+            chats.append({"messages": [{"role": "user", "content": prompt},
+                                       {"role": "assistant", "reasoning": reasoning, "content": answer}],
+                          "env": p.env, "difficulty": p.difficulty, "seed": p.seed, "kind": "self_aggregation"})
+    stats = {"problems": len(problems), "rollouts": len(correct), "rollout_accuracy": sum(correct) / len(correct),
+             "chats": len(chats), "identical_tails_shown": agreeing / max(len(chats), 1)}
+    return chats, stats
 
 
 def held_out_items(envs: list[str], difficulties: list[int], n: int):
@@ -182,7 +240,7 @@ def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, te
     from .backends import LocalBackend
     from .evaluate import evaluate
     from .ttc import TTCConfig
-    backend = LocalBackend(model_dir, max_slots=64, max_len=512)
+    backend = LocalBackend(model_dir, max_slots=NANO_EVAL_SLOTS, max_len=512)
     base = TTCConfig(population=cfg.ttc_population, candidates=cfg.ttc_candidates, rounds=cfg.ttc_rounds,
                      tail_tokens=cfg.ttc_tail_tokens, budget_tokens=cfg.eval_max_tokens,
                      temperature=cfg.eval_temperature, seed=cfg.seed, max_concurrency=256, template_file=template_file)
@@ -327,7 +385,25 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
                           init_from=pre["model_dir"], warmup_steps=min(10, cfg.sft_steps), schedule="cosine",
                           trim="ap", **common)
     sft = train(sft_cfg)
+    sft_final_loss = sft["final_loss"]
     lap("sft")
+
+    # ---- 4b. aggregation SFT on the SFT model's own rollouts (TR §VI-B), mixed 1:1 with the SFT mix
+    agg_sft_stats = None
+    if cfg.agg_sft_steps > 0:
+        problems = [get_env(e).generate(d, s) for e in cfg.envs for d in cfg.difficulties
+                    for s in training_seeds(cfg.seed + 2, e, d, cfg.agg_sft_problems_per_env_level)]
+        assert all(p.seed < HELD_OUT_SEED_START for p in problems)
+        self_agg, agg_sft_stats = self_aggregation_samples(sft["model_dir"], problems, cfg, cfg.seed)
+        mix = self_agg + random.Random(cfg.seed).sample(sft_mix, min(len(self_agg), len(sft_mix)))
+        random.Random(cfg.seed).shuffle(mix)
+        write_shards(mix, out / "agg_sft_corpus", 5000, extra={"self_aggregation_samples": len(self_agg)})
+        agg_sft = train(replace(sft_cfg, data=str(out / "agg_sft_corpus"), out=str(out / "agg_sft"),
+                                init_from=sft["model_dir"], steps=cfg.agg_sft_steps, lr=cfg.agg_sft_lr,
+                                warmup_steps=min(5, cfg.agg_sft_steps)))
+        agg_sft_stats["final_loss"] = agg_sft["final_loss"]
+        sft = agg_sft
+        lap("aggregation sft")
 
     # ---- 5. held-out evaluation after SFT: single vs Markovian RSA
     items = held_out_items(cfg.eval_envs, cfg.difficulties, cfg.eval_problems)
@@ -380,13 +456,16 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
 
     # ---- 7. report
     curves = {"pretrain": out / "pretrain" / "metrics.jsonl", "sft": out / "sft" / "metrics.jsonl"}
+    if agg_sft_stats:
+        curves["aggregation sft"] = out / "agg_sft" / "metrics.jsonl"
     curves.update({f"ablation {k}": out / f"ablation_{k}" / "metrics.jsonl" for k in ablation})
     plot_losses(curves, out / "loss.png")
     if rl_curves:
         plot_rl_rewards(rl_curves, out / "rl_reward.png")
     wall = time.time() - t0
     result = {"wall_s": wall, "timings_s": timings, "evals": evals, "rl_notes": rl_notes,
-              "pretrain_final_loss": pre["final_loss"], "sft_final_loss": sft["final_loss"],
+              "pretrain_final_loss": pre["final_loss"], "sft_final_loss": sft_final_loss,
+              "agg_sft": agg_sft_stats,
               "corpus_samples": manifest["samples"], "aggregation_samples": len(agg), "ablation": ablation,
               "config": cfg.__dict__}
     (out / "results.json").write_text(json.dumps(result, indent=1))
@@ -408,7 +487,16 @@ def write_report(path: Path, r: dict, items):
              f"{c['difficulties']}, plus {r['aggregation_samples']} aggregation chats in the SFT mix; tokenizer BPE "
              f"{c['vocab_size']}; pretrain {c['pretrain_steps']} steps (final loss {r['pretrain_final_loss']:.3f}), "
              f"SFT {c['sft_steps']} steps (final loss {r['sft_final_loss']:.3f}), {c['device_batch_size']} x "
-             f"{c['seq_len']} tokens per step.", "", "![loss curves](loss.png)", ""]
+             f"{c['seq_len']} tokens per step.", ""]
+    a = r.get("agg_sft")
+    if a:
+        lines += [f"Aggregation SFT (TR §VI-B; the held-out row `sft` is after it): the SFT model sampled "
+                  f"{c['agg_sft_rollouts']} rollouts of each of {a['problems']} fresh training problems (accuracy "
+                  f"{a['rollout_accuracy']:.3f}); {a['chats']} aggregation prompts of C={c['ttc_candidates']} of their "
+                  f"tau={c['ttc_tail_tokens']}-token tails ({a['identical_tails_shown']:.0%} show identical tails) with "
+                  f"the env solver's trace as target, mixed 1:1 with the SFT mix, {c['agg_sft_steps']} steps at lr "
+                  f"{c['agg_sft_lr']:g} (final loss {a['final_loss']:.3f}).", ""]
+    lines += ["![loss curves](loss.png)", ""]
     if r["rl_notes"]:
         lines += ["## RL stages", "", f"{c['rl_prompts_per_step']} prompts x {c['rl_samples_per_prompt']} samples "
                   f"per step, {c['rl_max_new_tokens']} new tokens, up to {c['rl_steps']} steps per stage.", ""]

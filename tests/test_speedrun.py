@@ -23,6 +23,37 @@ def test_aggregation_sft_samples_use_template_and_keep_target():
         assert f"\\boxed{{{p.answer}}}" in asst["content"] and x["seed"] < 10_000
 
 
+def test_self_aggregation_samples_show_the_models_own_tails(tmp_path):
+    """Aggregation SFT chats (TR §VI-B): the C tails shown are tails of the model's own rollouts of that problem (the
+    same seeded samples regenerated here), the target is the solver trace."""
+    from test_local_backend import make_checkpoint
+
+    from openzaya.backends import LocalBackend, Request, SamplingParams
+    model_dir = make_checkpoint(tmp_path / "m")
+    env = get_env("digit_sum")
+    problems = [env.generate(0, s) for s in range(3)]
+    cfg = speedrun.smoke(agg_sft_rollouts=3, agg_sft_chats_per_problem=2, ttc_candidates=2, ttc_tail_tokens=4,
+                         eval_max_tokens=10)
+    chats, stats = speedrun.self_aggregation_samples(model_dir, problems, cfg, seed=5)
+    assert len(chats) == 6 and stats["rollouts"] == 9 and stats["chats"] == 6
+    backend = LocalBackend(model_dir, max_slots=8, max_len=128)
+    for i, p in enumerate(problems):
+        again = backend.generate([Request(messages=[{"role": "user", "content": p.prompt}],
+                                          params=SamplingParams(temperature=cfg.eval_temperature, max_tokens=10, n=3,
+                                                                seed=5 * 1_000_003 + i))])[0]
+        tails = [backend.tail_tokens(c.reasoning, 4) for c in again]
+        for x in chats[2 * i: 2 * i + 2]:
+            user, asst = x["messages"]
+            shown = [blk.split("\n", 1)[1].rsplit("\n\n", 1)[0]
+                     for blk in user["content"].split("---- Candidate ")[1:]]
+            assert len(shown) == 2 and all(t in tails for t in shown), (shown, tails)
+            assert user["content"].startswith(p.prompt)
+            assert f"\\boxed{{{p.answer}}}" in asst["content"] and x["kind"] == "self_aggregation"
+    cfg.agg_sft_rollouts = 1
+    with pytest.raises(ValueError, match="too few tails"):
+        speedrun.self_aggregation_samples(model_dir, problems, cfg)
+
+
 def test_standard_errors():
     assert speedrun.mean_se([0.0, 1.0] * 50) == pytest.approx(0.5 / 99 ** 0.5)   # sample sd 0.5025, / sqrt(100)
     assert speedrun.mean_se([1.0] * 10) == 0.0
