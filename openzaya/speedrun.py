@@ -16,8 +16,9 @@ Nano-scale simplifications, stage by stage:
   fresh training problems at the evaluation's temperature and beta, `agg_sft_chats_per_problem` aggregation prompts
   are built from C of their tails (the cut Markovian RSA uses), and the teacher is the env's reference solver (its
   trace is the target) instead of a stronger model; the phase trains on these chats mixed 1:1 with the SFT mix. The
-  held-out row "sft" is the model after both phases. Without this phase (synthetic candidates only) the nano
-  aggregator did no better than copying a random candidate (dev/LOG.md, sessions 2-3).
+  held-out row "sft" is the model after both phases. Measured (dev/LOG.md, session 4): the nano aggregator still
+  scores about what copying a random shown candidate would, with or without this phase; the phase's extra steps
+  raise single-sample accuracy like as many plain SFT steps would. `agg_sft_steps=0` skips it.
 - RL (rl_loop.run, one stage after the other from the previous stage's checkpoint), every stage restricted to
   environments the SFT model gets signal on (RL_STAGE_ENVS) at difficulties 0-1 (max_difficulty=1), with the
   presets' algorithms and LR ratios (the nano LR `rl_lr` replaces the 1e-5 base, scaled like the presets:
