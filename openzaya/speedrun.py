@@ -99,9 +99,10 @@ class SpeedrunConfig:
     rl_prompts_per_step: int = 8
     rl_samples_per_prompt: int = 8
     rl_max_new_tokens: int = 48
-    # replaces the presets' 1e-5 base (ratios kept). One rlve stage from the aggregation-SFT model, held-out single
-    # vs SFT: 1e-4 +0.007 ± 0.008 (60 steps: +0.007 ± 0.011), 2.5e-4 -0.023 ± 0.013, 1e-3 -0.116 (dev/LOG.md)
-    rl_lr: float = 1e-4
+    # replaces the presets' 1e-5 base (ratios kept). Whole cascade, held-out single / RSA vs SFT (dev/LOG.md,
+    # session 4): 2.5e-4 +0.006 / +0.028, 1e-4 -0.005 / -0.014; one rlve stage alone: 2.5e-4 -0.023, 1e-4 +0.007,
+    # 1e-3 -0.116. All within about one or two SEs except 1e-3 (hurts).
+    rl_lr: float = 2.5e-4
     rl_max_groups_per_step: int = 256      # a stage with no signal in this many groups stops (reported)
     # evaluation: single vs Markovian RSA (N, C, T, tau, beta) at the same temperature and per-call budget
     eval_envs: list[str] = field(default_factory=lambda: list(EVAL_ENVS))
