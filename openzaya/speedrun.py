@@ -143,13 +143,22 @@ def smoke(**kw) -> SpeedrunConfig:
 PRESETS = {"nano": nano, "smoke": smoke}
 
 
+def aggregation_chat(problem, tails: list[str], template: str, kind: str) -> dict:
+    """One aggregation SFT chat: the aggregation prompt over `tails`, target = the problem's solver trace."""
+    from .data import split_trace
+    from .ttc import build_aggregation_prompt
+    reasoning, answer = split_trace(problem.solution)
+    return {"messages": [{"role": "user", "content": build_aggregation_prompt(problem.prompt, tails, template)},
+                         {"role": "assistant", "reasoning": reasoning, "content": answer}],
+            "env": problem.env, "difficulty": problem.difficulty, "seed": problem.seed, "kind": kind}
+
+
 def aggregation_sft_samples(problems, tokenizer_encode, tokenizer_decode, C: int, tau: int, template: str,
                             seed: int = 0) -> list[dict]:
     """Aggregation chats for the SFT mix (TR §VI-B, nano version): for each problem, C candidate tails (the last tau
     tokens of a solver reasoning: its own with probability 1/2, else that of another problem of the same env and
     difficulty), the aggregation prompt with `template`, target = the problem's solver trace."""
     from .data import split_trace
-    from .ttc import build_aggregation_prompt
     rng = random.Random(seed)
     by_cell: dict[tuple, list] = {}
     for p in problems:
@@ -162,10 +171,7 @@ def aggregation_sft_samples(problems, tokenizer_encode, tokenizer_decode, C: int
             src = p if rng.random() < 0.5 else rng.choice(others)
             reasoning = split_trace(src.solution)[0]
             tails.append(tokenizer_decode(tokenizer_encode(reasoning)[-tau:]))
-        reasoning, answer = split_trace(p.solution)
-        out.append({"messages": [{"role": "user", "content": build_aggregation_prompt(p.prompt, tails, template)},
-                                 {"role": "assistant", "reasoning": reasoning, "content": answer}],
-                    "env": p.env, "difficulty": p.difficulty, "seed": p.seed, "kind": "aggregation"})
+        out.append(aggregation_chat(p, tails, template, "aggregation"))
     return out
 
 
@@ -177,9 +183,7 @@ def self_aggregation_samples(model_dir: str | Path, problems, cfg: SpeedrunConfi
     from tqdm import tqdm
 
     from .backends import LocalBackend, Request, SamplingParams
-    from .data import split_trace
     from .envs.registry import get_env
-    from .ttc import build_aggregation_prompt
     if cfg.ttc_candidates > cfg.agg_sft_rollouts:
         raise ValueError(f"agg_sft_rollouts={cfg.agg_sft_rollouts} < C={cfg.ttc_candidates}: too few tails per prompt")
     backend = LocalBackend(model_dir, max_slots=NANO_EVAL_SLOTS, max_len=512)
@@ -196,14 +200,10 @@ def self_aggregation_samples(model_dir: str | Path, problems, cfg: SpeedrunConfi
         env = get_env(p.env)
         correct += [env.score(p, c.text).accuracy for c in rollouts]
         tails = [backend.tail_tokens(c.reasoning, cfg.ttc_tail_tokens) for c in rollouts]
-        reasoning, answer = split_trace(p.solution)
         for _ in range(cfg.agg_sft_chats_per_problem):
-            shown = rng.sample(range(len(rollouts)), cfg.ttc_candidates)
-            agreeing += len({tails[j] for j in shown}) == 1
-            prompt = build_aggregation_prompt(p.prompt, [tails[j] for j in shown], NANO_AGG_TEMPLATE)
-            chats.append({"messages": [{"role": "user", "content": prompt},
-                                       {"role": "assistant", "reasoning": reasoning, "content": answer}],
-                          "env": p.env, "difficulty": p.difficulty, "seed": p.seed, "kind": "self_aggregation"})
+            shown = [tails[j] for j in rng.sample(range(len(rollouts)), cfg.ttc_candidates)]
+            agreeing += len(set(shown)) == 1
+            chats.append(aggregation_chat(p, shown, NANO_AGG_TEMPLATE, "self_aggregation"))
     stats = {"problems": len(problems), "rollouts": len(correct), "rollout_accuracy": sum(correct) / len(correct),
              "chats": len(chats), "identical_tails_shown": agreeing / max(len(chats), 1)}
     return chats, stats
