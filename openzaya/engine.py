@@ -174,6 +174,9 @@ class Engine:
 
     def __init__(self, model: ZayaForCausalLM, max_slots: int, max_len: int,
                  decode: Callable[[list[int]], str] | None = None, compile: bool = False):
+        if max_slots < 1 or max_len < 2:
+            raise ValueError(f"Engine needs max_slots >= 1 and max_len >= 2 (got max_slots={max_slots}, "
+                             f"max_len={max_len})")
         self.model = model.eval()
         self.config = model.config
         self.max_slots, self.max_len, self.decode = max_slots, max_len, decode

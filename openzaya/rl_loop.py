@@ -103,6 +103,7 @@ class RLConfig:
     sync_every: int = 1               # push weights every k trainer steps
     max_inflight_groups: int = 0      # 0 = 2 * prompts_per_step
     max_groups_per_step: int = 256    # give up (clear error) when this many groups gave no usable batch
+    result_timeout_s: float = 600.0   # give up (clear error) when live workers return nothing for this long
     # Run
     seed: int = 0
     out: str = "runs/rl"
@@ -151,6 +152,10 @@ def behavioral(**kw) -> RLConfig:
 
 
 STAGES = {"warmup": warmup, "rlve": rlve, "math-code-ttc": math_code_ttc, "behavioral": behavioral}
+
+
+class NoLearningSignal(RuntimeError):
+    """A stage scanned `max_groups_per_step` groups without filling a step (all-equal rewards everywhere)."""
 
 
 def _registry():
@@ -391,7 +396,6 @@ def expert_load(routes: list[torch.Tensor], num_experts: int) -> float:
 def make_optimizer(model, cfg: RLConfig):
     if cfg.optimizer == "muon":
         from openzaya import optim
-        assert hasattr(optim, "build_optimizer"), "openzaya.optim has no build_optimizer (Muon + AdamW)"
         return optim.build_optimizer(model, lr=cfg.lr, momentum=0.0)
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
@@ -510,7 +514,21 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
             jobs = inline_jobs[:]
             inline_jobs.clear()
             return generate_jobs(inline_engine, jobs, version, cfg.router_replay)
-        got = [result_q.get(timeout=600)]
+        waited = 0.0
+        while True:                    # poll, so that a dead worker is an error, not a hang
+            try:
+                got = [result_q.get(timeout=1.0)]
+                break
+            except queue_mod.Empty:
+                waited += 1.0
+            dead = [(w, p.exitcode) for w, p in enumerate(procs) if not p.is_alive()]
+            if dead:
+                raise RuntimeError(f"rollout worker(s) exited: {', '.join(f'{w} (exit code {c})' for w, c in dead)}; "
+                                   f"their traceback is printed above. A script that runs rl_loop with "
+                                   f"rollout_workers > 0 needs an `if __name__ == '__main__':` guard (spawn).")
+            if waited >= cfg.result_timeout_s:
+                raise RuntimeError(f"no rollout result in {cfg.result_timeout_s:.0f} s from {len(procs)} live "
+                                   f"worker(s) (a stalled server?)")
         while True:
             try:
                 got.append(result_q.get_nowait())
@@ -552,7 +570,7 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
             scanned = 0
             while len(batch) < cfg.prompts_per_step:
                 if scanned > cfg.max_groups_per_step:
-                    raise RuntimeError(
+                    raise NoLearningSignal(
                         f"stage {cfg.stage}: {scanned} groups scanned for step {step + 1}, {len(batch)} kept "
                         f"({drop_flat} with equal rewards or solve rate > {cfg.max_solve_rate}, {drop_stale} stale): "
                         "the policy gets no learning signal here; lower --difficulty or pick other environments")

@@ -9,6 +9,7 @@ its output distribution toward the 10 digit bytes, which MaxRL + DPPO does in ~2
 """
 
 import json
+import time
 import zlib
 from dataclasses import replace
 
@@ -92,6 +93,15 @@ def test_async_workers_never_train_on_stale_samples(tmp_path):
         stale_seen += m["stale_max"] > 0
     assert stale_seen > 0                                   # really asynchronous: some samples lagged
     assert sum(m["drop_stale"] for m in res["metrics"]) > 0  # and too-old groups were refused, then refilled
+
+
+def test_a_dead_rollout_worker_is_a_clear_error_not_a_hang(tmp_path):
+    model, tok = tiny_policy()
+    cfg = digits_config(tmp_path, steps=2, rollout_workers=1, engine_slots=0)   # the worker's Engine refuses 0 slots
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"rollout worker\(s\) exited: 0 \(exit code 1\)"):
+        rl_loop.run(cfg, model=model, tokenizer=tok, envs=digits_env())
+    assert time.perf_counter() - t0 < 120
 
 
 # ---- each stage: one step changes the parameters
