@@ -16,10 +16,12 @@ Nano-scale simplifications, stage by stage:
   fresh training problems at the evaluation's temperature and beta, `agg_sft_chats_per_problem` aggregation prompts
   are built from C of their tails (the cut Markovian RSA uses), and the teacher is the env's reference solver (its
   trace is the target) instead of a stronger model; the phase trains on these chats mixed 1:1 with the SFT mix. The
-  held-out row "sft" is the model after both phases. Measured (dev/LOG.md, session 4): the nano aggregator still
-  scores about what copying a random shown candidate would, with or without this phase; the phase's extra steps
-  raise single-sample accuracy like as many plain SFT steps would. `agg_sft_steps=0` skips it.
-- RL (rl_loop.run, one stage after the other from the previous stage's checkpoint), every stage restricted to
+  held-out row "sft" is the model after both phases. Off in the nano preset (`agg_sft_steps=0`): measured
+  (dev/LOG.md, session 4), the nano aggregator still scores about what copying a random shown candidate would, with
+  or without this phase, RSA - single moved by +0.038 / -0.011 / +0.012 / -0.030 over four runs, and its extra steps
+  raise single-sample accuracy like as many plain SFT steps would; its ~140 s went to RL (session 5).
+- RL (rl_loop.run, one stage after the other from the previous stage's checkpoint; one rollout worker process
+  generates while the trainer steps, staleness <= 2; 16 prompts x 8 samples per step), every stage restricted to
   environments the SFT model gets signal on (RL_STAGE_ENVS) at difficulties 0-1 (max_difficulty=1), with the
   presets' algorithms and LR ratios (the nano LR `rl_lr` replaces the 1e-5 base, scaled like the presets:
   warmup/rlve x1, math-code-ttc x0.5, behavioral x0.2): warmup = arithmetic/logic envs with the 75% solve-rate
@@ -80,7 +82,7 @@ class SpeedrunConfig:
     samples_per_env_level: int = 800
     agg_samples_per_env_level: int = 100   # aggregation-format chats in the SFT mix (synthetic tails), 0 = none
     # aggregation SFT on the SFT model's own rollouts (TR §VI-B), 0 steps = skip the phase
-    agg_sft_steps: int = 80
+    agg_sft_steps: int = 0                 # nano: 0 (no reliable effect in five runs, dev/LOG.md; its ~140 s go to RL)
     agg_sft_problems_per_env_level: int = 100
     agg_sft_rollouts: int = 4              # rollouts sampled per problem; C of their tails per aggregation prompt
     agg_sft_chats_per_problem: int = 2
@@ -96,8 +98,9 @@ class SpeedrunConfig:
     rl_stages: list[str] = field(default_factory=lambda: list(RL_STAGES))
     rl_stage_envs: dict = field(default_factory=lambda: dict(RL_STAGE_ENVS))
     rl_steps: int = 30                     # optimizer steps per stage
-    rl_prompts_per_step: int = 8
+    rl_prompts_per_step: int = 16          # 16 x 8 instead of 8 x 8: single-env RL gained only with the larger step
     rl_samples_per_prompt: int = 8
+    rl_rollout_workers: int = 1            # one worker process generates while the trainer steps (2 cores)
     rl_max_new_tokens: int = 48
     # replaces the presets' 1e-5 base (ratios kept). Whole cascade, held-out single / RSA vs SFT (dev/LOG.md,
     # session 4): 2.5e-4 +0.006 / +0.028, 1e-4 -0.005 / -0.014; one rlve stage alone: 2.5e-4 -0.023, 1e-4 +0.007,
@@ -135,7 +138,7 @@ def smoke(**kw) -> SpeedrunConfig:
                                     agg_sft_steps=2, agg_sft_problems_per_env_level=4,
                                     device_batch_size=8, eval_envs=envs, eval_problems=2, eval_max_tokens=16,
                                     ablation_steps=2, rl_steps=1, rl_prompts_per_step=2, rl_samples_per_prompt=4,
-                                    rl_max_new_tokens=16, ttc_tail_tokens=4, rl_max_groups_per_step=8,
+                                    rl_max_new_tokens=16, ttc_tail_tokens=4, rl_max_groups_per_step=8, rl_rollout_workers=0,
                                     rl_stage_envs={s: (envs, 0, m, o) for s, (_, _, m, o) in RL_STAGE_ENVS.items()}),
                                  **kw})
 
@@ -426,11 +429,12 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
                                    max_new_tokens=cfg.rl_max_new_tokens, save_every=cfg.rl_steps, seed=cfg.seed,
                                    engine_slots=cfg.rl_prompts_per_step * cfg.rl_samples_per_prompt * 2,
                                    max_groups_per_step=cfg.rl_max_groups_per_step,
+                                   rollout_workers=cfg.rl_rollout_workers,
                                    ttc_candidates=cfg.ttc_candidates, ttc_tail_tokens=cfg.ttc_tail_tokens,
                                    ttc_template=NANO_AGG_TEMPLATE, **extra)
         try:
             res = rl_loop.run(rc, init_dir=cur)
-        except RuntimeError as e:     # no learning signal within the scan budget: report it, keep the previous policy
+        except rl_loop.NoLearningSignal as e:     # within the scan budget: report it, keep the previous policy
             rl_notes[stage] = f"stopped: {e}"
             print(f"[speedrun] RL {stage} stopped: {e}", flush=True)
             lap(f"rl {stage}")
