@@ -444,6 +444,9 @@ class Attention(nn.Module):
             k, v = cache.k[L][:, :, :S].to(q.dtype), cache.v[L][:, :, :S].to(q.dtype)
         if mask_B1TS is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif T == 1:   # decode: a KV head's g query heads as g query rows, so each cached key is read once per group
+            o = F.scaled_dot_product_attention(q.reshape(B, self.K, self.H // self.K, self.Dh), k, v,
+                                               attn_mask=mask_B1TS).reshape(B, self.H, 1, self.Dh)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TS, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.H * self.Dh))
