@@ -82,7 +82,7 @@ class SpeedrunConfig:
     samples_per_env_level: int = 800
     agg_samples_per_env_level: int = 100   # aggregation-format chats in the SFT mix (synthetic tails), 0 = none
     # aggregation SFT on the SFT model's own rollouts (TR §VI-B), 0 steps = skip the phase
-    agg_sft_steps: int = 0                 # nano: 0 (no reliable effect in five runs, dev/LOG.md; its ~140 s go to RL)
+    agg_sft_steps: int = 0                 # nano: 0 (no reliable effect, see the docstring; its ~140 s go to RL)
     agg_sft_problems_per_env_level: int = 100
     agg_sft_rollouts: int = 4              # rollouts sampled per problem; C of their tails per aggregation prompt
     agg_sft_chats_per_problem: int = 2
@@ -138,7 +138,8 @@ def smoke(**kw) -> SpeedrunConfig:
                                     agg_sft_steps=2, agg_sft_problems_per_env_level=4,
                                     device_batch_size=8, eval_envs=envs, eval_problems=2, eval_max_tokens=16,
                                     ablation_steps=2, rl_steps=1, rl_prompts_per_step=2, rl_samples_per_prompt=4,
-                                    rl_max_new_tokens=16, ttc_tail_tokens=4, rl_max_groups_per_step=8, rl_rollout_workers=0,
+                                    rl_max_new_tokens=16, ttc_tail_tokens=4, rl_max_groups_per_step=8,
+                                    rl_rollout_workers=0,
                                     rl_stage_envs={s: (envs, 0, m, o) for s, (_, _, m, o) in RL_STAGE_ENVS.items()}),
                                  **kw})
 
