@@ -1,9 +1,10 @@
 """`openzaya speedrun --preset nano`: corpus -> tokenizer -> pretrain -> SFT -> the four RL stages -> held-out
 evaluation of `single` vs Markovian RSA after SFT and after every RL stage -> runs/<name>/report.md.
 
-The whole ZAYA1 pipeline at nano scale on a CPU (design: ~15-18 min on an idle 2-core machine). The environments are
-the easiest of our own (difficulty 0-1 of a handful of arithmetic and string tasks, NANO_ENVS) so that a ~1M-parameter
-model trained for a few hundred steps gets measurably above zero; held-out problems use seeds >= HELD_OUT_SEED_START.
+The whole ZAYA1 pipeline at nano scale on a CPU (measured: 1336-1348 s on this 2-core machine, limit 1500 s). The
+environments are the easiest of our own (difficulty 0-1 of a handful of arithmetic and string tasks, NANO_ENVS) so
+that a ~1M-parameter model trained for a few hundred steps gets measurably above zero; held-out problems use seeds
+>= HELD_OUT_SEED_START.
 
 Nano-scale simplifications, stage by stage:
 - SFT mix: the solver-trace chats plus `agg_samples_per_env_level` aggregation chats built with a short nano
@@ -102,9 +103,9 @@ class SpeedrunConfig:
     rl_samples_per_prompt: int = 8
     rl_rollout_workers: int = 1            # one worker process generates while the trainer steps (2 cores)
     rl_max_new_tokens: int = 48
-    # replaces the presets' 1e-5 base (ratios kept). Whole cascade, held-out single / RSA vs SFT (dev/LOG.md,
-    # session 4): 2.5e-4 +0.006 / +0.028, 1e-4 -0.005 / -0.014; one rlve stage alone: 2.5e-4 -0.023, 1e-4 +0.007,
-    # 1e-3 -0.116. All within about one or two SEs except 1e-3 (hurts).
+    # replaces the presets' 1e-5 base (ratios kept). Measured at 8 x 8 rollouts per step (dev/LOG.md, session 4),
+    # whole cascade, held-out single / RSA vs SFT: 2.5e-4 +0.006 / +0.028, 1e-4 -0.005 / -0.014; one rlve stage
+    # alone: 2.5e-4 -0.023, 1e-4 +0.007, 1e-3 -0.116. At 16 x 8 (session 5) only 2.5e-4 was run.
     rl_lr: float = 2.5e-4
     rl_max_groups_per_step: int = 256      # a stage with no signal in this many groups stops (reported)
     # evaluation: single vs Markovian RSA (N, C, T, tau, beta) at the same temperature and per-call budget
