@@ -57,7 +57,7 @@ def timed(fn):
 
 
 cfg = issue_config()
-model = ZayaForCausalLM(cfg).eval()
+model = ZayaForCausalLM(cfg).eval().relayout_experts_for_decode()   # as LocalBackend / serve load it
 print(f"model: {count_params(cfg)['total'] / 1e6:.1f}M params, threads {torch.get_num_threads()}")
 
 # -----------------------------------------------------------------------------
@@ -128,7 +128,7 @@ big = issue_config(hidden_size=512, num_hidden_layers=8, head_dim=64, moe_interm
 if q:
     big = issue_config()
 cp = count_params(big)
-model_c = ZayaForCausalLM(big).eval()
+model_c = ZayaForCausalLM(big).eval().relayout_experts_for_decode()
 # Weights touched per decoded token: every active parameter once, plus the whole (tied) output embedding for the
 # logits (the embedding row lookup is negligible). fp32 = 4 bytes each.
 bytes_per_token = 4 * (cp["active_per_token"] + big.vocab_size * big.hidden_size)

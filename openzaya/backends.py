@@ -158,7 +158,7 @@ class LocalBackend(Backend):
                 from .offload import load_offloaded
                 model = load_offloaded(model_dir, int(expert_cache_gb * 1024**3), dtype=dtype, device=device)
             else:
-                model = from_pretrained(model_dir, dtype=dtype, device=device)
+                model = from_pretrained(model_dir, dtype=dtype, device=device).relayout_experts_for_decode()
             tokenizer = tokenizer or Tokenizer.load(model_dir)
         if tokenizer is None:
             raise ValueError("LocalBackend(model=...) needs a tokenizer")

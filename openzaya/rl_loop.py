@@ -269,7 +269,7 @@ def rollout_worker(worker_id: int, init: dict, job_q, result_q, weights_q):
     else:
         model = ZayaForCausalLM(ZayaConfig.from_dict(init["config"])).eval()
         model.load_state_dict(init["state_dict"])
-        engine = Engine(model, max_slots=init["engine_slots"], max_len=init["max_len"])
+        engine = Engine(model.relayout_experts_for_decode(), max_slots=init["engine_slots"], max_len=init["max_len"])
     while True:
         try:                                   # swap in the newest weights pushed so far
             while True:

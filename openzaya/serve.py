@@ -1155,7 +1155,7 @@ def load_app(model_dir, cfg: ServeConfig | None = None, device: str = "cpu", dty
         from .offload import load_offloaded
         model = load_offloaded(model_dir, int(expert_cache_gb * 1024**3), dtype=dtype, device=device)
     else:
-        model = from_pretrained(model_dir, dtype=dtype, device=device)
+        model = from_pretrained(model_dir, dtype=dtype, device=device).relayout_experts_for_decode()
     tokenizer = Tokenizer.load(model_dir)
     max_len = cfg.max_len or min(model.config.max_position_embeddings, 4096)
     engine = Engine(model, max_slots=cfg.max_slots, max_len=max_len,

@@ -70,6 +70,38 @@ def test_logprobs_are_raw_model_logprobs():
             assert all(s >= lp - 1e-5 for s, lp in zip(r.sampling_logprobs, r.logprobs))
 
 
+def test_decode_layout_of_experts_keeps_values_outputs_and_training(tmp_path):
+    from openzaya.checkpoint import from_pretrained, save_pretrained
+    from openzaya.optim import build_optimizer
+
+    model = tiny_model(seed=5, num_experts=4)
+    moved = tiny_model(seed=5, num_experts=4).relayout_experts_for_decode()
+    w = moved.model.layers[0].mlp.experts.gate_up_proj
+    assert not w.is_contiguous() and w.transpose(1, 2).is_contiguous()            # the storage is transposed
+    moved.relayout_experts_for_decode()                                             # a second call changes nothing
+    assert w.transpose(1, 2).is_contiguous()
+    for (k, a), b in zip(model.state_dict().items(), moved.state_dict().values()):
+        assert torch.equal(a, b), k                                                 # same names, shapes, values
+    ids = torch.tensor([PROMPTS[4]])
+    with torch.no_grad():
+        torch.testing.assert_close(moved(ids), model(ids), atol=1e-5, rtol=0)
+    params = [GenParams(temperature=0, max_new_tokens=n) for n in MAX_NEW]
+    ref = Engine(model, max_slots=3, max_len=32).generate(PROMPTS, params)
+    got = Engine(moved, max_slots=3, max_len=32).generate(PROMPTS, params)
+    assert [r.tokens for r in got] == [r.tokens for r in ref]
+    save_pretrained(moved, tmp_path / "m")                                          # saves the plain layout
+    back = from_pretrained(tmp_path / "m")
+    assert back.model.layers[0].mlp.experts.gate_up_proj.is_contiguous()
+    assert torch.equal(back.model.layers[0].mlp.experts.gate_up_proj, w)
+    moved.train()                                                                   # and it still trains
+    opt = build_optimizer(moved, 1e-2)
+    before = w.detach().clone()
+    loss = -torch.log_softmax(moved(ids)[0, :-1], -1).gather(1, ids[0, 1:, None]).mean()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(before, w.detach())
+
+
 def test_seeds_reproduce():
     model = tiny_model(seed=3)
     eng = Engine(model, max_slots=3, max_len=32)
