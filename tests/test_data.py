@@ -134,6 +134,16 @@ def test_packed_logits_equal_documents_alone():
         both = m2(torch.stack([ids[0], ids[0].flip(0)]), segment_ids_BT=torch.stack([seg[0], seg[0].flip(0)]))
         torch.testing.assert_close(both[0, :9], m2(docs[0][None])[0], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(both[1, -9:], m2(docs[0].flip(0)[None])[0], atol=2e-5, rtol=1e-4)
+    # gradients too (the convolution takes back cross-document taps after the fact: its backward must as well)
+    model.balance_enabled = False
+    model(ids, segment_ids_BT=seg)[0].pow(2).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for d in docs:
+        model(d[None])[0].pow(2).sum().backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(packed_grads[n], p.grad, atol=1e-4, rtol=1e-4, msg=n)
 
 
 def test_build_windows_labels():
