@@ -352,6 +352,19 @@ class CCAProjection(nn.Module):
                                                         ).reshape(-1)
         return w.reshape(G * Dh, Dh, k0 + k1 - 1), bias
 
+    def cross_document_taps(self, qk_pad_BSC, w_CIk, docpos_BT):
+        """[B, T, C]: the convolution's contribution from taps that look back across a document start (tap s looks
+        back cs - s tokens; it crosses when cs - s > the token's position in its document). Non-zero only at the
+        first `cs` tokens of each document, so only those are computed."""
+        B, T = docpos_BT.shape
+        G, Dh, cs = self.H + self.K, self.Dh, self.cs
+        b_N, t_N = torch.nonzero(docpos_BT < cs, as_tuple=True)
+        taps_NCk = torch.stack([qk_pad_BSC[b_N, t_N + s] for s in range(cs + 1)], dim=-1)
+        back_k = torch.arange(cs, -1, -1, device=docpos_BT.device)
+        taps_NCk = taps_NCk * (back_k > docpos_BT[b_N, t_N, None])[:, None, :].to(taps_NCk.dtype)
+        fix_NGo = torch.einsum("ngik,goik->ngo", taps_NCk.view(-1, G, Dh, cs + 1), w_CIk.view(G, Dh, Dh, cs + 1))
+        return qk_pad_BSC.new_zeros(B, T, G * Dh).index_put((b_N, t_N), fix_NGo.reshape(-1, G * Dh))
+
     def forward(self, x_BTD, conv_state_BsC=None, vdel_state_BV=None, docpos_BT=None):
         """Returns q [B,T,H,Dh], k [B,T,K,Dh], v [B,T,K,Dh], and the new conv / delayed-value states.
 
@@ -400,20 +413,6 @@ class CCAProjection(nn.Module):
             v_del_shift = v_del_shift * (docpos_BT > 0)[..., None].to(v_del_shift.dtype)
         v_BTKd = torch.cat([v_cur_BTV, v_del_shift], dim=-1).view(B, T, K, Dh)
         return q_BTHd, k_BTKd, v_BTKd, new_conv_state, v_del_BTV[:, -1]
-
-
-    def cross_document_taps(self, qk_pad_BSC, w_CIk, docpos_BT):
-        """[B, T, C]: the convolution's contribution from taps that look back across a document start (tap s looks
-        back cs - s tokens; it crosses when cs - s > the token's position in its document). Non-zero only at the
-        first `cs` tokens of each document, so only those are computed."""
-        B, T = docpos_BT.shape
-        G, Dh, cs = self.H + self.K, self.Dh, self.cs
-        b_N, t_N = torch.nonzero(docpos_BT < cs, as_tuple=True)
-        taps_NCk = torch.stack([qk_pad_BSC[b_N, t_N + s] for s in range(cs + 1)], dim=-1)
-        back_k = torch.arange(cs, -1, -1, device=docpos_BT.device)
-        taps_NCk = taps_NCk * (back_k > docpos_BT[b_N, t_N, None])[:, None, :].to(taps_NCk.dtype)
-        fix_NGo = torch.einsum("ngik,goik->ngo", taps_NCk.view(-1, G, Dh, cs + 1), w_CIk.view(G, Dh, Dh, cs + 1))
-        return qk_pad_BSC.new_zeros(B, T, G * Dh).index_put((b_N, t_N), fix_NGo.reshape(-1, G * Dh))
 
 
 class QKNorm(nn.Module):
