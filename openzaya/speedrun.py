@@ -1,7 +1,7 @@
 """`openzaya speedrun --preset nano`: corpus -> tokenizer -> pretrain -> SFT -> the four RL stages -> held-out
 evaluation of `single` vs Markovian RSA after SFT and after every RL stage -> runs/<name>/report.md.
 
-The whole ZAYA1 pipeline at nano scale on a CPU (measured: 1336-1348 s on this 2-core machine, limit 1500 s). The
+The whole ZAYA1 pipeline at nano scale on a CPU (measured: 1278-1348 s on this 2-core machine, limit 1500 s). The
 environments are the easiest of our own (difficulty 0-1 of a handful of arithmetic and string tasks, NANO_ENVS) so
 that a ~1M-parameter model trained for a few hundred steps gets measurably above zero; held-out problems use seeds
 >= HELD_OUT_SEED_START.
