@@ -148,17 +148,13 @@ class LocalBackend(Backend):
     def __init__(self, model_dir: str | os.PathLike | None = None, max_slots: int = 16, max_len: int | None = None,
                  device: str = "cpu", dtype=None, model=None, tokenizer: Tokenizer | None = None,
                  return_routes: bool = False, expert_cache_gb: float | None = None):
-        from .checkpoint import from_pretrained
+        from .checkpoint import load_for_inference
         from .engine import Engine
 
         if model is None:
             if model_dir is None:
                 raise ValueError("LocalBackend needs model_dir or model")
-            if expert_cache_gb is not None:   # experts offloaded, a cache of this many GiB (offload.py)
-                from .offload import load_offloaded
-                model = load_offloaded(model_dir, int(expert_cache_gb * 1024**3), dtype=dtype, device=device)
-            else:
-                model = from_pretrained(model_dir, dtype=dtype, device=device).relayout_experts_for_decode()
+            model = load_for_inference(model_dir, dtype=dtype, device=device, expert_cache_gb=expert_cache_gb)
             tokenizer = tokenizer or Tokenizer.load(model_dir)
         if tokenizer is None:
             raise ValueError("LocalBackend(model=...) needs a tokenizer")

@@ -162,6 +162,17 @@ def from_pretrained(ckpt_dir: str | Path, dtype: torch.dtype | None = None, devi
     return model.to(device).eval()
 
 
+def load_for_inference(ckpt_dir: str | Path, dtype: torch.dtype | None = None, device="cpu",
+                       expert_cache_gb: float | None = None) -> ZayaForCausalLM:
+    """The model a backend or server runs and never trains: experts offloaded behind a cache of `expert_cache_gb`
+    GiB (offload.py), or the whole checkpoint loaded with its experts in the decode layout
+    (`ZayaForCausalLM.relayout_experts_for_decode`)."""
+    if expert_cache_gb is not None:
+        from .offload import load_offloaded
+        return load_offloaded(ckpt_dir, int(expert_cache_gb * 1024**3), dtype=dtype, device=device)
+    return from_pretrained(ckpt_dir, dtype=dtype, device=device).relayout_experts_for_decode()
+
+
 @torch.no_grad()
 def load_weights_into(model: ZayaForCausalLM, ckpt_dir: str | Path) -> int:
     """Copy a checkpoint's weights into an existing model in place (same config; dtype and device are the model's),

@@ -1148,14 +1148,10 @@ def load_app(model_dir, cfg: ServeConfig | None = None, device: str = "cpu", dty
              expert_cache_gb: float | None = None) -> FastAPI:
     from pathlib import Path
 
-    from .checkpoint import from_pretrained
+    from .checkpoint import load_for_inference
 
     cfg = cfg or ServeConfig()
-    if expert_cache_gb is not None:   # experts offloaded, a cache of this many GiB (offload.py)
-        from .offload import load_offloaded
-        model = load_offloaded(model_dir, int(expert_cache_gb * 1024**3), dtype=dtype, device=device)
-    else:
-        model = from_pretrained(model_dir, dtype=dtype, device=device).relayout_experts_for_decode()
+    model = load_for_inference(model_dir, dtype=dtype, device=device, expert_cache_gb=expert_cache_gb)
     tokenizer = Tokenizer.load(model_dir)
     max_len = cfg.max_len or min(model.config.max_position_embeddings, 4096)
     engine = Engine(model, max_slots=cfg.max_slots, max_len=max_len,
