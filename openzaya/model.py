@@ -321,7 +321,7 @@ class CCAProjection(nn.Module):
     layer vs 49 ms for stacking the taps into a batched matmul; whole nano training step 1.05-1.14x, bench-config
     prefill 1.03x) and as a batched matmul over the stacked taps for one-token decode, where conv1d's call costs
     more. Packed documents (`docpos_BT`): the few outputs whose taps reach into the previous document are corrected
-    afterwards (`cross_document_taps`).
+    afterwards (`drop_cross_document_taps`).
     """
 
     def __init__(self, cfg: ZayaConfig):
@@ -352,18 +352,17 @@ class CCAProjection(nn.Module):
                                                         ).reshape(-1)
         return w.reshape(G * Dh, Dh, k0 + k1 - 1), bias
 
-    def cross_document_taps(self, qk_pad_BSC, w_CIk, docpos_BT):
-        """[B, T, C]: the convolution's contribution from taps that look back across a document start (tap s looks
-        back cs - s tokens; it crosses when cs - s > the token's position in its document). Non-zero only at the
-        first `cs` tokens of each document, so only those are computed."""
-        B, T = docpos_BT.shape
+    def drop_cross_document_taps(self, conv_BTC, qk_pad_BSC, w_CIk, docpos_BT):
+        """conv_BTC minus what its taps read across a document start (tap s looks back cs - s tokens; it crosses
+        when cs - s > the token's position in its document). Only the first `cs` tokens of each document change, so
+        only those are computed."""
         G, Dh, cs = self.H + self.K, self.Dh, self.cs
         b_N, t_N = torch.nonzero(docpos_BT < cs, as_tuple=True)
         taps_NCk = torch.stack([qk_pad_BSC[b_N, t_N + s] for s in range(cs + 1)], dim=-1)
         back_k = torch.arange(cs, -1, -1, device=docpos_BT.device)
         taps_NCk = taps_NCk * (back_k > docpos_BT[b_N, t_N, None])[:, None, :].to(taps_NCk.dtype)
         fix_NGo = torch.einsum("ngik,goik->ngo", taps_NCk.view(-1, G, Dh, cs + 1), w_CIk.view(G, Dh, Dh, cs + 1))
-        return qk_pad_BSC.new_zeros(B, T, G * Dh).index_put((b_N, t_N), fix_NGo.reshape(-1, G * Dh))
+        return conv_BTC.index_put((b_N, t_N), -fix_NGo.reshape(-1, G * Dh), accumulate=True)
 
     def forward(self, x_BTD, conv_state_BsC=None, vdel_state_BV=None, docpos_BT=None):
         """Returns q [B,T,H,Dh], k [B,T,K,Dh], v [B,T,K,Dh], and the new conv / delayed-value states.
@@ -401,7 +400,7 @@ class CCAProjection(nn.Module):
             conv_BCT = F.conv1d(qk_pad.transpose(1, 2), w_CIk, bias_C, groups=H + K)
             conv_BTC = conv_BCT.transpose(1, 2).contiguous()   # channels last again: SDPA's fast kernels need Dh last
         if docpos_BT is not None:   # packed documents: take back what reached across a document start
-            conv_BTC = conv_BTC - self.cross_document_taps(qk_pad, w_CIk, docpos_BT)
+            conv_BTC = self.drop_cross_document_taps(conv_BTC, qk_pad, w_CIk, docpos_BT)
         q_BTHd = conv_BTC[..., : H * Dh].reshape(B, T, H, Dh) + q_res_BTHd
         k_BTKd = conv_BTC[..., H * Dh:].reshape(B, T, K, Dh) + k_res_BTKd
 
@@ -874,7 +873,8 @@ class ZayaForCausalLM(nn.Module):
         With a few tokens per expert (batched decode) MKL's fp32 kernels run that layout much faster: bench config,
         16 tokens over 16 experts, 31 -> 21 ms per 8-layer step, engine at batch 16 252 -> 311 tok/s (dev/LOG.md,
         session 6); at training-sized batches it is 5-10% slower, so only code that owns an inference-only model
-        calls this (LocalBackend, `openzaya serve`, RL rollout workers, bench/engine.py). CPU only: on other devices
+        calls this (`checkpoint.load_for_inference`, i.e. LocalBackend and `openzaya serve`; RL rollout workers;
+        bench/engine.py). CPU only: on other devices
         nothing changes (not measured there). Calling it twice changes nothing. Returns self."""
         for mod in self.modules():
             if isinstance(mod, Experts):
