@@ -195,7 +195,11 @@ def test_compiled_decode_matches_eager():
     model = tiny_model(seed=2)
     params = [GenParams(temperature=0, max_new_tokens=n) for n in MAX_NEW]
     eager = Engine(model, max_slots=3, max_len=32).generate(PROMPTS, params)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     compiled = Engine(model, max_slots=3, max_len=32, compile=True).generate(PROMPTS, params)
     assert [r.tokens for r in compiled] == [r.tokens for r in eager]
+    # rows finish at different steps (batch 3, 2, 1): one graph for every batch size >= 2, one for batch 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     for c, e in zip(compiled, eager):
         assert max(abs(a - b) for a, b in zip(c.logprobs, e.logprobs)) < 1e-4
