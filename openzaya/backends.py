@@ -143,11 +143,13 @@ class LocalBackend(Backend):
     `return_routes=True`, the routed experts per token and layer (router replay in RL).
     `model` may be given instead of a directory (with a tokenizer), e.g. the live policy during RL.
     `expert_cache_gb` loads the checkpoint with its experts offloaded (openzaya/offload.py): a cache of that many GiB.
+    `compile=True` runs the engine's decode step under torch.compile (Engine(compile=True): minutes of warm-up, and
+    every step attends over all `max_len` positions, so size max_len to the workload).
     """
 
     def __init__(self, model_dir: str | os.PathLike | None = None, max_slots: int = 16, max_len: int | None = None,
                  device: str = "cpu", dtype=None, model=None, tokenizer: Tokenizer | None = None,
-                 return_routes: bool = False, expert_cache_gb: float | None = None):
+                 return_routes: bool = False, expert_cache_gb: float | None = None, compile: bool = False):
         from .checkpoint import load_for_inference
         from .engine import Engine
 
@@ -161,7 +163,7 @@ class LocalBackend(Backend):
         self.model, self.tokenizer, self.return_routes = model, tokenizer, return_routes
         max_len = max_len or min(model.config.max_position_embeddings, 4096)
         self.engine = Engine(model, max_slots=max_slots, max_len=max_len,
-                             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+                             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False), compile=compile)
         self.eos_ids = sorted(set(model.config.eos_ids + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])))
         self.name = str(model_dir) if model_dir is not None else "local-model"
 
@@ -534,13 +536,17 @@ class OpenAIBackend(Backend):
 
 def make_backend(kind: str, model: str, base_url: str | None = None, gguf_file: str | None = None,
                  tokenizer: str | None = None, max_concurrency: int = 16, max_len: int | None = None,
-                 max_slots: int = 16, api_key: str | None = None, expert_cache_gb: float | None = None) -> Backend:
+                 max_slots: int = 16, api_key: str | None = None, expert_cache_gb: float | None = None,
+                 compile: bool = False) -> Backend:
     """A backend from CLI-style arguments: kind local (openzaya checkpoint dir), hf (transformers dir, optionally a
     GGUF in it) or openai (server at base_url serving `model`; `tokenizer` dir makes token counts exact)."""
     if expert_cache_gb is not None and kind != "local":
         raise ValueError(f"--expert-cache-gb needs --backend local (got {kind!r})")
+    if compile and kind != "local":
+        raise ValueError(f"--compile needs --backend local (got {kind!r})")
     if kind == "local":
-        return LocalBackend(model, max_slots=max_slots, max_len=max_len, expert_cache_gb=expert_cache_gb)
+        return LocalBackend(model, max_slots=max_slots, max_len=max_len, expert_cache_gb=expert_cache_gb,
+                            compile=compile)
     if kind == "hf":
         return HFBackend(model, gguf_file=gguf_file, batch_size=max_slots)
     if kind == "openai":

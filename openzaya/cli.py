@@ -46,6 +46,8 @@ def _add_backend_and_ttc_flags(p):
     p.add_argument("--max-len", type=int, default=None, help="local: engine positions per slot")
     p.add_argument("--expert-cache-gb", type=float, default=-1,
                    help="local: offload the experts, keep a cache of this many GiB (-1 = all resident; offload.py)")
+    p.add_argument("--compile", action="store_true",
+                   help="local: torch.compile the decode step (minutes of warm-up; steps attend over all --max-len)")
     # Test-time compute (rounds follow the ZAYA1 TR: T aggregation rounds after round 0, T+1 generations)
     p.add_argument("--method", default="markovian_rsa",
                    help="single | majority | rsa | markovian_rsa | delethink | pacore_hybrid (eval: comma list)")
@@ -76,7 +78,7 @@ def _backend(a):
 
     return make_backend(a.backend, a.model, base_url=a.base_url, gguf_file=a.gguf_file, tokenizer=a.tokenizer,
                         max_concurrency=a.max_concurrency, max_len=a.max_len,
-                        expert_cache_gb=a.expert_cache_gb if a.expert_cache_gb > 0 else None)
+                        expert_cache_gb=a.expert_cache_gb if a.expert_cache_gb > 0 else None, compile=a.compile)
 
 
 def _solve(a):
@@ -165,6 +167,8 @@ def add_serve(sub):
     p.add_argument("--max-len", type=int, default=-1, help="positions per slot (-1 = min(context, 4096))")
     p.add_argument("--expert-cache-gb", type=float, default=-1,
                    help="offload the experts, keep a cache of this many GiB (-1 = all resident; offload.py)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (minutes of warm-up; steps attend over all --max-len)")
     # Limits
     p.add_argument("--max-queue", type=int, default=256, help="sequences waiting beyond the slots (429 beyond)")
     p.add_argument("--max-n", type=int, default=16, help="sequences per request (n x prompts)")

@@ -188,6 +188,9 @@ class Engine:
         if max_slots < 1 or max_len < 2:
             raise ValueError(f"Engine needs max_slots >= 1 and max_len >= 2 (got max_slots={max_slots}, "
                              f"max_len={max_len})")
+        if compile and getattr(model, "offload", None) is not None:
+            raise ValueError("compile=True does not combine with offloaded experts (openzaya/offload.py loads "
+                             "experts from Python between the layers)")
         self.model = model.eval()
         self.config = model.config
         self.max_slots, self.max_len, self.decode = max_slots, max_len, decode

@@ -1145,7 +1145,7 @@ class _GuardMiddleware:
 
 
 def load_app(model_dir, cfg: ServeConfig | None = None, device: str = "cpu", dtype=None,
-             expert_cache_gb: float | None = None) -> FastAPI:
+             expert_cache_gb: float | None = None, compile: bool = False) -> FastAPI:
     from pathlib import Path
 
     from .checkpoint import load_for_inference
@@ -1155,7 +1155,7 @@ def load_app(model_dir, cfg: ServeConfig | None = None, device: str = "cpu", dty
     tokenizer = Tokenizer.load(model_dir)
     max_len = cfg.max_len or min(model.config.max_position_embeddings, 4096)
     engine = Engine(model, max_slots=cfg.max_slots, max_len=max_len,
-                    decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+                    decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False), compile=compile)
     return create_app(engine, tokenizer, cfg, model_name=Path(model_dir).resolve().name)
 
 
@@ -1199,7 +1199,8 @@ def main(args) -> int:
                       api_key=args.api_key, model_name=args.served_model_name,
                       weight_updates=args.enable_weight_updates)
     gb = getattr(args, "expert_cache_gb", -1)
-    app = load_app(args.model, cfg, device=args.device, expert_cache_gb=gb if gb > 0 else None)
+    app = load_app(args.model, cfg, device=args.device, expert_cache_gb=gb if gb > 0 else None,
+                   compile=getattr(args, "compile", False))
     print(f"serving {app.state.srv.model_name} on http://{args.host}:{args.port}/v1 "
           f"({cfg.max_slots} slots, context {app.state.srv.limit})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",

@@ -169,6 +169,12 @@ def test_local_backend_with_expert_cache(tmp_path):
     assert cli._backend(a).model.offload.stats.budget_bytes == backend.model.offload.stats.budget_bytes
     a = cli.build_parser().parse_args(["serve", "--model", str(path), "--expert-cache-gb", "0.5"])
     assert a.expert_cache_gb == 0.5
+    # a compiled decode step cannot trace the offloaded experts' Python paging: refused, for the backend and the server
+    from openzaya.serve import load_app
+    with pytest.raises(ValueError, match="offloaded experts"):
+        LocalBackend(path, max_slots=4, max_len=64, expert_cache_gb=gb, compile=True)
+    with pytest.raises(ValueError, match="offloaded experts"):
+        load_app(path, expert_cache_gb=gb, compile=True)
 
 
 # -----------------------------------------------------------------------------
