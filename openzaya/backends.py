@@ -135,6 +135,16 @@ class Backend:
 # LocalBackend: our own engine on an openzaya checkpoint directory
 
 
+def text_engine(model, tokenizer: Tokenizer, max_slots: int, max_len: int | None = None, compile: bool = False):
+    """The engine behind LocalBackend and `openzaya serve`: max_len None = min(model context, 4096); completions are
+    decoded with special tokens kept, so stop strings can name them."""
+    from .engine import Engine
+
+    max_len = max_len or min(model.config.max_position_embeddings, 4096)
+    return Engine(model, max_slots=max_slots, max_len=max_len,
+                  decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False), compile=compile)
+
+
 class LocalBackend(Backend):
     """Our continuous-batching engine (engine.py) on a native-layout ZAYA checkpoint directory with its tokenizer.
 
@@ -151,7 +161,6 @@ class LocalBackend(Backend):
                  device: str = "cpu", dtype=None, model=None, tokenizer: Tokenizer | None = None,
                  return_routes: bool = False, expert_cache_gb: float | None = None, compile: bool = False):
         from .checkpoint import load_for_inference
-        from .engine import Engine
 
         if model is None:
             if model_dir is None:
@@ -161,9 +170,7 @@ class LocalBackend(Backend):
         if tokenizer is None:
             raise ValueError("LocalBackend(model=...) needs a tokenizer")
         self.model, self.tokenizer, self.return_routes = model, tokenizer, return_routes
-        max_len = max_len or min(model.config.max_position_embeddings, 4096)
-        self.engine = Engine(model, max_slots=max_slots, max_len=max_len,
-                             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False), compile=compile)
+        self.engine = text_engine(model, tokenizer, max_slots, max_len, compile)
         self.eos_ids = sorted(set(model.config.eos_ids + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])))
         self.name = str(model_dir) if model_dir is not None else "local-model"
 

@@ -874,8 +874,8 @@ class ZayaForCausalLM(nn.Module):
         16 tokens over 16 experts, 31 -> 21 ms per 8-layer step, engine at batch 16 252 -> 311 tok/s (dev/LOG.md,
         session 6); at training-sized batches it is 5-10% slower, so only code that owns an inference-only model
         calls this (`checkpoint.load_for_inference`, i.e. LocalBackend and `openzaya serve`; RL rollout workers;
-        bench/engine.py). CPU only: on other devices
-        nothing changes (not measured there). Calling it twice changes nothing. Returns self."""
+        bench/engine.py). CPU only: on other devices nothing changes (not measured there). Calling it twice changes
+        nothing. Returns self."""
         for mod in self.modules():
             if isinstance(mod, Experts):
                 for p in (mod.gate_up_proj, mod.down_proj):

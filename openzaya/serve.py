@@ -57,7 +57,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .backends import Backend, BackendError, Completion, Request
+from .backends import Backend, BackendError, Completion, Request, text_engine
 from .checkpoint import load_weights_into
 from .engine import Engine, GenParams, GenResult
 from .tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer, split_reasoning
@@ -1153,9 +1153,7 @@ def load_app(model_dir, cfg: ServeConfig | None = None, device: str = "cpu", dty
     cfg = cfg or ServeConfig()
     model = load_for_inference(model_dir, dtype=dtype, device=device, expert_cache_gb=expert_cache_gb)
     tokenizer = Tokenizer.load(model_dir)
-    max_len = cfg.max_len or min(model.config.max_position_embeddings, 4096)
-    engine = Engine(model, max_slots=cfg.max_slots, max_len=max_len,
-                    decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False), compile=compile)
+    engine = text_engine(model, tokenizer, cfg.max_slots, cfg.max_len, compile)
     return create_app(engine, tokenizer, cfg, model_name=Path(model_dir).resolve().name)
 
 
