@@ -160,13 +160,14 @@ class LocalBackend(Backend):
     def __init__(self, model_dir: str | os.PathLike | None = None, max_slots: int = 16, max_len: int | None = None,
                  device: str = "cpu", dtype=None, model=None, tokenizer: Tokenizer | None = None,
                  return_routes: bool = False, expert_cache_gb: float | None = None, compile: bool = False):
-        from .checkpoint import load_for_inference
+        from .checkpoint import load_for_inference, resolve_model_dir
 
         if model is None:
             if model_dir is None:
                 raise ValueError("LocalBackend needs model_dir or model")
-            model = load_for_inference(model_dir, dtype=dtype, device=device, expert_cache_gb=expert_cache_gb)
-            tokenizer = tokenizer or Tokenizer.load(model_dir)
+            local_dir = resolve_model_dir(model_dir)    # a directory, or a Hub repo id fetched into the HF cache
+            model = load_for_inference(local_dir, dtype=dtype, device=device, expert_cache_gb=expert_cache_gb)
+            tokenizer = tokenizer or Tokenizer.load(local_dir)
         if tokenizer is None:
             raise ValueError("LocalBackend(model=...) needs a tokenizer")
         self.model, self.tokenizer, self.return_routes = model, tokenizer, return_routes

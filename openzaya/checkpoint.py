@@ -5,7 +5,8 @@ Weight names are exactly those of transformers' `ZayaForCausalLM` (spec §9), so
 built on the meta device and the loaded tensors are assigned in place, so peak memory is one copy of the weights.
 Saving is atomic: everything is written to a temporary sibling directory, fsynced, then swapped in with renames,
 so a crash mid-save never destroys the last good checkpoint (if a crash hits between the two renames, the previous
-checkpoint is left complete at `<dir>.old`).
+checkpoint is left complete at `<dir>.old`). Where a directory is expected, a Hugging Face Hub repo id works too:
+`resolve_model_dir` fetches (or finds) its files in huggingface_hub's cache.
 
 NOTE: transformers 5.23 re-initialises `balancing_biases` on load (spec §10.1, item 9); we always load the stored
 values.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -149,9 +151,35 @@ def _checked_state_dict(ckpt_dir: Path, cfg: ZayaConfig, expected: dict, dtype, 
     return sd
 
 
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", INDEX, "tokenizer*", "special_tokens_map.json",
+             "chat_template.jinja"]
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A local checkpoint directory as given; otherwise a Hugging Face Hub repo id ("Zyphra/ZAYA1-8B", or
+    "owner/name@revision") whose config, safetensors and tokenizer files huggingface_hub fetches into its cache
+    (or finds there: HF_HUB_OFFLINE=1 never touches the network; HF_TOKEN and HF_HUB_CACHE are honoured).
+    Returns the local directory."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    repo_id, _, revision = str(name_or_path).partition("@")
+    if not _REPO_ID.fullmatch(repo_id):
+        raise FileNotFoundError(f"{name_or_path}: no such checkpoint directory, and not a Hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_FILES))
+    except (HfHubHTTPError, LocalEntryNotFoundError) as e:   # a typo'd local path lands here too: say both
+        raise FileNotFoundError(f"{name_or_path}: no such local directory, and the Hugging Face Hub gave: "
+                                f"{type(e).__name__}: {e}") from e
+
+
 def from_pretrained(ckpt_dir: str | Path, dtype: torch.dtype | None = None, device="cpu") -> ZayaForCausalLM:
-    """Load a native-layout ZAYA checkpoint (ours or transformers'). dtype defaults to the config's."""
-    ckpt_dir = Path(ckpt_dir)
+    """Load a native-layout ZAYA checkpoint (ours or transformers'), from a directory or a Hub repo id
+    (`resolve_model_dir`). dtype defaults to the config's."""
+    ckpt_dir = resolve_model_dir(ckpt_dir)
     cfg = _load_config(ckpt_dir)
     dtype = dtype or cfg.torch_dtype
     with torch.device("meta"):
@@ -166,7 +194,8 @@ def load_for_inference(ckpt_dir: str | Path, dtype: torch.dtype | None = None, d
                        expert_cache_gb: float | None = None) -> ZayaForCausalLM:
     """The model a backend or server runs and never trains: experts offloaded behind a cache of `expert_cache_gb`
     GiB (offload.py), or the whole checkpoint loaded with its experts in the decode layout
-    (`ZayaForCausalLM.relayout_experts_for_decode`)."""
+    (`ZayaForCausalLM.relayout_experts_for_decode`). `ckpt_dir` may be a Hub repo id (`resolve_model_dir`)."""
+    ckpt_dir = resolve_model_dir(ckpt_dir)
     if expert_cache_gb is not None:
         from .offload import load_offloaded
         return load_offloaded(ckpt_dir, int(expert_cache_gb * 1024**3), dtype=dtype, device=device)

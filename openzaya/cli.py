@@ -38,7 +38,7 @@ def add_envs(sub):
 def _add_backend_and_ttc_flags(p):
     # Backend
     p.add_argument("--backend", choices=["local", "hf", "openai"], default="local")
-    p.add_argument("--model", required=True, help="checkpoint dir (local/hf) or served model name (openai)")
+    p.add_argument("--model", required=True, help="checkpoint dir or Hub repo id (local/hf), or served model name (openai)")
     p.add_argument("--base-url", default=None, help="openai: server URL, e.g. http://localhost:8000/v1")
     p.add_argument("--gguf-file", default=None, help="hf: a GGUF file inside --model")
     p.add_argument("--tokenizer", default=None, help="openai: tokenizer dir for exact token counts and tails")
@@ -153,7 +153,7 @@ def add_eval(sub):
 
 def add_serve(sub):
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, Markovian RSA via `ttc`)")
-    p.add_argument("--model", required=True, help="checkpoint directory (native layout, with its tokenizer)")
+    p.add_argument("--model", required=True, help="checkpoint directory (native layout, with its tokenizer) or Hub repo id")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import TIED_KEY, _weight_files
+from .checkpoint import TIED_KEY, _weight_files, resolve_model_dir
 from .model import MoE, Router, ZayaConfig, ZayaForCausalLM, count_params
 
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
@@ -447,7 +447,7 @@ def load_offloaded(ckpt_dir: str | Path, budget_bytes: int | None = None, *, fra
     budget_bytes (or fraction of all expert bytes) sizes the expert cache; tier "auto" = "disk" on the CPU,
     "host" (all experts in pinned CPU RAM) on a GPU. Statistics are at `model.offload.stats`.
     """
-    ckpt_dir, device = Path(ckpt_dir), torch.device(device)
+    ckpt_dir, device = resolve_model_dir(ckpt_dir), torch.device(device)
     if not (ckpt_dir / "config.json").exists():
         raise FileNotFoundError(f"{ckpt_dir}: no config.json (is this a ZAYA checkpoint directory?)")
     cfg = ZayaConfig.load(ckpt_dir)

@@ -408,7 +408,7 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
         resume: bool = False) -> dict:
     """One RL stage. Policy from `model`+`tokenizer` or `init_dir` (HF layout with tokenizer). Returns a summary
     {"steps", "metrics": [per-step dicts], "ckpt": dir}. `envs` overrides the registry (tests)."""
-    from openzaya.checkpoint import from_pretrained, save_pretrained
+    from openzaya.checkpoint import from_pretrained, resolve_model_dir, save_pretrained
     from openzaya.tokenizer import Tokenizer
 
     # ---- init: policy, tokenizer, environments, optimizer, state
@@ -423,6 +423,7 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
         print(f"rl: resuming {cfg.stage} from {ckpt} at step {state['step']}")
     if model is None:
         assert init_dir, "rl needs a policy: --init (a checkpoint dir with tokenizer) or model + tokenizer"
+        init_dir = str(resolve_model_dir(init_dir))     # a directory, or a Hub repo id fetched into the HF cache
         model = from_pretrained(init_dir, dtype=torch.float32)
         tokenizer = tokenizer or Tokenizer.load(init_dir)
     assert tokenizer is not None, "rl: a model without a tokenizer"

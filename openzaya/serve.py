@@ -1148,13 +1148,16 @@ def load_app(model_dir, cfg: ServeConfig | None = None, device: str = "cpu", dty
              expert_cache_gb: float | None = None, compile: bool = False) -> FastAPI:
     from pathlib import Path
 
-    from .checkpoint import load_for_inference
+    from .checkpoint import load_for_inference, resolve_model_dir
 
     cfg = cfg or ServeConfig()
-    model = load_for_inference(model_dir, dtype=dtype, device=device, expert_cache_gb=expert_cache_gb)
-    tokenizer = Tokenizer.load(model_dir)
+    local_dir = resolve_model_dir(model_dir)       # a directory, or a Hub repo id fetched into the HF cache
+    model = load_for_inference(local_dir, dtype=dtype, device=device, expert_cache_gb=expert_cache_gb)
+    tokenizer = Tokenizer.load(local_dir)
     engine = text_engine(model, tokenizer, cfg.max_slots, cfg.max_len, compile)
-    return create_app(engine, tokenizer, cfg, model_name=Path(model_dir).resolve().name)
+    # served model id: the directory's name, or the repo id as given (as vLLM does)
+    name = Path(model_dir).resolve().name if Path(model_dir).exists() else str(model_dir)
+    return create_app(engine, tokenizer, cfg, model_name=name)
 
 
 class ServerThread:

@@ -59,3 +59,37 @@ def test_local_backend_compiled_decode_matches_eager(tmp_path):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0        # the decode step really was compiled
     assert [c.token_ids for [c] in got] == [c.token_ids for [c] in want]
     assert all(abs(x - y) < 1e-4 for [c], [w] in zip(got, want) for x, y in zip(c.logprobs, w.logprobs))
+
+
+def test_hub_repo_id_resolves_through_the_hf_cache(tmp_path, monkeypatch):
+    """`--model owner/name` (not a local directory) goes through huggingface_hub's snapshot_download: here offline,
+    from a Hub cache laid out as huggingface_hub writes it; a repo that is not there and a path that is neither fail
+    with the name in the message."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+    from fastapi.testclient import TestClient
+
+    from openzaya.checkpoint import from_pretrained
+    from openzaya.serve import load_app
+
+    local = make_checkpoint(tmp_path / "m")
+    cache, sha = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(local, cache / "models--openzaya-test--tiny" / "snapshots" / sha)
+    (cache / "models--openzaya-test--tiny" / "refs").mkdir()
+    (cache / "models--openzaya-test--tiny" / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+
+    reqs = [Request(prompt="1 plus 2 is", params=SamplingParams(temperature=0, max_tokens=8))]
+    want = LocalBackend(local, max_slots=2, max_len=64).generate(reqs)
+    got = LocalBackend("openzaya-test/tiny", max_slots=2, max_len=64).generate(reqs)
+    assert got[0][0].token_ids == want[0][0].token_ids and got[0][0].text == want[0][0].text
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.equal(from_pretrained(f"openzaya-test/tiny@{sha}")(ids), from_pretrained(local)(ids))
+    with TestClient(load_app("openzaya-test/tiny")) as client:          # served under the repo id, as vLLM does
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["openzaya-test/tiny"]
+    with pytest.raises(FileNotFoundError, match="openzaya-test/missing.*Hugging Face Hub"):
+        from_pretrained("openzaya-test/missing")
+    with pytest.raises(FileNotFoundError, match="not a Hub repo id"):
+        from_pretrained(str(tmp_path / "no" / "such" / "dir"))
