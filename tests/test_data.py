@@ -186,7 +186,6 @@ def test_corpus_deterministic_and_held_out(tmp_path):
 
 
 def test_aggregation_examples(tok):
-    pytest.importorskip("openzaya.ttc")
     from openzaya.envs.registry import get_env
     probs = [get_env("long_addition").generate(0, s) for s in range(3)]
     ex = data.aggregation_examples(probs, C=3, tau=16, tokenizer=tok, seed=0)

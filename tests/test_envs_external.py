@@ -11,10 +11,9 @@ import pytest
 
 from openzaya.envs.registry import check_env
 
-rgym = pytest.importorskip("openzaya.envs.rgym")
-rlve = pytest.importorskip("openzaya.envs.rlve")
-from openzaya.envs.code import load_code  # noqa: E402
-from openzaya.envs.ifeval import CHECKERS, check_all, load_ifeval  # noqa: E402
+from openzaya.envs import rgym, rlve
+from openzaya.envs.code import load_code
+from openzaya.envs.ifeval import CHECKERS, check_all, load_ifeval
 
 
 @pytest.fixture(scope="module")
