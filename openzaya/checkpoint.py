@@ -151,16 +151,16 @@ def _checked_state_dict(ckpt_dir: Path, cfg: ZayaConfig, expected: dict, dtype, 
     return sd
 
 
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", INDEX, "tokenizer*", "special_tokens_map.json",
-             "chat_template.jinja"]
+TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "chat_template.jinja"]
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", INDEX, *TOKENIZER_FILES]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def resolve_model_dir(name_or_path: str | Path) -> Path:
+def resolve_model_dir(name_or_path: str | Path, allow_patterns: list[str] = HUB_FILES) -> Path:
     """A local checkpoint directory as given; otherwise a Hugging Face Hub repo id ("Zyphra/ZAYA1-8B", or
-    "owner/name@revision") whose config, safetensors and tokenizer files huggingface_hub fetches into its cache
-    (or finds there: HF_HUB_OFFLINE=1 never touches the network; HF_TOKEN and HF_HUB_CACHE are honoured).
-    Returns the local directory."""
+    "owner/name@revision") whose files matching `allow_patterns` (default: config, safetensors, tokenizer)
+    huggingface_hub fetches into its cache (or finds there: HF_HUB_OFFLINE=1 never touches the network; HF_TOKEN and
+    HF_HUB_CACHE are honoured). Returns the local directory."""
     path = Path(name_or_path)
     if path.exists():
         return path
@@ -170,7 +170,7 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     try:
-        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=allow_patterns))
     except (HfHubHTTPError, LocalEntryNotFoundError) as e:   # a typo'd local path lands here too: say both
         raise FileNotFoundError(f"{name_or_path}: no such local directory, and the Hugging Face Hub gave: "
                                 f"{type(e).__name__}: {e}") from e

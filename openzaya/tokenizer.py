@@ -122,8 +122,13 @@ class Tokenizer:
     def load(cls, path: str | os.PathLike, gguf_file: str | None = None) -> "Tokenizer":
         """Load from a tokenizer.json, a tokenizer directory, or a GGUF (`path` = the .gguf, or its directory plus
         `gguf_file`). NOTE: converting a GGUF vocabulary takes ~1 min for Gemma's 262k tokens, so the converted
-        tokenizer is cached under ~/.cache/openzaya/gguf-tokenizers/ (keyed by file name, size and mtime)."""
+        tokenizer is cached under ~/.cache/openzaya/gguf-tokenizers/ (keyed by file name, size and mtime).
+        A `path` that does not exist is taken as a Hugging Face Hub repo id: its tokenizer files (or `gguf_file`) are
+        fetched into, or found in, the HF cache (`checkpoint.resolve_model_dir`)."""
         path = Path(path)
+        if not path.exists():
+            from .checkpoint import TOKENIZER_FILES, resolve_model_dir
+            path = resolve_model_dir(path, TOKENIZER_FILES if gguf_file is None else [gguf_file])
         if path.suffix == ".gguf":
             path, gguf_file = path.parent, path.name
         if gguf_file is not None:

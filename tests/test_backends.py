@@ -78,6 +78,26 @@ def test_hf_stop_strings(hf, greedy_batch):
     assert stop in hf.tokenizer.decode(cut.token_ids) and stop not in hf.tokenizer.decode(cut.token_ids[:-1])
 
 
+def test_hf_backend_takes_a_hub_repo_id(gemma_dir, greedy_batch, tmp_path, monkeypatch):
+    """`--backend hf --model owner/name`: transformers resolves the weights and our Tokenizer.load the tokenizer files
+    through the same Hugging Face cache (here offline, laid out as huggingface_hub writes it, files linked)."""
+    import huggingface_hub.constants as hub
+
+    sha = "89abcdef0123456789abcdef0123456789abcdef"
+    snap = tmp_path / "hub" / "models--openzaya-test--gemma" / "snapshots" / sha
+    snap.mkdir(parents=True)
+    for f in gemma_dir[0].iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            (snap / f.name).symlink_to(f)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    got = HFBackend("openzaya-test/gemma").generate([Request(prompt=PROMPTS[0], params=GREEDY)])
+    assert got[0][0].token_ids == greedy_batch[0][0].token_ids
+
+
 def test_hf_n_seeds_and_chat(hf):
     sampled = SamplingParams(temperature=1.0, max_tokens=4, n=2, seed=1234)
     [first, again] = hf.generate([Request(prompt=PROMPTS[0], params=sampled)] * 2)

@@ -9,7 +9,7 @@ import torch
 from openzaya.backends import LocalBackend, Request, SamplingParams
 from openzaya.checkpoint import save_pretrained
 from openzaya.model import ZayaForCausalLM
-from openzaya.tokenizer import train_bpe
+from openzaya.tokenizer import Tokenizer, train_bpe
 from zaya_ref import tiny_config
 
 
@@ -66,6 +66,7 @@ def test_hub_repo_id_resolves_through_the_hf_cache(tmp_path, monkeypatch):
     from a Hub cache laid out as huggingface_hub writes it; a repo that is not there and a path that is neither fail
     with the name in the message."""
     import shutil
+    import sys
 
     import huggingface_hub.constants as hub
     from fastapi.testclient import TestClient
@@ -89,6 +90,8 @@ def test_hub_repo_id_resolves_through_the_hf_cache(tmp_path, monkeypatch):
     assert torch.equal(from_pretrained(f"openzaya-test/tiny@{sha}")(ids), from_pretrained(local)(ids))
     with TestClient(load_app("openzaya-test/tiny")) as client:          # served under the repo id, as vLLM does
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["openzaya-test/tiny"]
+    monkeypatch.setitem(sys.modules, "transformers", None)     # the tokenizer files are read without transformers
+    assert Tokenizer.load("openzaya-test/tiny").encode("7 plus 8") == Tokenizer.load(local).encode("7 plus 8")
     with pytest.raises(FileNotFoundError, match="openzaya-test/missing.*Hugging Face Hub"):
         from_pretrained("openzaya-test/missing")
     with pytest.raises(FileNotFoundError, match="not a Hub repo id"):
