@@ -135,6 +135,17 @@ class Backend:
 # LocalBackend: our own engine on an openzaya checkpoint directory
 
 
+def load_local(model_dir, dtype=None, device: str = "cpu", expert_cache_gb: float | None = None):
+    """(model, tokenizer) of a checkpoint directory or Hub repo id, for LocalBackend and `openzaya serve`: resolved
+    once (`checkpoint.resolve_model_dir`), so both come from the same snapshot; the model loaded for inference
+    (`checkpoint.load_for_inference`)."""
+    from .checkpoint import load_for_inference, resolve_model_dir
+
+    local_dir = resolve_model_dir(model_dir)
+    model = load_for_inference(local_dir, dtype=dtype, device=device, expert_cache_gb=expert_cache_gb)
+    return model, Tokenizer.load(local_dir)
+
+
 def text_engine(model, tokenizer: Tokenizer, max_slots: int, max_len: int | None = None, compile: bool = False):
     """The engine behind LocalBackend and `openzaya serve`: max_len None = min(model context, 4096); completions are
     decoded with special tokens kept, so stop strings can name them."""
@@ -160,14 +171,11 @@ class LocalBackend(Backend):
     def __init__(self, model_dir: str | os.PathLike | None = None, max_slots: int = 16, max_len: int | None = None,
                  device: str = "cpu", dtype=None, model=None, tokenizer: Tokenizer | None = None,
                  return_routes: bool = False, expert_cache_gb: float | None = None, compile: bool = False):
-        from .checkpoint import load_for_inference, resolve_model_dir
-
         if model is None:
             if model_dir is None:
                 raise ValueError("LocalBackend needs model_dir or model")
-            local_dir = resolve_model_dir(model_dir)    # a directory, or a Hub repo id fetched into the HF cache
-            model = load_for_inference(local_dir, dtype=dtype, device=device, expert_cache_gb=expert_cache_gb)
-            tokenizer = tokenizer or Tokenizer.load(local_dir)
+            model, own_tokenizer = load_local(model_dir, dtype, device, expert_cache_gb)
+            tokenizer = tokenizer or own_tokenizer
         if tokenizer is None:
             raise ValueError("LocalBackend(model=...) needs a tokenizer")
         self.model, self.tokenizer, self.return_routes = model, tokenizer, return_routes

@@ -194,8 +194,7 @@ def load_for_inference(ckpt_dir: str | Path, dtype: torch.dtype | None = None, d
                        expert_cache_gb: float | None = None) -> ZayaForCausalLM:
     """The model a backend or server runs and never trains: experts offloaded behind a cache of `expert_cache_gb`
     GiB (offload.py), or the whole checkpoint loaded with its experts in the decode layout
-    (`ZayaForCausalLM.relayout_experts_for_decode`). `ckpt_dir` may be a Hub repo id (`resolve_model_dir`)."""
-    ckpt_dir = resolve_model_dir(ckpt_dir)
+    (`ZayaForCausalLM.relayout_experts_for_decode`). `ckpt_dir` may be a Hub repo id: both loaders resolve it."""
     if expert_cache_gb is not None:
         from .offload import load_offloaded
         return load_offloaded(ckpt_dir, int(expert_cache_gb * 1024**3), dtype=dtype, device=device)

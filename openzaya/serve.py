@@ -57,7 +57,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .backends import Backend, BackendError, Completion, Request, text_engine
+from .backends import Backend, BackendError, Completion, Request, load_local, text_engine
 from .checkpoint import load_weights_into
 from .engine import Engine, GenParams, GenResult
 from .tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer, split_reasoning
@@ -1148,12 +1148,8 @@ def load_app(model_dir, cfg: ServeConfig | None = None, device: str = "cpu", dty
              expert_cache_gb: float | None = None, compile: bool = False) -> FastAPI:
     from pathlib import Path
 
-    from .checkpoint import load_for_inference, resolve_model_dir
-
     cfg = cfg or ServeConfig()
-    local_dir = resolve_model_dir(model_dir)       # a directory, or a Hub repo id fetched into the HF cache
-    model = load_for_inference(local_dir, dtype=dtype, device=device, expert_cache_gb=expert_cache_gb)
-    tokenizer = Tokenizer.load(local_dir)
+    model, tokenizer = load_local(model_dir, dtype, device, expert_cache_gb)
     engine = text_engine(model, tokenizer, cfg.max_slots, cfg.max_len, compile)
     # served model id: the directory's name, or the repo id as given (as vLLM does)
     name = Path(model_dir).resolve().name if Path(model_dir).exists() else str(model_dir)
@@ -1201,7 +1197,7 @@ def main(args) -> int:
                       weight_updates=args.enable_weight_updates)
     gb = getattr(args, "expert_cache_gb", -1)
     app = load_app(args.model, cfg, device=args.device, expert_cache_gb=gb if gb > 0 else None,
-                   compile=getattr(args, "compile", False))
+                   compile=args.compile)
     print(f"serving {app.state.srv.model_name} on http://{args.host}:{args.port}/v1 "
           f"({cfg.max_slots} slots, context {app.state.srv.limit})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
