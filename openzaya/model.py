@@ -551,18 +551,25 @@ class Router(nn.Module):
         return route_N, weight_N, r_NR
 
 
-def _has_grouped_mm(device: torch.device) -> bool:
-    """torch's grouped GEMM: CPU kernel since torch 2.10, CUDA on sm80+. Elsewhere we loop over experts."""
+def _has_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch's grouped GEMM: CPU kernel since torch 2.10 (not fp16), CUDA on sm80+ for bf16 (its documented input
+    type). Elsewhere we loop over experts."""
     if not hasattr(F, "grouped_mm"):
         return False
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    return device.type == "cpu"
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and dtype != torch.float16
 
 
 def _experts_forward(x_ND, route_N, weight_N, gate_up_EID, down_EDI, use_grouped_mm: bool):
     """SwiGLU experts with grouped dispatch: sort tokens by expert, run each expert once on its contiguous slice
-    (one grouped GEMM where torch has one, else a loop over the experts that received tokens)."""
+    (one grouped GEMM where torch has one, else a loop over the experts that received tokens).
+    On CUDA without gradients the sync-free variant runs instead when it costs no extra expert compute (grouped
+    GEMM), and always while a CUDA graph is being captured: the host read of the token counts below stalls the
+    launch queue once per layer."""
+    if x_ND.is_cuda and not torch.is_grad_enabled() and (
+            torch.cuda.is_current_stream_capturing() or (use_grouped_mm and _has_grouped_mm(x_ND.device, x_ND.dtype))):
+        return _experts_forward_static(x_ND, route_N, weight_N, gate_up_EID, down_EDI, use_grouped_mm)
     E = gate_up_EID.shape[0]
     order_N = torch.argsort(route_N, stable=True)
     counts_E1 = torch.bincount(route_N + 1, minlength=E + 1)          # [skip/pad, e0, e1, ...]
@@ -572,7 +579,7 @@ def _experts_forward(x_ND, route_N, weight_N, gate_up_EID, down_EDI, use_grouped
     if token_idx.numel() == 0:
         return y_ND
     xs_MD = x_ND[token_idx]
-    if use_grouped_mm and _has_grouped_mm(x_ND.device) and x_ND.dtype != torch.float16:
+    if use_grouped_mm and _has_grouped_mm(x_ND.device, x_ND.dtype):
         offs_E = counts_E1[1:].cumsum(0).to(torch.int32)
         gate, up = F.grouped_mm(xs_MD, gate_up_EID.transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
         out_MD = F.grouped_mm((F.silu(gate) * up).contiguous(), down_EDI.transpose(1, 2), offs=offs_E)
@@ -589,6 +596,37 @@ def _experts_forward(x_ND, route_N, weight_N, gate_up_EID, down_EDI, use_grouped
         out_MD = torch.cat(outs)
     out_MD = out_MD * weight_N[token_idx, None].to(x_ND.dtype)
     return y_ND.index_copy(0, token_idx, out_MD)
+
+
+def _experts_forward_static(x_ND, route_N, weight_N, gate_up_EID, down_EDI, use_grouped_mm: bool):
+    """The same function with no host read of the token counts, so a CUDA graph can capture it and the launch
+    queue never stalls (inference only, CUDA; see `_experts_forward` and engine.Engine(cuda_graphs=...)). Skip and padding rows sort last and
+    lie beyond the grouped GEMM's last offset, which it ignores, so they still cost no expert compute; their
+    (unwritten) rows are masked to zero. Without a grouped GEMM every expert runs on all N rows, masked: N is the
+    decode batch there."""
+    E, N = gate_up_EID.shape[0], x_ND.shape[0]
+    key_N = torch.where(route_N < 0, E, route_N)                        # skip/pad -> E (sorts last)
+    # A counting sort by elementwise ops only (argsort, bincount and one_hot may read sizes on the host):
+    # token n goes to row start[key] + (tokens before n with the same key).
+    hit_NE1 = key_N[:, None] == torch.arange(E + 1, device=x_ND.device)
+    counts_E1 = hit_NE1.sum(0)
+    rank_N = (hit_NE1.cumsum(0) * hit_NE1).sum(1) - 1 + (counts_E1.cumsum(0) - counts_E1)[key_N]
+    order_N = torch.empty_like(rank_N).scatter_(0, rank_N, torch.arange(N, device=x_ND.device))
+    routed_N1 = (key_N[order_N] < E)[:, None]
+    xs_ND = x_ND[order_N]
+    w_N1 = weight_N[order_N, None].to(x_ND.dtype)
+    if use_grouped_mm and _has_grouped_mm(x_ND.device, x_ND.dtype):
+        offs_E = counts_E1[:E].cumsum(0).to(torch.int32)
+        gate, up = F.grouped_mm(xs_ND, gate_up_EID.transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
+        out_ND = F.grouped_mm((F.silu(gate) * up).contiguous(), down_EDI.transpose(1, 2), offs=offs_E)
+    else:
+        key_sorted_N1 = key_N[order_N, None]
+        out_ND = torch.zeros_like(xs_ND)
+        for e in range(E):
+            gate, up = F.linear(xs_ND, gate_up_EID[e]).chunk(2, dim=-1)
+            out_ND = torch.where(key_sorted_N1 == e, F.linear(F.silu(gate) * up, down_EDI[e]), out_ND)
+    out_ND = torch.where(routed_N1, out_ND * w_N1, 0.0)
+    return torch.empty_like(x_ND).index_copy_(0, order_N, out_ND)
 
 
 @torch.library.custom_op("openzaya::experts", mutates_args=())
@@ -792,7 +830,7 @@ class ZayaForCausalLM(nn.Module):
         arange_T = torch.arange(T, device=dev)
         write_BT = None
         if cache is not None:
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
                 S = cache.max_len   # static shapes: attend over the whole cache, unwritten keys are masked
             else:
                 S = int(cache.write_B.max()) + T
@@ -801,7 +839,8 @@ class ZayaForCausalLM(nn.Module):
             start_B1 = cache.pos_B[:, None]
             write_BT = cache.write_B[:, None] + arange_T                          # cache index of each new token
             rows_B1 = torch.arange(B, device=dev)[:, None]
-            cache.valid_BS[rows_B1, write_BT] = True if keep_BT is None else keep_BT
+            new_valid_BT = torch.ones_like(write_BT, dtype=torch.bool) if keep_BT is None else keep_BT
+            cache.valid_BS[rows_B1, write_BT] = new_valid_BT      # a tensor: a CUDA graph can capture the write
         else:
             start_B1 = torch.zeros(B, 1, dtype=torch.long, device=dev)
         docpos_BT = None

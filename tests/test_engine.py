@@ -203,3 +203,9 @@ def test_compiled_decode_matches_eager():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     for c, e in zip(compiled, eager):
         assert max(abs(a - b) for a, b in zip(c.logprobs, e.logprobs)) < 1e-4
+
+
+def test_cuda_graphs_need_a_cuda_model():
+    """Engine(cuda_graphs=True) is CUDA only (tests/test_gpu.py checks it on a GPU): elsewhere a clear error."""
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
+        Engine(tiny_model(), max_slots=2, max_len=16, cuda_graphs=True)

@@ -138,6 +138,25 @@ def test_experts_custom_op_equals_eager_dispatch():
         assert torch.equal(y, experts(x, route, w)) and (y[route < 0] == 0).all()
 
 
+@pytest.mark.parametrize("grouped", [True, False])
+def test_sync_free_experts_equal_dispatch(grouped):
+    """The sync-free experts path that a CUDA graph captures (no host read of token counts; skip rows sorted past the
+    grouped GEMM's last offset and masked) gives what the grouped dispatch gives, skip and padding rows zero."""
+    from openzaya.model import _experts_forward, _experts_forward_static
+
+    cfg = tiny_config()
+    experts = random_model(cfg, seed=5).model.layers[0].mlp.experts
+    x = torch.randn(11, cfg.hidden_size)
+    route = torch.tensor([2, -1, 3, 0, 0, -1, 1, 3, -1, 2, 0])
+    w = torch.rand(11)
+    args = (x, route, w, experts.gate_up_proj, experts.down_proj, grouped)
+    with torch.no_grad():
+        y = _experts_forward_static(*args)
+        assert torch.allclose(y, _experts_forward(*args), atol=1e-6) and (y[route < 0] == 0).all()
+        all_skip = torch.full((11,), -1)
+        assert (_experts_forward_static(x, all_skip, w, *args[3:]) == 0).all()
+
+
 def test_skip_tokens_cost_nothing(monkeypatch):
     """Tokens routed to skip never reach an expert matmul (the reference sends them to expert 0 with weight 0)."""
     model = random_model(CONFIGS["sliding"])
