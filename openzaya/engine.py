@@ -120,11 +120,12 @@ def _compiled_decode(compiled):
 class _GraphedDecode:
     """decode_one_token captured as one CUDA graph per (batch size, return_routes) and replayed each step, as vLLM
     does for its decode: one graph launch instead of hundreds of small kernels, and none of the eager step's host
-    syncs (the step attends over all max_len cache positions, unwritten keys masked, and the experts take their
-    sync-free path, model._experts_forward_static). The engine always decodes cache rows [0, B) and reads tokens
-    from `tok_S[:B]`, so the captured addresses stay valid; a graph is captured again when any parameter changes
-    (version counters), since derived weights are cached outside the graph. CUDA only; capture costs a few ms per
-    batch size, no compilation. Engine turns it on by default on CUDA (`cuda_graphs=None`)."""
+    syncs (the experts take their sync-free path, model._experts_forward_static, and the step attends over all
+    max_len cache positions, unwritten keys masked: size max_len to the workload, as with compile). The engine
+    always decodes cache rows [0, B) and reads tokens from `tok_S[:B]`, so the captured addresses stay valid; a
+    graph is captured again when any parameter changes (version counters), since derived weights are cached outside
+    the graph. CUDA only, no compilation: the first capture, with its eager warm-up step, took 0.12 s at batch 16
+    on an H200 (bench/engine.py). Engine turns it on by default on CUDA (`cuda_graphs=None`)."""
 
     def __init__(self, model: ZayaForCausalLM):
         self.params = list(model.parameters())
@@ -242,7 +243,7 @@ class Engine:
         if compile and offloaded:
             raise ValueError("compile=True does not combine with offloaded experts (openzaya/offload.py loads "
                              "experts from Python between the layers)")
-        if cuda_graphs is None:   # default: on wherever it can run (bench/engine.py on an H200: 24x transformers)
+        if cuda_graphs is None:   # default: on wherever it can run (bench/engine.py on an H200: 33x transformers)
             cuda_graphs = model.device.type == "cuda" and not compile and not offloaded
         if cuda_graphs and (model.device.type != "cuda" or compile or offloaded):
             raise ValueError("cuda_graphs=True needs the model on a CUDA device, without compile=True and without "

@@ -600,10 +600,10 @@ def _experts_forward(x_ND, route_N, weight_N, gate_up_EID, down_EDI, use_grouped
 
 def _experts_forward_static(x_ND, route_N, weight_N, gate_up_EID, down_EDI, use_grouped_mm: bool):
     """The same function with no host read of the token counts, so a CUDA graph can capture it and the launch
-    queue never stalls (inference only, CUDA; see `_experts_forward` and engine.Engine(cuda_graphs=...)). Skip and padding rows sort last and
-    lie beyond the grouped GEMM's last offset, which it ignores, so they still cost no expert compute; their
-    (unwritten) rows are masked to zero. Without a grouped GEMM every expert runs on all N rows, masked: N is the
-    decode batch there."""
+    queue never stalls (inference only, CUDA; see `_experts_forward` and engine.Engine(cuda_graphs=...)). Skip and
+    padding rows sort last and lie beyond the grouped GEMM's last offset, which it ignores, so they still cost no
+    expert compute; their (unwritten) rows are masked to zero. Without a grouped GEMM every expert runs on all N
+    rows, masked: N is the decode batch there."""
     E, N = gate_up_EID.shape[0], x_ND.shape[0]
     key_N = torch.where(route_N < 0, E, route_N)                        # skip/pad -> E (sorts last)
     # A counting sort by elementwise ops only (argsort, bincount and one_hot may read sizes on the host):
