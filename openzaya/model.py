@@ -34,6 +34,7 @@ Dh head dim, C conv channels (=(H+K)*Dh), R router latent, E experts, I expert i
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -551,6 +552,7 @@ class Router(nn.Module):
         return route_N, weight_N, r_NR
 
 
+@functools.cache   # asked per layer and forward: the device's capability is read once
 def _has_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     """torch's grouped GEMM: CPU kernel since torch 2.10 (not fp16), CUDA on sm80+ for bf16 (its documented input
     type). Elsewhere we loop over experts."""
@@ -559,6 +561,13 @@ def _has_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type == "cuda":
         return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu" and dtype != torch.float16
+
+
+def _grouped_swiglu(xs_MD, gate_up_EID, down_EDI, offs_E):
+    """SwiGLU of rows sorted by expert, expert e on rows [offs_E[e-1], offs_E[e]) (rows past offs_E[-1] are
+    ignored), as two grouped GEMMs."""
+    gate, up = F.grouped_mm(xs_MD, gate_up_EID.transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
+    return F.grouped_mm((F.silu(gate) * up).contiguous(), down_EDI.transpose(1, 2), offs=offs_E)
 
 
 def _experts_forward(x_ND, route_N, weight_N, gate_up_EID, down_EDI, use_grouped_mm: bool):
@@ -580,9 +589,7 @@ def _experts_forward(x_ND, route_N, weight_N, gate_up_EID, down_EDI, use_grouped
         return y_ND
     xs_MD = x_ND[token_idx]
     if use_grouped_mm and _has_grouped_mm(x_ND.device, x_ND.dtype):
-        offs_E = counts_E1[1:].cumsum(0).to(torch.int32)
-        gate, up = F.grouped_mm(xs_MD, gate_up_EID.transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
-        out_MD = F.grouped_mm((F.silu(gate) * up).contiguous(), down_EDI.transpose(1, 2), offs=offs_E)
+        out_MD = _grouped_swiglu(xs_MD, gate_up_EID, down_EDI, counts_E1[1:].cumsum(0).to(torch.int32))
     else:
         # NOTE: split/unbind rather than slicing/indexing: their backward is one cat/stack, whereas each
         # slice or select would materialise a full-size zero gradient per expert.
@@ -616,9 +623,7 @@ def _experts_forward_static(x_ND, route_N, weight_N, gate_up_EID, down_EDI, use_
     xs_ND = x_ND[order_N]
     w_N1 = weight_N[order_N, None].to(x_ND.dtype)
     if use_grouped_mm and _has_grouped_mm(x_ND.device, x_ND.dtype):
-        offs_E = counts_E1[:E].cumsum(0).to(torch.int32)
-        gate, up = F.grouped_mm(xs_ND, gate_up_EID.transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
-        out_ND = F.grouped_mm((F.silu(gate) * up).contiguous(), down_EDI.transpose(1, 2), offs=offs_E)
+        out_ND = _grouped_swiglu(xs_ND, gate_up_EID, down_EDI, counts_E1[:E].cumsum(0).to(torch.int32))
     else:
         key_sorted_N1 = key_N[order_N, None]
         out_ND = torch.zeros_like(xs_ND)
