@@ -266,7 +266,8 @@ def add_sft(sub):
 
 def add_speedrun(sub):
     p = sub.add_parser("speedrun", help="corpus, tokenizer, pretrain, SFT, four RL stages, held-out eval and report, end to end")
-    p.add_argument("--preset", default="nano", choices=["nano", "smoke"])
+    p.add_argument("--preset", default="nano", choices=["nano", "smoke", "small"],
+                   help="nano: the CPU speedrun; smoke: a two-minute plumbing check; small: 10x nano, for a GPU")
     p.add_argument("--name", default=None, help="run name: output under <root>/<name>")
     p.add_argument("--root", default="runs")
     p.add_argument("--pretrain-steps", type=int, default=None)
@@ -277,6 +278,7 @@ def add_speedrun(sub):
     p.add_argument("--rl-steps", type=int, default=None, help="optimizer steps per RL stage")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto (default: CUDA when present) | cpu | cuda; RL stays on the CPU")
     p.set_defaults(func=lambda a: __import__("openzaya.speedrun", fromlist=["main"]).main(a))
 
 

@@ -39,6 +39,9 @@ Nano-scale simplifications, stage by stage:
   on `eval_problems` held-out problems per env and difficulty over EVAL_ENVS
   (the envs where the SFT model is neither at 0 nor at 100%); accuracy with the standard error over problems, and
   the paired standard error of each difference.
+Devices: pretraining, SFT and the evaluations run on `device` (auto = CUDA when torch sees one; the trainer then
+uses bf16 autocast, the engine CUDA graphs); the RL stages run on the CPU (rl_loop has no device option). The
+`small` preset (micro model, ~10x nano's tokens) is meant for a GPU.
 `--ablation-trim` adds two extra SFT runs at a tight context budget (answer-preserving trimming vs plain truncation)
 and reports both, whatever they show. `--no-rl` stops after SFT (and its evaluation).
 """
@@ -89,6 +92,8 @@ class SpeedrunConfig:
     agg_sft_chats_per_problem: int = 2
     agg_sft_lr: float = 1e-3
     vocab_size: int = 512
+    model_preset: str = "nano"             # model.PRESETS: nano (~2M, CPU), micro (~20M, the `small` GPU preset)
+    device: str = "auto"                   # pretraining, SFT and evaluation: auto (CUDA when there is one) | cpu | cuda
     seq_len: int = 128
     device_batch_size: int = 32
     pretrain_steps: int = 120
@@ -145,7 +150,25 @@ def smoke(**kw) -> SpeedrunConfig:
                                  **kw})
 
 
-PRESETS = {"nano": nano, "smoke": smoke}
+def small(**kw) -> SpeedrunConfig:
+    """For a GPU: the `micro` model (27.0M parameters at this vocabulary: 8 layers, 16 experts; nano's is 1.13M), 7x
+    nano's pretraining + SFT tokens (10.6M vs 1.5M) from a corpus 5x as large; RL off (rl_loop trains on the CPU).
+    Measured on an H200 (`bench/device_speedrun.sh`): 323 s (pretrain 121, SFT 183, evaluation 14). For the question
+    whether Markovian RSA pays off once the model is larger (dev/LOG.md, session 10)."""
+    return SpeedrunConfig(**{**dict(name="small", model_preset="micro", samples_per_env_level=4000,
+                                    agg_samples_per_env_level=500, device_batch_size=64, pretrain_steps=500,
+                                    sft_steps=800, rl=False), **kw})
+
+
+PRESETS = {"nano": nano, "smoke": smoke, "small": small}
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' when torch sees one, else 'cpu'; anything else as given."""
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def aggregation_chat(problem, tails: list[str], template: str, kind: str) -> dict:
@@ -191,7 +214,7 @@ def self_aggregation_samples(model_dir: str | Path, problems, cfg: SpeedrunConfi
     from .envs.registry import get_env
     if cfg.ttc_candidates > cfg.agg_sft_rollouts:
         raise ValueError(f"agg_sft_rollouts={cfg.agg_sft_rollouts} < C={cfg.ttc_candidates}: too few tails per prompt")
-    backend = LocalBackend(model_dir, max_slots=NANO_EVAL_SLOTS, max_len=512)
+    backend = LocalBackend(model_dir, max_slots=NANO_EVAL_SLOTS, max_len=512, device=resolve_device(cfg.device))
     reqs = [Request(messages=[{"role": "user", "content": p.prompt}],
                     params=SamplingParams(temperature=cfg.eval_temperature, max_tokens=cfg.eval_max_tokens,
                                           n=cfg.agg_sft_rollouts, seed=seed * 1_000_003 + i))
@@ -249,7 +272,7 @@ def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, te
     from .backends import LocalBackend
     from .evaluate import evaluate
     from .ttc import TTCConfig
-    backend = LocalBackend(model_dir, max_slots=NANO_EVAL_SLOTS, max_len=512)
+    backend = LocalBackend(model_dir, max_slots=NANO_EVAL_SLOTS, max_len=512, device=resolve_device(cfg.device))
     base = TTCConfig(population=cfg.ttc_population, candidates=cfg.ttc_candidates, rounds=cfg.ttc_rounds,
                      tail_tokens=cfg.ttc_tail_tokens, budget_tokens=cfg.eval_max_tokens,
                      temperature=cfg.eval_temperature, seed=cfg.seed, max_concurrency=256, template_file=template_file)
@@ -272,14 +295,14 @@ def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, te
 
 
 def evaluate_held_out(model_dir: str | Path, envs: list[str], difficulties: list[int], n: int, max_tokens: int,
-                      seed0: int = 0) -> dict:
+                      seed0: int = 0, device: str = "cpu") -> dict:
     """Greedy single-sample accuracy per env/difficulty on held-out seeds, through LocalBackend (our engine)."""
     from tqdm import tqdm
 
     from .backends import LocalBackend, Request, SamplingParams
     from .data import HELD_OUT_SEED_START
     from .envs.registry import get_env
-    backend = LocalBackend(model_dir, max_slots=32, max_len=512)
+    backend = LocalBackend(model_dir, max_slots=32, max_len=512, device=device)
     problems = [get_env(e).generate(d, HELD_OUT_SEED_START + seed0 + i)
                 for e in envs for d in difficulties for i in range(n)]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
@@ -346,6 +369,9 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
     from .train import run as train
 
     t0 = time.time()
+    device = resolve_device(cfg.device)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r}: torch sees no CUDA device here (use --device cpu or auto)")
     torch.set_num_threads(cfg.threads)
     out = Path(root) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
@@ -385,7 +411,8 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
     # ---- 3. pretrain (solver traces as plain text), 4. SFT (chats + aggregation chats)
     common = dict(tokenizer=str(tok_dir), seq_len=cfg.seq_len,
                   tokens_per_step=cfg.device_batch_size * cfg.seq_len, device_batch_size=cfg.device_batch_size,
-                  save_every=-1, threads=cfg.threads, seed=cfg.seed, lr=cfg.lr)
+                  save_every=-1, threads=cfg.threads, seed=cfg.seed, lr=cfg.lr, model_preset=cfg.model_preset,
+                  device=device)
     pre = train(TrainConfig(stage="pretrain", data=str(corpus_dir), out=str(out / "pretrain"),
                             steps=cfg.pretrain_steps, warmup_steps=min(20, cfg.pretrain_steps), schedule="wsd",
                             **common))
@@ -459,7 +486,8 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
         for trim in ("ap", "truncate"):
             a = train(replace(sft_cfg, out=str(out / f"ablation_{trim}"), trim=trim, seq_len=cfg.ablation_seq_len,
                               tokens_per_step=cfg.device_batch_size * cfg.ablation_seq_len, steps=cfg.ablation_steps))
-            e = evaluate_held_out(a["model_dir"], cfg.envs, cfg.difficulties, cfg.eval_problems, cfg.eval_max_tokens)
+            e = evaluate_held_out(a["model_dir"], cfg.envs, cfg.difficulties, cfg.eval_problems, cfg.eval_max_tokens,
+                                  device=device)
             ablation[trim] = {"final_loss": a["final_loss"], "accuracy": e["accuracy"],
                               "mean_accuracy": sum(e["accuracy"].values()) / len(e["accuracy"])}
         lap("ablation")
@@ -573,7 +601,7 @@ def write_report(path: Path, r: dict, items):
 def main(a):
     cfg = PRESETS[a.preset]()
     over = {k: getattr(a, k) for k in ("name", "pretrain_steps", "sft_steps", "threads", "seed", "eval_problems",
-                                       "rl_steps") if getattr(a, k, None) is not None}
+                                       "rl_steps", "device") if getattr(a, k, None) is not None}
     if a.ablation_trim:
         over["ablation_trim"] = True
     if getattr(a, "no_rl", False):

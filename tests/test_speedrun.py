@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from openzaya import speedrun
 from openzaya.envs.registry import get_env
@@ -52,6 +53,34 @@ def test_self_aggregation_samples_show_the_models_own_tails(tmp_path):
     cfg.agg_sft_rollouts = 1
     with pytest.raises(ValueError, match="too few tails"):
         speedrun.self_aggregation_samples(model_dir, problems, cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_cuda_fails_before_any_work(tmp_path):
+    """--device cuda where torch sees no GPU: a clear error before the run directory (and a previous run's
+    evaluation in it) is touched."""
+    (tmp_path / "smoke" / "eval").mkdir(parents=True)
+    (tmp_path / "smoke" / "eval" / "kept.json").write_text("{}")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        speedrun.run(speedrun.smoke(device="cuda"), tmp_path)
+    assert (tmp_path / "smoke" / "eval" / "kept.json").exists()
+    assert sorted(p.name for p in (tmp_path / "smoke").iterdir()) == ["eval"]
+    assert speedrun.resolve_device("auto") == "cpu" and speedrun.resolve_device("cuda:1") == "cuda:1"
+
+
+def test_small_preset_is_what_its_docstring_says():
+    """The GPU preset: the micro model (27.0M parameters vs nano's 1.13M at the 512-token vocabulary), 7x nano's
+    pretraining + SFT tokens, RL off; the CLI accepts it."""
+    from openzaya import model as M
+    from openzaya.cli import build_parser
+    n, s = speedrun.nano(), speedrun.small()
+    tokens = lambda c: (c.pretrain_steps + c.sft_steps) * c.device_batch_size * c.seq_len
+    params = lambda c: M.count_params(M.PRESETS[c.model_preset](c.vocab_size))["total"] / 1e6
+    assert s.model_preset == "micro" and n.model_preset == "nano" and not s.rl
+    assert round(tokens(s) / 1e6, 1) == 10.6 and round(tokens(n) / 1e6, 1) == 1.5
+    assert round(params(s), 1) == 27.0 and round(params(n), 2) == 1.13
+    a = build_parser().parse_args(["speedrun", "--preset", "small", "--device", "cpu"])
+    assert a.preset == "small" and a.device == "cpu"
 
 
 def test_standard_errors():
