@@ -267,7 +267,7 @@ def add_sft(sub):
 def add_speedrun(sub):
     p = sub.add_parser("speedrun", help="corpus, tokenizer, pretrain, SFT, four RL stages, held-out eval and report, end to end")
     p.add_argument("--preset", default="nano", choices=["nano", "smoke", "small"],
-                   help="nano: the CPU speedrun; smoke: a two-minute plumbing check; small: 10x nano, for a GPU")
+                   help="nano: the CPU speedrun; smoke: a two-minute plumbing check; small: 24x nano's model, 7x its tokens, for a GPU")
     p.add_argument("--name", default=None, help="run name: output under <root>/<name>")
     p.add_argument("--root", default="runs")
     p.add_argument("--pretrain-steps", type=int, default=None)

@@ -41,7 +41,7 @@ Nano-scale simplifications, stage by stage:
   the paired standard error of each difference.
 Devices: pretraining, SFT and the evaluations run on `device` (auto = CUDA when torch sees one; the trainer then
 uses bf16 autocast, the engine CUDA graphs); the RL stages run on the CPU (rl_loop has no device option). The
-`small` preset (micro model, ~10x nano's tokens) is meant for a GPU.
+`small` preset (24x nano's parameters, 7x its tokens) is meant for a GPU.
 `--ablation-trim` adds two extra SFT runs at a tight context budget (answer-preserving trimming vs plain truncation)
 and reports both, whatever they show. `--no-rl` stops after SFT (and its evaluation).
 """
@@ -92,7 +92,7 @@ class SpeedrunConfig:
     agg_sft_chats_per_problem: int = 2
     agg_sft_lr: float = 1e-3
     vocab_size: int = 512
-    model_preset: str = "nano"             # model.PRESETS: nano (~2M, CPU), micro (~20M, the `small` GPU preset)
+    model_preset: str = "nano"             # model.PRESETS: nano (1.13M parameters), micro (27.0M, the `small` preset)
     device: str = "auto"                   # pretraining, SFT and evaluation: auto (CUDA when there is one) | cpu | cuda
     seq_len: int = 128
     device_batch_size: int = 32
@@ -501,7 +501,8 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
     if rl_curves:
         plot_rl_rewards(rl_curves, out / "rl_reward.png")
     wall = time.time() - t0
-    result = {"wall_s": wall, "timings_s": timings, "evals": evals, "rl_notes": rl_notes,
+    result = {"wall_s": wall, "timings_s": timings, "evals": evals, "rl_notes": rl_notes, "device": device,
+              "model_params": pre["params"],
               "pretrain_final_loss": pre["final_loss"], "sft_final_loss": sft_final_loss,
               "agg_sft": agg_sft_stats,
               "corpus_samples": manifest["samples"], "aggregation_samples": len(agg), "ablation": ablation,
@@ -525,7 +526,8 @@ def write_report(path: Path, r: dict, items):
              f"{c['difficulties']}, plus {r['aggregation_samples']} aggregation chats in the SFT mix; tokenizer BPE "
              f"{c['vocab_size']}; pretrain {c['pretrain_steps']} steps (final loss {r['pretrain_final_loss']:.3f}), "
              f"SFT {c['sft_steps']} steps (final loss {r['sft_final_loss']:.3f}), {c['device_batch_size']} x "
-             f"{c['seq_len']} tokens per step.", ""]
+             f"{c['seq_len']} tokens per step; model `{c['model_preset']}` ({r['model_params'] / 1e6:.2f}M parameters), "
+             f"pretraining, SFT and evaluation on {r['device']} (RL on the CPU).", ""]
     a = r.get("agg_sft")
     if a:
         lines += [f"Aggregation SFT (TR §VI-B; the held-out row `sft` is after it): the SFT model sampled "

@@ -284,7 +284,7 @@ def build_model(cfg: TrainConfig, mc, device):
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train; returns {"final_loss", "steps", "out", "model_dir"}."""
+    """Train; returns {"final_loss", "steps", "out", "model_dir", "params"}."""
     from .checkpoint import save_pretrained
     from .optim import build_optimizer
     from .tokenizer import Tokenizer
@@ -410,7 +410,8 @@ def run(cfg: TrainConfig) -> dict:
         save_pretrained(model, model_dir, extra_files=tok_files)
     if dist.is_initialized():
         dist.barrier()
-    return {"final_loss": loss_val, "steps": cfg.steps, "out": str(out), "model_dir": str(model_dir)}
+    return {"final_loss": loss_val, "steps": cfg.steps, "out": str(out), "model_dir": str(model_dir),
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 # -----------------------------------------------------------------------------
