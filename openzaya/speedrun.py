@@ -116,7 +116,10 @@ class SpeedrunConfig:
     # evaluation: single vs Markovian RSA (N, C, T, tau, beta) at the same temperature and per-call budget
     eval_envs: list[str] = field(default_factory=lambda: list(EVAL_ENVS))
     eval_problems: int = 24                # per environment and difficulty, held-out seeds
-    eval_single_samples: int = 4           # `single` runs per problem (avg@k); Markovian RSA runs once
+    # `single` runs per problem (avg@k); Markovian RSA runs once. 8, not 4: on one cascade (dev/LOG.md, session 11)
+    # the four avg@4 blocks put single after RL vs SFT at +0.016 / +0.045 / +0.049 / +0.043 (SE ~0.016), avg@16
+    # at +0.038 +- 0.012; one avg@4 draw is too noisy for the table. Costs ~10 s per evaluation here.
+    eval_single_samples: int = 8
     eval_max_tokens: int = 64              # beta
     eval_temperature: float = 0.7
     ttc_population: int = 4
