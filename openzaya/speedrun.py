@@ -57,6 +57,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .train import resolve_device   # the trainer's rule for "auto"; pretraining, SFT and evaluation share it
+
 NANO_ENVS = ["long_addition", "digit_sum", "reverse_string", "sort_letters", "palindrome_check",
              "boolean_expression", "count_vowels", "integer_power"]
 EVAL_ENVS = ["long_addition", "digit_sum", "reverse_string", "sort_letters", "boolean_expression", "count_vowels"]
@@ -118,7 +120,7 @@ class SpeedrunConfig:
     eval_problems: int = 24                # per environment and difficulty, held-out seeds
     # `single` runs per problem (avg@k); Markovian RSA runs once. 8, not 4: on one cascade (dev/LOG.md, session 11)
     # the four avg@4 blocks put single after RL vs SFT at +0.016 / +0.045 / +0.049 / +0.043 (SE ~0.016), avg@16
-    # at +0.038 +- 0.012; one avg@4 draw is too noisy for the table. Costs ~10 s per evaluation here.
+    # at +0.038 +- 0.012; one avg@4 draw is too noisy for the table. Costs ~5-10 s per evaluation here.
     eval_single_samples: int = 8
     eval_max_tokens: int = 64              # beta
     eval_temperature: float = 0.7
@@ -164,14 +166,6 @@ def small(**kw) -> SpeedrunConfig:
 
 
 PRESETS = {"nano": nano, "smoke": smoke, "small": small}
-
-
-def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when torch sees one, else 'cpu'; anything else as given."""
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def aggregation_chat(problem, tails: list[str], template: str, kind: str) -> dict:

@@ -283,6 +283,14 @@ def build_model(cfg: TrainConfig, mc, device):
     return ZayaForCausalLM(mc).to(device)
 
 
+def resolve_device(name: str) -> str:
+    """'auto' -> this process's GPU when torch sees one (cuda:LOCAL_RANK under torchrun, else cuda:0), else 'cpu';
+    anything else as given."""
+    if name == "auto":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train; returns {"final_loss", "steps", "out", "model_dir", "params"}."""
     from .checkpoint import save_pretrained
@@ -291,14 +299,10 @@ def run(cfg: TrainConfig) -> dict:
 
     # ---- init: distributed, device, threads
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(resolve_device(cfg.device))
     if world > 1 and not dist.is_initialized():
-        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if cfg.stage not in ("pretrain", "sft"):
