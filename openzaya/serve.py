@@ -3,10 +3,10 @@
     openzaya serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-slots 16]
 
 The HTTP layer: limits (`ServeConfig`), request schemas, request -> jobs (`ServerState`), the one response path of
-both endpoints (`respond`; `Reply` is what differs between /v1/completions and /v1/chat/completions), the TTC
-endpoint, routes, the API-key / body-size guard, the app and the CLI entry. ONE engine serves every client through
-the scheduler thread of scheduler.py (continuous batching across requests); streamed text comes from tokenizer.py's
-`TextStream` / `split_stream`; test-time compute is ttc.py's.
+both endpoints (`respond`), the TTC endpoint, routes, the API-key / body-size guard, the app and the CLI entry.
+Around it: scheduler.py (ONE engine serves every client through its thread: continuous batching across requests),
+openai_format.py (error, choice and chunk shapes; `Reply` is what differs between /v1/completions and
+/v1/chat/completions), tokenizer.py (`TextStream` / `split_stream`), ttc.py (the test-time compute itself).
 
 - A request with `n` choices (or a list of prompts) becomes n sequences ("jobs"). Streaming is real: every SSE chunk
   is sent as soon as the engine produced its token. Text that may still change is held back: an incomplete UTF-8
@@ -499,11 +499,16 @@ async def update_weights_from_disk(body: UpdateWeightsBody, request: HTTPRequest
     return {"success": True, "message": f"loaded {n} tensors from {path}", "weights_version": srv.weights_version}
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionBody, request: HTTPRequest):
+def _accept(request: HTTPRequest, body) -> tuple[ServerState, float]:
+    """The server state and the request's deadline, once the body names the served model."""
     srv: ServerState = request.app.state.srv
     srv.check_model(body.model)
-    deadline = time.monotonic() + srv.cfg.request_timeout_s
+    return srv, time.monotonic() + srv.cfg.request_timeout_s
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionBody, request: HTTPRequest):
+    srv, deadline = _accept(request, body)
     prompts = srv.completion_prompts(body)
     if body.ttc is not None:
         if len(prompts) != 1 or not isinstance(body.prompt, str):
@@ -515,9 +520,7 @@ async def completions(body: CompletionBody, request: HTTPRequest):
 
 @router.post("/v1/chat/completions")
 async def chat(body: ChatBody, request: HTTPRequest):
-    srv: ServerState = request.app.state.srv
-    srv.check_model(body.model)
-    deadline = time.monotonic() + srv.cfg.request_timeout_s
+    srv, deadline = _accept(request, body)
     ids, thinking = srv.chat_prompt(body)
     if body.ttc is not None:
         if len(body.messages) != 1 or body.messages[0].role != "user":
