@@ -97,10 +97,13 @@ if args.client_of:   # the client process: run the levels against the given serv
 
 import torch  # noqa: E402  (the client process does not need it)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from server_thread import ServerThread  # noqa: E402
+
 from openzaya.checkpoint import save_pretrained  # noqa: E402
 from openzaya.engine import GenParams  # noqa: E402
 from openzaya.model import ZayaConfig, ZayaForCausalLM, count_params  # noqa: E402
-from openzaya.serve import ServeConfig, ServerThread, load_app  # noqa: E402
+from openzaya.serve import ServeConfig, load_app  # noqa: E402
 from openzaya.tokenizer import train_bpe  # noqa: E402
 
 if args.threads > 0:

@@ -17,7 +17,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
-from .tokenizer import Tokenizer, split_reasoning
+from .tokenizer import Tokenizer, eos_union, split_reasoning
 
 
 @dataclass
@@ -68,7 +68,7 @@ class BackendError(RuntimeError):
 CHARS_PER_TOKEN = 4  # the tail/count approximation for backends without a tokenizer
 
 
-def _run_sync(coro):
+def run_sync(coro):
     """asyncio.run, also from inside a running event loop (e.g. a notebook): then in a helper thread."""
     try:
         asyncio.get_running_loop()
@@ -101,7 +101,7 @@ class Backend:
     tokenizer: Tokenizer | None = None
 
     def generate(self, requests: list[Request]) -> list[list[Completion]]:
-        return _run_sync(self.agenerate(list(requests)))
+        return run_sync(self.agenerate(list(requests)))
 
     async def agenerate(self, requests: list[Request]) -> list[list[Completion]]:
         return await asyncio.to_thread(self.generate, list(requests))
@@ -156,6 +156,24 @@ def text_engine(model, tokenizer: Tokenizer, max_slots: int, max_len: int | None
                   decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False), compile=compile)
 
 
+def engine_params(p: SamplingParams, eos_ids: list[int], sample: int = 0, max_tokens: int | None = None):
+    """The engine's `GenParams` for sample `sample` of a request: its seed is seed + sample (kept under 2^63);
+    max_tokens overrides p.max_tokens (a server fits it to the context)."""
+    from .engine import GenParams
+
+    return GenParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+                     max_new_tokens=p.max_tokens if max_tokens is None else max_tokens, eos_ids=eos_ids,
+                     stop=list(p.stop), seed=None if p.seed is None else (p.seed + sample) % (2 ** 63))
+
+
+def completion_from_result(res, thinking: bool, latency_s: float) -> Completion:
+    """An engine `GenResult` (text without EOS, cut before any stop string) as a `Completion`."""
+    reasoning, answer = split_reasoning(res.text, thinking=thinking)
+    return Completion(text=res.text, reasoning=reasoning, answer=answer, finish_reason=res.finish_reason,
+                      prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens, latency_s=latency_s,
+                      token_ids=list(res.tokens), logprobs=list(res.logprobs), routes=res.routes)
+
+
 class LocalBackend(Backend):
     """Our continuous-batching engine (engine.py) on a native-layout ZAYA checkpoint directory with its tokenizer.
 
@@ -180,33 +198,23 @@ class LocalBackend(Backend):
             raise ValueError("LocalBackend(model=...) needs a tokenizer")
         self.model, self.tokenizer, self.return_routes = model, tokenizer, return_routes
         self.engine = text_engine(model, tokenizer, max_slots, max_len, compile)
-        self.eos_ids = sorted(set(model.config.eos_ids + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])))
-        self.name = str(model_dir) if model_dir is not None else "local-model"
+        self.eos_ids = eos_union(model.config.eos_ids, tokenizer)
 
     def generate(self, requests: list[Request]) -> list[list[Completion]]:
-        from .engine import GenParams
-
         requests = list(requests)
         prompts, params, owner = [], [], []
         for i, r in enumerate(requests):
-            ids, p = self.prompt_ids(r), r.params
-            for j in range(p.n):
+            ids = self.prompt_ids(r)
+            for j in range(r.params.n):
                 prompts.append(ids)
-                params.append(GenParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
-                                        max_new_tokens=p.max_tokens, eos_ids=self.eos_ids, stop=list(p.stop),
-                                        seed=None if p.seed is None else p.seed + j))
+                params.append(engine_params(r.params, self.eos_ids, j))
                 owner.append(i)
         t0 = time.perf_counter()
         results = self.engine.generate(prompts, params, return_routes=self.return_routes) if prompts else []
         latency = time.perf_counter() - t0
         out: list[list[Completion]] = [[] for _ in requests]
         for i, res in zip(owner, results):
-            text = res.text   # eos excluded, cut before any stop string
-            reasoning, answer = split_reasoning(text, thinking=requests[i].enable_thinking)
-            out[i].append(Completion(text=text, reasoning=reasoning, answer=answer, finish_reason=res.finish_reason,
-                                     prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
-                                     latency_s=latency, token_ids=list(res.tokens), logprobs=list(res.logprobs),
-                                     routes=res.routes))
+            out[i].append(completion_from_result(res, requests[i].enable_thinking, latency))
         return out
 
 
@@ -246,17 +254,13 @@ class HFBackend(Backend):
         if chat_template is not None:
             self.tokenizer.chat_template = chat_template
         eos = self.model.generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        if self.tokenizer.eos_id is not None:
-            eos.append(self.tokenizer.eos_id)
-        assert eos, f"{model_dir}: no eos token in the generation config or the tokenizer"
-        self.eos_ids = sorted(set(eos))
+        self.eos_ids = eos_union([] if eos is None else [eos] if isinstance(eos, int) else eos, self.tokenizer)
+        assert self.eos_ids, f"{model_dir}: no eos token in the generation config or the tokenizer"
         pad = self.tokenizer.pad_id
         if pad is None:
             pad = self.model.generation_config.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self.batch_size = batch_size
-        self.name = str(model_dir)
 
     def generate(self, requests: list[Request]) -> list[list[Completion]]:
         requests = list(requests)

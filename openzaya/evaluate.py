@@ -207,7 +207,7 @@ def evaluate(items: list[Item], backend, base: TTCConfig, methods: list[str], sa
     """Run every method `samples` times on every item; returns (and writes under out_dir) the results dict."""
     from tqdm import tqdm
 
-    from .backends import _run_sync
+    from .backends import run_sync
 
     if samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples}")
@@ -221,7 +221,7 @@ def evaluate(items: list[Item], backend, base: TTCConfig, methods: list[str], sa
     total = sum(cfg.calls_per_problem() for cfg in cfgs.values()) * len(items) * samples
     t0 = time.time()
     with tqdm(total=total, unit="call", dynamic_ncols=True) as bar:
-        raw = _run_sync(_aevaluate(items, backend, cfgs, samples, out_dir, bar))
+        raw = run_sync(_aevaluate(items, backend, cfgs, samples, out_dir, bar))
     results = {"benchmark_size": len(items), "samples": samples, "methods": {}, "problems": [],
                "wall_s": time.time() - t0}
     per_problem: dict[str, dict] = {it.id: {"id": it.id, "answer": it.answer, "methods": {}} for it in items}

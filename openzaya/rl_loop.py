@@ -409,7 +409,7 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
     """One RL stage. Policy from `model`+`tokenizer` or `init_dir` (HF layout with tokenizer). Returns a summary
     {"steps", "metrics": [per-step dicts], "ckpt": dir}. `envs` overrides the registry (tests)."""
     from openzaya.checkpoint import from_pretrained, resolve_model_dir, save_pretrained
-    from openzaya.tokenizer import Tokenizer
+    from openzaya.tokenizer import Tokenizer, eos_union
 
     # ---- init: policy, tokenizer, environments, optimizer, state
     out = Path(cfg.out)
@@ -436,7 +436,7 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
         opt.load_state_dict(state["optimizer"])
         source.load_state_dict(state["source"])
         step, version = state["step"], state["version"]
-    eos_ids = sorted(set(model.config.eos_ids + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])))
+    eos_ids = eos_union(model.config.eos_ids, tokenizer)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else eos_ids[0]
     G = cfg.samples_per_prompt
     max_inflight = cfg.max_inflight_groups or 2 * cfg.prompts_per_step

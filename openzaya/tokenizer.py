@@ -272,3 +272,79 @@ def train_bpe(texts, vocab_size: int, special_tokens: list[str] | None = None) -
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
                                                            special_tokens=[(bos, tok.token_to_id(bos))])
     return Tokenizer(tok, bos, pick("<|end|>"), pick("<|pad|>"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# where a completion ends, and streaming detokenisation (what part of a growing completion is safe to show)
+
+
+def eos_union(model_eos_ids: list[int], tokenizer: Tokenizer) -> list[int]:
+    """The ids that end a completion: the model's EOS ids and the tokenizer's EOS token, sorted, each once."""
+    return sorted(set(list(model_eos_ids) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])))
+
+
+def held_suffix(text: str, needles: list[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of one of needles (it may still grow into it)."""
+    for k in range(min(len(text), max((len(s) for s in needles), default=1) - 1), 0, -1):
+        tail = text[-k:]
+        if any(s.startswith(tail) for s in needles):
+            return k
+    return 0
+
+
+class TextStream:
+    """Incremental detokenisation of one sequence: `push(token)` returns the cumulative text that can no longer
+    change (no trailing partial UTF-8 character, no tail that may become a stop string, nothing at or after a
+    stop string). Each push decodes only the tokens since the last committed text plus one token of context
+    (vLLM's prefix/read offsets), so a long stream costs O(length), not O(length^2)."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str], eos: set[int]):
+        self.tok, self.stops, self.eos = tokenizer, stops, eos
+        self.tokens: list[int] = []
+        self.text = ""                    # decode(tokens[:read]), complete characters only
+        self.prefix = self.read = 0       # tokens[prefix:read] = context re-decoded with each new token
+        self.safe = ""
+        self.stopped = False
+        self.max_stop = max((len(x) for x in stops), default=0)
+
+    def push(self, token: int) -> str:
+        if token in self.eos or self.stopped:
+            return self.safe
+        self.tokens.append(token)
+        head = self.tok.decode(self.tokens[self.prefix:self.read])
+        full = self.tok.decode(self.tokens[self.prefix:])
+        old_len = len(self.text)
+        if len(full) > len(head) and not full.endswith("\ufffd"):   # a partial character waits for its bytes
+            self.text += full[len(head):]
+            self.prefix, self.read = self.read, len(self.tokens)
+        text, end = self.text, len(self.text)
+        if self.stops:
+            start = max(0, old_len - self.max_stop + 1)             # a new stop must overlap the new text
+            hits = [p for p in (text.find(x, start) for x in self.stops) if p >= 0]
+            if hits:
+                end, self.stopped = min(hits), True
+            else:
+                end -= held_suffix(text, self.stops)
+        if end > len(self.safe):
+            self.safe = text[:end]
+        return self.safe
+
+
+def split_stream(text: str, thinking: bool, final: bool) -> tuple[str, str]:
+    """(reasoning, answer) of a partial chat completion, both left-stripped, so that as text grows both only grow.
+    Before `</think>` appears, a tail that may become `</think>` is held back (unless final). The streaming
+    counterpart of `split_reasoning`."""
+    close = text.find(THINK_CLOSE)
+    if close < 0:
+        if not thinking and THINK_OPEN not in text:
+            return "", text.lstrip()
+        body = text.lstrip()
+        body = body[len(THINK_OPEN):] if body.startswith(THINK_OPEN) else body
+        if not final:
+            body = body[:len(body) - held_suffix(body, [THINK_CLOSE])]
+        return body.lstrip(), ""
+    reasoning = text[:close]
+    o = reasoning.find(THINK_OPEN)
+    if o >= 0:
+        reasoning = reasoning[o + len(THINK_OPEN):]
+    return reasoning.lstrip(), text[close + len(THINK_CLOSE):].lstrip()

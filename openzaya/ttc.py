@@ -209,6 +209,16 @@ class ProblemResult:
     def wall_s(self) -> float:
         return sum(r.wall_s for r in self.rounds)
 
+    @property
+    def winner_index(self) -> int | None:
+        """The final candidate that stands for the majority answer (`winner_index`)."""
+        return winner_index(self.final_answers, self.answer)
+
+
+def winner_index(answers: list[str | None], majority: str | None) -> int | None:
+    """Index of the first candidate whose normalised answer is the majority answer; None when there is none."""
+    return next((i for i, a in enumerate(answers) if a is not None and normalize(a) == majority), None)
+
 
 def majority_answer(answers: list[str | None]) -> tuple[str | None, dict[str, int]]:
     """Most frequent normalised answer; ties to the earliest; None (unparsable) does not vote."""
@@ -424,7 +434,7 @@ class Run:
         """N aggregation prompts for round_ from the previous population, with their bound checks."""
         C, tau = self.cfg.candidates, self.cfg.tail_tokens
         q_tokens = self.count(problem.question)
-        template_tokens = sum(self.count(piece) for piece in template_pieces(C, self.template))
+        template_tokens = self.template_tokens()
         bound = q_tokens + C * tau + template_tokens
         contents, metas = [], []
         for subset in self.subsets(problem.id, round_, len(prev)):
@@ -440,6 +450,25 @@ class Run:
             contents.append(text)
             metas.append(meta)
         return contents, metas
+
+    def template_tokens(self) -> int:
+        """|template| in the bound: the summed token counts of the template's own pieces (`template_pieces`)."""
+        return sum(self.count(piece) for piece in template_pieces(self.cfg.candidates, self.template))
+
+    def longest_prompt_tokens(self, question: str) -> int:
+        """Tokens of the longest prompt text a call of this run's method can send for `question`, chat template
+        excluded (delethink's query holds it): |q| + C x tau + |template| (the bound `aggregation_prompts` checks;
+        rsa sends whole candidates, so C x beta), delethink |query| + head + tau, single / majority |q|. A server
+        checks it plus beta against its context before it starts a run."""
+        cfg = self.cfg
+        if cfg.method == "delethink":
+            query = delethink_query(self.backend.tokenizer, question, cfg.enable_thinking)
+            return self.count(query) + cfg.head_tokens + cfg.tail_tokens
+        q = self.count(question)
+        if cfg.method in ("single", "majority"):
+            return q
+        per_candidate = cfg.budget_tokens if cfg.method == "rsa" else cfg.tail_tokens
+        return q + cfg.candidates * per_candidate + self.template_tokens()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -481,14 +510,19 @@ async def pacore_hybrid(run: Run, p: TTCProblem, rounds: list[RoundStats]) -> li
                             lambda c: run.tail(c.answer, tau) if c.answer else run.tail(c.reasoning, tau))
 
 
+def delethink_query(tok, question: str, enable_thinking: bool) -> str:
+    """Delethink's raw text prompt before the carried text: the question as a templated user turn, or the bare
+    question and a blank line for a tokenizer without a chat template (or no tokenizer)."""
+    if tok is not None and tok.chat_template is not None:
+        return tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                       enable_thinking=enable_thinking)
+    return question + "\n\n"
+
+
 async def delethink(run: Run, p: TTCProblem, rounds: list[RoundStats]) -> list[Completion]:
     """N independent chunked rollouts; chunk k continues from query + head + last tau tokens (raw text prompt)."""
     cfg, tok = run.cfg, run.backend.tokenizer
-    if tok is not None and tok.chat_template is not None:
-        query = tok.apply_chat_template([{"role": "user", "content": p.question}], add_generation_prompt=True,
-                                        enable_thinking=cfg.enable_thinking)
-    else:
-        query = p.question + "\n\n"
+    query = delethink_query(tok, p.question, cfg.enable_thinking)
     q_tokens = run.count(query)
 
     async def rollout(i: int) -> Completion:
@@ -546,8 +580,8 @@ async def _solve_one(run: Run, p: TTCProblem) -> ProblemResult:
     rewards = [float(p.score(c.text)) for c in final] if p.score is not None else None
     maj = None
     if p.score is not None:
-        winner = next((c for c, a in zip(final, answers) if a is not None and normalize(a) == ans), None)
-        maj = float(p.score(winner.text)) if winner is not None else 0.0
+        win = winner_index(answers, ans)
+        maj = float(p.score(final[win].text)) if win is not None else 0.0
     res = ProblemResult(id=p.id, answer=ans, votes=votes, final_answers=answers, final_texts=[c.text for c in final],
                         rewards=rewards, majority_correct=maj,
                         population_mean=(sum(rewards) / len(rewards)) if rewards else None, rounds=rounds)
@@ -597,11 +631,11 @@ async def arun(problems: list[TTCProblem], backend: Backend, cfg: TTCConfig,
 def solve(problems: list[TTCProblem] | str, backend: Backend, cfg: TTCConfig | None = None,
           trace_path: str | os.PathLike | None = None, progress: Callable[[int], None] | None = None):
     """Sync wrapper of `arun`; a bare question string is one problem with id 'q0'."""
-    from .backends import _run_sync
+    from .backends import run_sync
 
     cfg = cfg or TTCConfig()
     if isinstance(problems, str):
         problems = [TTCProblem(id="q0", question=problems)]
     cfg.validate()
     validate_problems(problems)
-    return _run_sync(arun(problems, backend, cfg, trace_path, progress))
+    return run_sync(arun(problems, backend, cfg, trace_path, progress))

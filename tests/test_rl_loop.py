@@ -202,7 +202,8 @@ def test_rollouts_through_an_openai_server_with_weight_sync(tmp_path):
     logprobs included), the trainer pushes every new policy through update_weights_from_disk, and the server ends
     with exactly the trainer's weights."""
     from openzaya.checkpoint import save_pretrained
-    from openzaya.serve import ServeConfig, ServerThread, load_app
+    from openzaya.serve import ServeConfig, load_app
+    from server_thread import ServerThread
     model, tok = tiny_policy()
     save_pretrained(model, tmp_path / "init")
     tok.save(tmp_path / "init")
@@ -228,7 +229,8 @@ def test_server_weight_updates_are_off_by_default_and_checked(tmp_path):
     import httpx
 
     from openzaya.checkpoint import save_pretrained
-    from openzaya.serve import ServeConfig, ServerThread, load_app
+    from openzaya.serve import ServeConfig, load_app
+    from server_thread import ServerThread
     model, tok = tiny_policy()
     save_pretrained(model, tmp_path / "m")
     tok.save(tmp_path / "m")

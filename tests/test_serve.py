@@ -15,7 +15,8 @@ import pytest
 
 from openzaya.backends import OpenAIBackend, Request, SamplingParams
 from openzaya.engine import Engine, GenParams
-from openzaya.serve import ServeConfig, ServerThread, load_app
+from openzaya.serve import ServeConfig, load_app
+from server_thread import ServerThread
 from test_local_backend import make_checkpoint
 from zaya_ref import random_model, tiny_config
 
@@ -315,7 +316,7 @@ def test_graceful_shutdown_finishes_in_flight_work(ckpt):
 def _naive_stream_text(tok, tokens, stops):
     """What a stream may have shown after `tokens`: the full re-decode, cut at a trailing partial character, at
     the first stop string, and before a tail that may still become one (the definition TextStream implements)."""
-    from openzaya.serve import _held_suffix
+    from openzaya.tokenizer import held_suffix
     text = tok.decode(tokens)
     end = len(text)
     while end and text[end - 1] == "\ufffd":
@@ -323,15 +324,14 @@ def _naive_stream_text(tok, tokens, stops):
     hits = [p for p in (text.find(s) for s in stops) if p >= 0]
     if hits:
         return text[:min(hits)]
-    return text[:min(end, len(text) - _held_suffix(text, stops))] if stops else text[:end]
+    return text[:min(end, len(text) - held_suffix(text, stops))] if stops else text[:end]
 
 
 @pytest.mark.parametrize("which", ["nano", "gemma"])
 def test_text_stream_matches_full_redecode(which, gemma_dir):
     import random
 
-    from openzaya.serve import TextStream
-    from openzaya.tokenizer import Tokenizer, train_bpe
+    from openzaya.tokenizer import TextStream, Tokenizer, train_bpe
     text = "Ünïcödé 漢字 and emoji 🙂🚀 mixed with plain words, STOP here; then more text après."
     if which == "gemma":
         tok = Tokenizer.load(gemma_dir[0])
@@ -351,3 +351,37 @@ def test_text_stream_matches_full_redecode(which, gemma_dir):
                 ref = _naive_stream_text(tok, seq[:n], stops)
                 assert ref.startswith(now)                      # never shows what a full re-decode would not
             assert shown == _naive_stream_text(tok, seq, stops)
+
+
+def test_ttc_context_check_is_ttc_bound(gemma_dir):
+    """The server refuses a TTC request exactly when ttc's longest prompt (`Run.longest_prompt_tokens`, whose
+    |template| sums the template's pieces) plus the chat-template allowance plus beta exceeds the context. With
+    Gemma's tokenizer the template rendered with empty slots counts fewer tokens (runs of newlines merge), which the
+    server's own copy of the bound used: it let through prompts ttc would reject."""
+    from fastapi.testclient import TestClient
+
+    from openzaya.backends import Backend, text_engine
+    from openzaya.model import ZayaForCausalLM
+    from openzaya.serve import CHAT_TEMPLATE_ALLOWANCE, create_app
+    from openzaya.tokenizer import Tokenizer
+    from openzaya.ttc import Run, TTCConfig, build_aggregation_prompt
+
+    tok = Tokenizer.load(gemma_dir[0])
+    engine = text_engine(ZayaForCausalLM(tiny_config(vocab_size=tok.vocab_size)), tok, max_slots=1, max_len=512)
+    app = create_app(engine, tok, ServeConfig(max_slots=1, max_len=512, max_queue=1))
+    limit, question, c, tau = app.state.srv.limit, "What is 17 + 25?", 2, 8
+    counted = Backend()
+    counted.tokenizer = tok
+    cfg = TTCConfig(method="markovian_rsa", population=4, candidates=c, rounds=1, tail_tokens=tau)
+    longest = Run(counted, cfg).longest_prompt_tokens(question)
+    count = counted.count_tokens
+    empty_slots = count(question) + c * tau + count(build_aggregation_prompt("", [""] * c))
+    assert empty_slots < longest                       # the undercount the server's copy had
+    beta = limit - CHAT_TEMPLATE_ALLOWANCE - longest   # the largest beta that fits
+    body = {"model": app.state.srv.model_name, "prompt": question,   # a base model: no chat template
+            "ttc": {"method": "markovian_rsa", "n": 4, "c": c, "t": 1, "tau": tau, "beta": beta}}
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json=body)   # fits: on to admission, where 4 > 1 slot + 1 queued
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
+        r = client.post("/v1/completions", json={**body, "ttc": {**body["ttc"], "beta": beta + 1}})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from openzaya.backends import Backend, LocalBackend, OpenAIBackend
-from openzaya.ttc import (AGGREGATION_TEMPLATE_V1, Run, TTCConfig, TTCProblem, build_aggregation_prompt,
-                          load_template, solve, template_pieces)
+from openzaya.ttc import (AGGREGATION_TEMPLATE_V1, ProblemResult, Run, TTCConfig, TTCProblem,
+                          build_aggregation_prompt, load_template, majority_answer, solve, template_pieces,
+                          winner_index)
 from openai_stub_server import StubServer
 from test_local_backend import make_checkpoint
 
@@ -145,6 +146,36 @@ def test_other_methods_local(local, tmp_path):
         if c["round"] > 0:
             prev = {x["key"]: x for x in dcalls}[c["candidate_ids"][0]]
             assert c["prompt"].endswith(expected_tail(local.tokenizer, prev["text"], cfg.tail_tokens))
+
+
+def test_longest_prompt_is_the_bound_of_every_checked_call(local, tmp_path):
+    """Run.longest_prompt_tokens (what `openzaya serve` checks against its context before a run) is the bound the
+    trace records for every aggregation / continuation call, and every such call's prompt text is within it."""
+    q = PROBLEMS[0].question
+    for method, extra in [("markovian_rsa", {}), ("pacore_hybrid", {}), ("delethink", {"head_tokens": 4})]:
+        cfg = TTCConfig(**SMALL, method=method, **extra)
+        solve([PROBLEMS[0]], local, cfg, trace_path=tmp_path / f"{method}.jsonl")
+        longest = Run(local, cfg).longest_prompt_tokens(q)
+        later = [c for c in read_calls(tmp_path / f"{method}.jsonl") if c["round"] > 0]
+        assert later and all(c["bound_tokens"] == longest >= c["prompt_content_tokens"] for c in later), method
+    count = local.count_tokens
+    template = sum(count(x) for x in template_pieces(SMALL["candidates"]))
+    assert Run(local, TTCConfig(**SMALL, method="single")).longest_prompt_tokens(q) == count(q)
+    assert Run(local, TTCConfig(**SMALL, method="majority")).longest_prompt_tokens(q) == count(q)
+    assert Run(local, TTCConfig(**SMALL, method="rsa")).longest_prompt_tokens(q) == \
+        count(q) + SMALL["candidates"] * SMALL["budget_tokens"] + template   # whole candidates, up to beta each
+
+
+def test_winner_is_the_first_candidate_with_the_majority_answer():
+    answers = [None, "7", " 8 ", "8.", "7", "8"]
+    majority, votes = majority_answer(answers)
+    assert majority == "8" and votes == {"7": 2, "8": 3}
+    assert winner_index(answers, majority) == 2
+    res = ProblemResult(id="p", answer=majority, votes=votes, final_answers=answers,
+                        final_texts=[f"t{i}" for i in range(6)], rewards=None, majority_correct=None,
+                        population_mean=None)
+    assert res.winner_index == 2
+    assert winner_index([None, None], None) is None and winner_index(["3"], "4") is None
 
 
 def test_bad_inputs_rejected_before_any_call(local):
