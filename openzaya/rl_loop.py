@@ -39,7 +39,6 @@ are listed in each preset's docstring.
 from __future__ import annotations
 
 import json
-import os
 import queue as queue_mod
 import random
 import time
@@ -50,6 +49,7 @@ from pathlib import Path
 import torch
 
 from openzaya import rl
+from openzaya.ttc import AGGREGATION_TEMPLATE_V1, TTCConfig, build_aggregation_prompt
 
 # -----------------------------------------------------------------------------
 # Config and stage presets
@@ -87,8 +87,8 @@ class RLConfig:
                                        # `difficulty`, else each problem's difficulty is uniform in difficulty..this
     env_sampling: str = "uniform"     # uniform | least_sampled
     ttc_fraction: float = 0.0         # share of jobs that are self-aggregation prompts (math-code-ttc)
-    ttc_candidates: int = 4           # C tails per aggregation prompt
-    ttc_tail_tokens: int = 64         # tau
+    ttc_candidates: int = TTCConfig.candidates    # C tails per aggregation prompt
+    ttc_tail_tokens: int = TTCConfig.tail_tokens  # tau tokens of reasoning per tail
     ttc_template: str | None = None   # aggregation template text (None = ttc.AGGREGATION_TEMPLATE_V1)
     # Rollouts
     max_new_tokens: int = 64
@@ -345,7 +345,6 @@ class ProblemSource:
         cfg = self.cfg
         if cfg.ttc_fraction > 0 and len(self.recent) and self.rng.random() < cfg.ttc_fraction:
             problem, tails = self.recent[self.rng.randrange(len(self.recent))]
-            from openzaya.ttc import AGGREGATION_TEMPLATE_V1, build_aggregation_prompt
             picked = self.rng.sample(tails, min(cfg.ttc_candidates, len(tails)))
             prompt = build_aggregation_prompt(problem.prompt, picked, cfg.ttc_template or AGGREGATION_TEMPLATE_V1)
             return "aggregate", problem.env, problem, prompt
@@ -380,17 +379,16 @@ class ProblemSource:
             self.sampler.load_state_dict(s["sampler"])
 
 
-def expert_load(routes: list[torch.Tensor], num_experts: int) -> float:
-    """Max over layers of (max expert load / mean expert load) over the routed tokens of a batch (-1 ignored)."""
+def routes_expert_load(routes: list[torch.Tensor], num_experts: int) -> float:
+    """Max over layers of max/mean expert load (`model.expert_load`) over the routed experts of a batch's rollouts
+    (-1 = skip, which the ratio ignores); at least 1, NaN without routes."""
+    from openzaya.model import expert_load
     if not routes or routes[0] is None:
         return float("nan")
-    r_LN = torch.cat([r for r in routes], dim=1)
-    worst = 1.0
-    for r_N in r_LN:
-        c = torch.bincount(r_N[r_N >= 0], minlength=num_experts).float()
-        if c.sum() > 0:
-            worst = max(worst, float(c.max() / c.mean()))
-    return worst
+    r_LN = torch.cat(routes, dim=1)
+    loads = [expert_load(torch.bincount(torch.where(r_N < 0, num_experts, r_N), minlength=num_experts + 1))
+             for r_N in r_LN]
+    return max([1.0] + [x["max_mean"] for x in loads if x["max_mean"] > 0])
 
 
 def make_optimizer(model, cfg: RLConfig):
@@ -408,8 +406,8 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
         resume: bool = False) -> dict:
     """One RL stage. Policy from `model`+`tokenizer` or `init_dir` (HF layout with tokenizer). Returns a summary
     {"steps", "metrics": [per-step dicts], "ckpt": dir}. `envs` overrides the registry (tests)."""
-    from openzaya.checkpoint import from_pretrained, resolve_model_dir, save_pretrained
-    from openzaya.tokenizer import Tokenizer
+    from openzaya.checkpoint import atomic_file, from_pretrained, resolve_model_dir, save_pretrained
+    from openzaya.tokenizer import Tokenizer, split_reasoning, tail_text
 
     # ---- init: policy, tokenizer, environments, optimizer, state
     out = Path(cfg.out)
@@ -448,9 +446,9 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
     def save(d: Path):
         save_pretrained(model, d / "model")
         tokenizer.save(d / "model")
-        torch.save({"step": step, "version": version, "optimizer": opt.state_dict(),
-                    "source": source.state_dict(), "config": asdict(cfg)}, d / "trainer_state.pt.tmp")
-        os.replace(d / "trainer_state.pt.tmp", d / "trainer_state.pt")
+        state = {"step": step, "version": version, "optimizer": opt.state_dict(), "source": source.state_dict(),
+                 "config": asdict(cfg)}
+        atomic_file(d / "trainer_state.pt", lambda f: torch.save(state, f))
 
     def publish():
         """Push the current weights to the rollout side: the workers' queues, or the server's sync directory (and,
@@ -552,9 +550,7 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
             texts.append(text)
         tails = []     # the last tau tokens of each sample's reasoning, as Markovian RSA passes them on
         if cfg.ttc_fraction > 0:
-            from openzaya.tokenizer import split_reasoning
-            tails = [tokenizer.decode(tokenizer.encode(split_reasoning(t)[0], add_special_tokens=False)
-                                      [-cfg.ttc_tail_tokens:]) for t in texts]
+            tails = [tail_text(tokenizer, split_reasoning(t)[0], cfg.ttc_tail_tokens) for t in texts]
         return {**info, **res, "rewards": rewards, "accs": accs, "texts": texts, "tails": tails}
 
     # ---- loop: fill a batch of fresh-enough, informative groups, then one optimizer step
@@ -674,8 +670,8 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
                    "resp_len": n_tok / max(B, 1), "masked": 1 - kept_tok / max(n_tok, 1),
                    "mismatch": mism / max(n_tok, 1), "stale_mean": sum(stale) / max(len(stale), 1),
                    "stale_max": max(stale, default=0), "versions": sorted(set(versions)), "trained_version": version - 1,
-                   "tok_s": n_tok / max(dt, 1e-9), "gen_tokens": gen_tokens, "gen_s": t_gen, "load": expert_load([r for r in routes if r is not None],
-                                                                              model.config.num_experts),
+                   "tok_s": n_tok / max(dt, 1e-9), "gen_tokens": gen_tokens, "gen_s": t_gen,
+                   "load": routes_expert_load([r for r in routes if r is not None], model.config.num_experts),
                    "loss": loss_sum, "gnorm": gnorm, "kept": len(batch), "drop_flat": drop_flat,
                    "drop_stale": drop_stale, "step_s": dt, "elapsed_s": time.perf_counter() - t_start,
                    "difficulty": {n: source.difficulty(n) for n in sorted({g["env"] for g in batch})}}

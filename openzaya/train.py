@@ -13,10 +13,11 @@ best-fit-decreasing into `seq_len`-token windows whose documents are kept apart 
   leave unused parameters, which DDP handles only with find_unused_parameters; the arithmetic is the same.
   Each step's loss is (sum of token losses) / (global target tokens of the step), so any world size and accumulation
   split gives the single-process gradient.
-- Checkpoints (model, optimizer, router-balancing state, step = data position, RNG, curriculum placeholder) are
-  written atomically every `save_every` steps and at the end; `resume=True` continues bit-for-bit on CPU.
-- One dense log line per step and metrics.jsonl; the final model is saved in the HF layout with its tokenizer.
-Simplified: no FSDP, no context parallelism, no TensorBoard/W&B hook, the data of a run is tokenized up front.
+- Checkpoints (model, optimizer, router-balancing state, step = data position, RNG) are written atomically every
+  `save_every` steps and at the end; `resume=True` continues bit-for-bit on CPU.
+- One dense log line per step and metrics.jsonl (optionally also TensorBoard or W&B, `log_to`); the final model is
+  saved in the HF layout with its tokenizer.
+Simplified: no FSDP, no context parallelism, the data of a run is tokenized up front.
 """
 
 from __future__ import annotations
@@ -225,17 +226,13 @@ def _set_rng_state(s: dict):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(path: Path, model, opt, step: int, cfg: TrainConfig, curriculum=None):
-    """Atomic: write a temporary file, fsync, rename over the old checkpoint."""
+def save_checkpoint(path: Path, model, opt, step: int, cfg: TrainConfig):
+    """Atomic and durable (`checkpoint.atomic_file`): a crash leaves the previous checkpoint."""
+    from .checkpoint import atomic_file
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
              "bias_optim": [r.bias_optim_state for r in model.routers()], "rng": _rng_state(),
-             "config": asdict(cfg), "model_config": model.config.to_dict(), "curriculum": curriculum}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+             "config": asdict(cfg), "model_config": model.config.to_dict()}
+    atomic_file(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path, model, opt) -> dict:
