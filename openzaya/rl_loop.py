@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import queue as queue_mod
-import random
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
@@ -49,7 +48,8 @@ from pathlib import Path
 import torch
 
 from openzaya import rl
-from openzaya.ttc import AGGREGATION_TEMPLATE_V1, TTCConfig, build_aggregation_prompt
+from openzaya.envs.curriculum import ProblemSource
+from openzaya.ttc import TTCConfig
 
 # -----------------------------------------------------------------------------
 # Config and stage presets
@@ -299,84 +299,6 @@ def rollout_worker(worker_id: int, init: dict, job_q, result_q, weights_q):
         for r in out:
             r["worker"] = worker_id
             result_q.put(r)
-
-
-# -----------------------------------------------------------------------------
-# Problem source: environment + difficulty + seed for each job, with a checkpointable state
-
-
-@dataclass
-class ProblemSource:
-    cfg: RLConfig
-    envs: dict
-    seed_counter: int = 0
-    rng: random.Random = None
-    curriculum: object = None
-    sampler: object = None
-    recent: deque = field(default_factory=lambda: deque(maxlen=32))   # own rollouts for self-aggregation
-    best_solve: dict = field(default_factory=dict)                   # p* per data source (length reward)
-
-    def __post_init__(self):
-        from openzaya.envs.curriculum import LeastSampledSampler, ZayaCurriculum
-        missing = [n for n in self.cfg.envs if n not in self.envs]
-        assert not missing, f"unknown environments {missing[:5]} ({len(missing)} missing)"
-        assert self.cfg.envs, f"stage {self.cfg.stage}: no environments"
-        self.rng = self.rng or random.Random(self.cfg.seed)
-        top = self.cfg.max_difficulty
-        assert top is None or self.cfg.difficulty <= top, f"difficulty {self.cfg.difficulty} > max_difficulty {top}"
-        if self.cfg.curriculum == "zaya":
-            self.curriculum = ZayaCurriculum(initial=self.cfg.difficulty,
-                                             max_difficulty=ZayaCurriculum.max_difficulty if top is None else top)
-        if self.cfg.env_sampling == "least_sampled":
-            self.sampler = LeastSampledSampler(list(self.cfg.envs))
-
-    def difficulty(self, name: str) -> int:
-        env = self.envs[name]
-        if self.curriculum is not None:
-            d = self.curriculum.difficulty(name)
-        elif self.cfg.max_difficulty is not None:
-            d = self.rng.randint(self.cfg.difficulty, self.cfg.max_difficulty)
-        else:
-            d = self.cfg.difficulty
-        return min(max(d, env.min_difficulty), env.max_difficulty)
-
-    def next_problem(self):
-        """(kind, env name, Problem, prompt text); kind "aggregate" for a self-aggregation prompt."""
-        cfg = self.cfg
-        if cfg.ttc_fraction > 0 and len(self.recent) and self.rng.random() < cfg.ttc_fraction:
-            problem, tails = self.recent[self.rng.randrange(len(self.recent))]
-            picked = self.rng.sample(tails, min(cfg.ttc_candidates, len(tails)))
-            prompt = build_aggregation_prompt(problem.prompt, picked, cfg.ttc_template or AGGREGATION_TEMPLATE_V1)
-            return "aggregate", problem.env, problem, prompt
-        for _ in range(20):
-            name = self.sampler.sample(self.rng) if self.sampler is not None else self.rng.choice(cfg.envs)
-            self.seed_counter += 1
-            try:
-                problem = self.envs[name].generate(self.difficulty(name), self.seed_counter)
-            except Exception as e:        # a failing generator is skipped, as RLVE does
-                print(f"rl: {name} failed to generate (seed {self.seed_counter}): {type(e).__name__}: {e}")
-                continue
-            return "plain", name, problem, problem.prompt
-        raise RuntimeError("20 consecutive problem generations failed")
-
-    def update(self, name: str, problem, kind: str, accuracies: list[float], rewards: list[float], tails: list[str]):
-        if self.curriculum is not None and kind == "plain":
-            self.curriculum.update(name, problem.difficulty, sum(rewards) / len(rewards))
-        if self.cfg.ttc_fraction > 0 and kind == "plain":
-            self.recent.append((problem, tails))
-
-    def state_dict(self) -> dict:
-        return {"seed_counter": self.seed_counter, "rng": self.rng.getstate(), "best_solve": dict(self.best_solve),
-                "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
-                "sampler": self.sampler.state_dict() if self.sampler is not None else None}
-
-    def load_state_dict(self, s: dict):
-        self.seed_counter, self.best_solve = s["seed_counter"], dict(s["best_solve"])
-        self.rng.setstate(s["rng"])
-        if self.curriculum is not None and s["curriculum"] is not None:
-            self.curriculum.load_state_dict(s["curriculum"])
-        if self.sampler is not None and s["sampler"] is not None:
-            self.sampler.load_state_dict(s["sampler"])
 
 
 def routes_expert_load(routes: list[torch.Tensor], num_experts: int) -> float:

@@ -555,6 +555,29 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
     return result
 
 
+def aggregation_table(aggs: dict) -> list[str]:
+    """Report lines on Markovian RSA's aggregation calls per stage (`evaluate.aggregation_diagnostics`); none when
+    no stage has them."""
+    if not any(aggs.values()):
+        return []
+    lines = ["", "Markovian RSA's aggregation calls (does the aggregator verify or only copy? "
+             "`evaluate.aggregation_diagnostics`): accuracy next to what copying a random shown candidate would "
+             "score, and accuracy by the number of correct candidates shown.", "",
+             "| after | calls | accuracy | random copy | 0 correct shown | 1 | 2+ | keeps agreeing answer |",
+             "|---|---|---|---|---|---|---|---|"]
+    for stage, a in aggs.items():
+        if not a:
+            continue
+        groups = [[], [], []]                          # 0, 1, 2+ correct candidates shown: (calls, accuracy)
+        for k, v in a["by_correct_shown"].items():
+            groups[min(int(k), 2)].append((v["calls"], v["accuracy"]))
+        cells = [f"{sum(n * acc for n, acc in g) / sum(n for n, _ in g):.2f}" if g else "-" for g in groups]
+        keep = "-" if a["keeps_agreeing_answer"] is None else f"{a['keeps_agreeing_answer']:.2f}"
+        lines.append(f"| {stage} | {a['calls']} | {a['accuracy']:.3f} | {a['random_copy']:.3f} | "
+                     + " | ".join(cells) + f" | {keep} |")
+    return lines
+
+
 def write_report(path: Path, r: dict, items):
     c = r["config"]
     ev = r["evals"]
@@ -612,23 +635,7 @@ def write_report(path: Path, r: dict, items):
         lines.append(f"| {cell} | " + " | ".join(f"{e['single']['cells'][cell]:.2f} / "
                                                  f"{e['markovian_rsa']['cells'][cell]:.2f}" for e in ev.values())
                      + " |")
-    aggs = {stage: e["markovian_rsa"].get("aggregation") for stage, e in ev.items()}
-    if any(aggs.values()):
-        lines += ["", "Markovian RSA's aggregation calls (does the aggregator verify or only copy? "
-                  "`evaluate.aggregation_diagnostics`): accuracy next to what copying a random shown candidate would "
-                  "score, and accuracy by the number of correct candidates shown.", "",
-                  "| after | calls | accuracy | random copy | 0 correct shown | 1 | 2+ | keeps agreeing answer |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for stage, a in aggs.items():
-            if not a:
-                continue
-            groups = [[], [], []]                          # 0, 1, 2+ correct candidates shown: (calls, accuracy)
-            for k, v in a["by_correct_shown"].items():
-                groups[min(int(k), 2)].append((v["calls"], v["accuracy"]))
-            cells = [f"{sum(n * acc for n, acc in g) / sum(n for n, _ in g):.2f}" if g else "-" for g in groups]
-            keep = "-" if a["keeps_agreeing_answer"] is None else f"{a['keeps_agreeing_answer']:.2f}"
-            lines.append(f"| {stage} | {a['calls']} | {a['accuracy']:.3f} | {a['random_copy']:.3f} | "
-                         + " | ".join(cells) + f" | {keep} |")
+    lines += aggregation_table({stage: e["markovian_rsa"].get("aggregation") for stage, e in ev.items()})
     lines += ["", "Traces and per-method reports: `eval/<stage>/`.", ""]
     if r["ablation"]:
         lines += [f"## Ablation: answer-preserving trimming vs plain truncation (SFT at {c['ablation_seq_len']} "
