@@ -43,13 +43,18 @@ def _fsync_dir(directory: Path):
 
 def atomic_file(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write the file `path` atomically and durably: `write(f)` fills a temporary sibling opened "wb", which is
-    flushed, fsynced and renamed over `path`; a crash leaves the old file or the new one, never a torn one."""
+    flushed, fsynced and renamed over `path`; a crash leaves the old file or the new one, never a torn one (an
+    error inside `write` removes the temporary file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path
@@ -59,16 +64,20 @@ def atomic_dir(out_dir: str | Path, fill: Callable[[Path], object], replace: boo
     """Write the directory `out_dir` atomically and durably: `fill(tmp)` writes a temporary sibling directory, whose
     files are fsynced, then it is swapped in with renames (an existing `out_dir` moves to `<out_dir>.old`, removed
     after the swap). replace=False: an `out_dir` that exists by then (another process published it first) is kept
-    and ours discarded."""
+    and ours discarded. An error inside `fill` removes the temporary directory."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    fill(tmp)
-    for p in tmp.iterdir():  # durability before the swap
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        fill(tmp)
+        for p in tmp.iterdir():  # durability before the swap
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists() and not replace:
         shutil.rmtree(tmp, ignore_errors=True)
         return out_dir
