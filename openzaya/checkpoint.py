@@ -3,11 +3,12 @@
 Weight names are exactly those of transformers' `ZayaForCausalLM` (spec §9), so a directory written by
 `transformers` loads here and the reverse. Loading is memory-mapped (safetensors) and dtype-aware; the model is
 built on the meta device and the loaded tensors are assigned in place, so peak memory is one copy of the weights.
-Saving is atomic: everything is written to a temporary sibling directory, fsynced, then swapped in with renames,
-so a crash mid-save never destroys the last good checkpoint (if a crash hits between the two renames, the previous
+Saving is atomic: everything is written to a temporary sibling directory, fsynced, then swapped in with renames, so
+a crash mid-save never destroys the last good checkpoint (if a crash hits between the two renames, the previous
 checkpoint is left complete at `<dir>.old`). `atomic_dir` and `atomic_file` are that rule for every directory and
-file the package publishes (trainer checkpoints, RL trainer state, corpus manifests, the tokenizer cache). Where a directory is expected, a Hugging Face Hub repo id works too:
-`resolve_model_dir` fetches (or finds) its files in huggingface_hub's cache.
+file the package publishes (trainer checkpoints, RL trainer state, corpus manifests, the tokenizer cache). Where a
+directory is expected, a Hugging Face Hub repo id works too: `resolve_model_dir` fetches (or finds) its files in
+huggingface_hub's cache.
 
 NOTE: transformers 5.23 re-initialises `balancing_biases` on load (spec §10.1, item 9); we always load the stored
 values.

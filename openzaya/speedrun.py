@@ -25,17 +25,18 @@ Nano-scale simplifications, stage by stage:
   generates while the trainer steps, staleness <= 2; 16 prompts x 8 samples per step), every stage restricted to
   environments the SFT model gets signal on (RL_STAGE_ENVS) at difficulties 0-1 (max_difficulty=1), with the
   presets' algorithms and the learning rate the speedrun preset states per stage (`rl_stage_lr`; nano: 2.5e-4,
-  2.5e-4, 1.25e-4, 5e-5, the RL presets' 1 : 1 : 0.5 : 0.2 at 25x their values): warmup = arithmetic/logic envs with the 75% solve-rate
-  filter; rlve = all signal envs under ZAYA1's two-sided adaptive curriculum (ceiling 1) with least-sampled env
-  sampling; math-code-ttc = the arithmetic envs (no code envs: the nano model cannot write code) with 25%
-  self-aggregation prompts built from the policy's own reasoning tails with the nano template (C and tau of the
-  evaluation); behavioral = GRPO with std normalisation, the lowest LR, no length reward, reward "gated_quality" on the
-  string envs: the gate is the env's own answer checker (the nano SFT data has no instruction-following samples, so
-  the ifeval checkers would give no signal) times rl_loop.quality_score of the extracted answer (~0.55 for a
-  one-word answer, so in effect a scaled accuracy reward).
+  2.5e-4, 1.25e-4, 5e-5, the RL presets' 1 : 1 : 0.5 : 0.2 at 25x their values): warmup = arithmetic/logic envs with
+  the 75% solve-rate filter; rlve = all signal envs under ZAYA1's two-sided adaptive curriculum (ceiling 1) with
+  least-sampled env sampling; math-code-ttc = the arithmetic envs (no code envs: the nano model cannot write code)
+  with 25% self-aggregation prompts built from the policy's own reasoning tails with the nano template (C and tau of
+  the evaluation); behavioral = GRPO with std normalisation, the lowest LR, no length reward, reward "gated_quality"
+  on the string envs: the gate is the env's own answer checker (the nano SFT data has no instruction-following
+  samples, so the ifeval checkers would give no signal) times rl_loop.quality_score of the extracted answer (~0.55
+  for a one-word answer, so in effect a scaled accuracy reward).
 - Evaluation: `single` (one sample per run, `eval_single_samples` runs per problem, avg@k) and `markovian_rsa`
-  (N, C, T, tau, beta of the config: ttc.TTCConfig's defaults unless the preset states them, as nano does, one run: the majority of its final population, and next to it the TR's number,
-  the mean correctness over the final population) through LocalBackend at the same temperature and per-call budget,
+  (N, C, T, tau, beta of the config: ttc.TTCConfig's defaults unless the preset states them, as nano does; one
+  run: the majority of its final population, and next to it the TR's number, the mean correctness over the final
+  population) through LocalBackend at the same temperature and per-call budget,
   on `eval_problems` held-out problems per env and difficulty over EVAL_ENVS
   (the envs where the SFT model is neither at 0 nor at 100%); accuracy with the standard error over problems, and
   the paired standard error of each difference.
@@ -150,9 +151,9 @@ def nano(**kw) -> SpeedrunConfig:
 
 
 def smoke(**kw) -> SpeedrunConfig:
-    """A check of the plumbing in about two minutes (tests): tiny corpus and step counts, every RL stage on
-    reverse_string and long_addition. The 3-step smoke model gets no RL signal, so each stage stops after
-    rl_max_groups_per_step=8 scanned groups and the report says so (the stop-and-report path)."""
+    """nano's settings, scaled down to check the plumbing in about two minutes (tests): tiny corpus and step
+    counts, every RL stage on reverse_string and long_addition. The 3-step smoke model gets no RL signal, so each
+    stage stops after rl_max_groups_per_step=8 scanned groups and the report says so (the stop-and-report path)."""
     envs = ["long_addition", "reverse_string"]
     return nano(**{**dict(name="smoke", envs=envs, difficulties=[0], samples_per_env_level=60,
                           agg_samples_per_env_level=10, vocab_size=300, pretrain_steps=3, sft_steps=3,
@@ -165,10 +166,11 @@ def smoke(**kw) -> SpeedrunConfig:
 
 
 def small(**kw) -> SpeedrunConfig:
-    """For a GPU: the `micro` model (27.0M parameters at this vocabulary: 8 layers, 16 experts; nano's is 1.13M), 7x
-    nano's pretraining + SFT tokens (10.6M vs 1.5M) from a corpus 5x as large; RL off (rl_loop trains on the CPU).
-    Measured on an H200 (`bench/device_speedrun.sh`): 323 s (pretrain 121, SFT 183, evaluation 14). For the question
-    whether Markovian RSA pays off once the model is larger (dev/LOG.md, session 10)."""
+    """nano's settings scaled up for a GPU: the `micro` model (27.0M parameters at this vocabulary: 8 layers, 16
+    experts; nano's is 1.13M), 7x nano's pretraining + SFT tokens (10.6M vs 1.5M) from a corpus 5x as large; RL off
+    (rl_loop trains on the CPU). Measured on an H200 (`bench/device_speedrun.sh`): 323 s (pretrain 121, SFT 183,
+    evaluation 14). For the question whether Markovian RSA pays off once the model is larger (dev/LOG.md, session
+    10)."""
     return nano(**{**dict(name="small", model_preset="micro", samples_per_env_level=4000,
                           agg_samples_per_env_level=500, device_batch_size=64, pretrain_steps=500, sft_steps=800,
                           rl=False), **kw})
