@@ -2,7 +2,8 @@
 
 How a run goes (a flat narrative in `run()`; the pure pieces live in `rl.py`):
 - The trainer process owns the policy, the optimizer, the problem source (`envs/curriculum.ProblemSource`:
-  environments, curriculum, sampler position) and the scoring. It keeps up to `max_inflight_groups` jobs (one prompt, G samples) in the job queue.
+  environments, curriculum, sampler position) and the scoring. It keeps up to `max_inflight_groups` jobs (one
+  prompt, G samples) in the job queue.
 - Rollout workers (`rollout_workers` processes, torch.multiprocessing "spawn") take several jobs at a time and run
   them through one continuous-batching `Engine.generate` call, recording per token the raw behaviour logprob and
   the expert chosen per layer (router replay, R3). Each result carries the policy version that generated it.
