@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from openzaya.envs.code import load_code
 from openzaya.envs.ifeval import load_ifeval
-from openzaya.envs.own import own_envs
+from openzaya.envs.registry import own_envs
 from openzaya.envs.rgym import load_rgym
 from openzaya.envs.rlve import load_rlve
 from openzaya.sandbox import run_python

@@ -17,7 +17,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
-from .tokenizer import Tokenizer, eos_union, split_reasoning
+from .tokenizer import CHARS_PER_TOKEN, Tokenizer, count_text, eos_union, split_reasoning, tail_text
 
 
 @dataclass
@@ -63,9 +63,6 @@ class Completion:
 
 class BackendError(RuntimeError):
     """A server or model that could not answer: the message names the URL (or model) and the last error."""
-
-
-CHARS_PER_TOKEN = 4  # the tail/count approximation for backends without a tokenizer
 
 
 def run_sync(coro):
@@ -118,17 +115,11 @@ class Backend:
         return self.tokenizer.encode(request.prompt)
 
     def count_tokens(self, text: str) -> int | None:
-        return None if self.tokenizer is None else len(self.tokenizer.encode(text, add_special_tokens=False))
+        return None if self.tokenizer is None else count_text(self.tokenizer, text)
 
     def tail_tokens(self, text: str, n: int) -> str:
-        """The last n tokens of text, re-decoded (Markovian RSA tails). NOTE: a cut inside a multi-byte character
-        decodes to U+FFFD at the start of the tail."""
-        if n <= 0:
-            return ""
-        if self.tokenizer is None:
-            return text[-CHARS_PER_TOKEN * n:]
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return text if len(ids) <= n else self.tokenizer.decode(ids[-n:])
+        """The last n tokens of text, as a suffix of it (Markovian RSA tails): `tokenizer.tail_text`."""
+        return tail_text(self.tokenizer, text, n)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -137,12 +128,17 @@ class Backend:
 
 def load_local(model_dir, dtype=None, device: str = "cpu", expert_cache_gb: float | None = None):
     """(model, tokenizer) of a checkpoint directory or Hub repo id, for LocalBackend and `openzaya serve`: resolved
-    once (`checkpoint.resolve_model_dir`), so both come from the same snapshot; the model loaded for inference
-    (`checkpoint.load_for_inference`)."""
-    from .checkpoint import load_for_inference, resolve_model_dir
+    once (`checkpoint.resolve_model_dir`), so both come from the same snapshot. The model is one that is run and
+    never trained: its experts offloaded behind a cache of `expert_cache_gb` GiB (offload.py), or the whole
+    checkpoint loaded with its experts in the decode layout (`ZayaForCausalLM.relayout_experts_for_decode`)."""
+    from .checkpoint import from_pretrained, resolve_model_dir
 
     local_dir = resolve_model_dir(model_dir)
-    model = load_for_inference(local_dir, dtype=dtype, device=device, expert_cache_gb=expert_cache_gb)
+    if expert_cache_gb is not None:
+        from .offload import load_offloaded
+        model = load_offloaded(local_dir, int(expert_cache_gb * 1024**3), dtype=dtype, device=device)
+    else:
+        model = from_pretrained(local_dir, dtype=dtype, device=device).relayout_experts_for_decode()
     return model, Tokenizer.load(local_dir)
 
 

@@ -3,10 +3,12 @@
 Weight names are exactly those of transformers' `ZayaForCausalLM` (spec §9), so a directory written by
 `transformers` loads here and the reverse. Loading is memory-mapped (safetensors) and dtype-aware; the model is
 built on the meta device and the loaded tensors are assigned in place, so peak memory is one copy of the weights.
-Saving is atomic: everything is written to a temporary sibling directory, fsynced, then swapped in with renames,
-so a crash mid-save never destroys the last good checkpoint (if a crash hits between the two renames, the previous
-checkpoint is left complete at `<dir>.old`). Where a directory is expected, a Hugging Face Hub repo id works too:
-`resolve_model_dir` fetches (or finds) its files in huggingface_hub's cache.
+Saving is atomic: everything is written to a temporary sibling directory, fsynced, then swapped in with renames, so
+a crash mid-save never destroys the last good checkpoint (if a crash hits between the two renames, the previous
+checkpoint is left complete at `<dir>.old`). `atomic_dir` and `atomic_file` are that rule for every directory and
+file the package publishes (trainer checkpoints, RL trainer state, corpus manifests, the tokenizer cache). Where a
+directory is expected, a Hugging Face Hub repo id works too: `resolve_model_dir` fetches (or finds) its files in
+huggingface_hub's cache.
 
 NOTE: transformers 5.23 re-initialises `balancing_biases` on load (spec §10.1, item 9); we always load the stored
 values.
@@ -19,6 +21,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 from safetensors import safe_open
@@ -31,9 +34,68 @@ INDEX = "model.safetensors.index.json"
 TIED_KEY = "lm_head.weight"
 
 
+def _fsync_dir(directory: Path):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_file(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write the file `path` atomically and durably: `write(f)` fills a temporary sibling opened "wb", which is
+    flushed, fsynced and renamed over `path`; a crash leaves the old file or the new one, never a torn one (an
+    error inside `write` removes the temporary file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_dir(out_dir: str | Path, fill: Callable[[Path], object], replace: bool = True) -> Path:
+    """Write the directory `out_dir` atomically and durably: `fill(tmp)` writes a temporary sibling directory, whose
+    files are fsynced, then it is swapped in with renames (an existing `out_dir` moves to `<out_dir>.old`, removed
+    after the swap). replace=False: an `out_dir` that exists by then (another process published it first) is kept
+    and ours discarded. An error inside `fill` removes the temporary directory."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        for p in tmp.iterdir():  # durability before the swap
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists() and not replace:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out_dir
+    old = out_dir.with_name(f"{out_dir.name}.old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    _fsync_dir(out_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
 def _state_for_saving(model: ZayaForCausalLM) -> dict[str, torch.Tensor]:
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    sd.pop(TIED_KEY, None) if model.config.tie_word_embeddings else None
+    if model.config.tie_word_embeddings:
+        sd.pop(TIED_KEY, None)
     return sd
 
 
@@ -42,21 +104,26 @@ def save_pretrained(model: ZayaForCausalLM, out_dir: str | Path, max_shard_bytes
     """Write `out_dir` atomically: config.json, safetensors shard(s) (+ index when sharded), extra files.
 
     extra_files maps a file name to its contents (e.g. tokenizer files) so the directory is swapped in whole."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-
     sd = _state_for_saving(model)
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() and k.split(".")[-1] != "balancing_biases" else v)
               for k, v in sd.items()}
-    cfg = model.config
-    config_dict = cfg.to_dict()
+    config_dict = model.config.to_dict()
     config_dict["dtype"] = str(next(v for v in sd.values() if v.is_floating_point()).dtype).replace("torch.", "")
-    (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
 
+    def fill(tmp: Path):
+        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+        _write_shards(sd, tmp, max_shard_bytes)
+        for name, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as f:
+                f.write(content)
+
+    return atomic_dir(out_dir, fill)
+
+
+def _write_shards(sd: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int):
+    """safetensors file(s) of at most max_shard_bytes each, with an index when there are several."""
     shards, cur, cur_bytes = [], {}, 0
     for k, v in sd.items():
         nbytes = v.numel() * v.element_size()
@@ -68,33 +135,18 @@ def save_pretrained(model: ZayaForCausalLM, out_dir: str | Path, max_shard_bytes
     shards.append(cur)
     meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], tmp / WEIGHTS, metadata=meta)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, tmp / name, metadata=meta)
-            weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in sd.values())
-        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    for name, content in (extra_files or {}).items():
-        mode = "wb" if isinstance(content, bytes) else "w"
-        with open(tmp / name, mode) as f:
-            f.write(content)
-
-    for p in tmp.iterdir():  # durability before the swap
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    old = out_dir.with_name(f"{out_dir.name}.old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+        save_file(shards[0], directory / WEIGHTS, metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / name, metadata=meta)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def _weight_files(ckpt_dir: Path) -> dict[str, Path]:
+def weight_files(ckpt_dir: Path) -> dict[str, Path]:
     """name -> file, from the index when sharded, else from the single safetensors file."""
     if (ckpt_dir / INDEX).exists():
         index = json.loads((ckpt_dir / INDEX).read_text())
@@ -106,14 +158,15 @@ def _weight_files(ckpt_dir: Path) -> dict[str, Path]:
         return {k: single for k in f.keys()}
 
 
-def load_state_dict(ckpt_dir: str | Path, dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory (memory-mapped reads), cast to `dtype` if given (floating only;
-    balancing biases stay fp32)."""
+def load_state_dict(ckpt_dir: str | Path, dtype: torch.dtype | None = None, device="cpu",
+                    skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint directory but `skip` (memory-mapped reads), cast to `dtype` if given (floating
+    only; balancing biases stay fp32)."""
     ckpt_dir = Path(ckpt_dir)
-    files = _weight_files(ckpt_dir)
     by_file: dict[Path, list[str]] = {}
-    for k, f in files.items():
-        by_file.setdefault(f, []).append(k)
+    for k, f in weight_files(ckpt_dir).items():
+        if k not in skip:
+            by_file.setdefault(f, []).append(k)
     sd = {}
     for f, keys in by_file.items():
         with safe_open(f, framework="pt", device=str(device)) as fh:
@@ -125,15 +178,18 @@ def load_state_dict(ckpt_dir: str | Path, dtype: torch.dtype | None = None, devi
     return sd
 
 
-def _load_config(ckpt_dir: Path) -> ZayaConfig:
+def load_config(ckpt_dir: Path) -> ZayaConfig:
     if not (ckpt_dir / "config.json").exists():
         raise FileNotFoundError(f"{ckpt_dir}: no config.json (is this a ZAYA checkpoint directory?)")
     return ZayaConfig.load(ckpt_dir)
 
 
-def _checked_state_dict(ckpt_dir: Path, cfg: ZayaConfig, expected: dict, dtype, device) -> dict:
-    """The checkpoint's tensors, checked against `expected` (a state_dict of the target model): same keys, shapes."""
-    sd = load_state_dict(ckpt_dir, dtype=dtype, device=device)
+def load_checked_state_dict(ckpt_dir: Path, cfg: ZayaConfig, expected: dict, dtype, device,
+                            skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The one loader of a checkpoint's tensors (from_pretrained, load_weights_into, offload.load_offloaded): read
+    all but `skip` with load_state_dict's dtype rules, fold a tied lm_head into the embedding, and check the result
+    against `expected` (a state_dict of the target model): same keys, same shapes."""
+    sd = load_state_dict(ckpt_dir, dtype=dtype, device=device, skip=skip)
     if cfg.tie_word_embeddings:
         tied = sd.pop(TIED_KEY, None)
         if tied is not None and "model.embed_tokens.weight" not in sd:
@@ -180,25 +236,14 @@ def from_pretrained(ckpt_dir: str | Path, dtype: torch.dtype | None = None, devi
     """Load a native-layout ZAYA checkpoint (ours or transformers'), from a directory or a Hub repo id
     (`resolve_model_dir`). dtype defaults to the config's."""
     ckpt_dir = resolve_model_dir(ckpt_dir)
-    cfg = _load_config(ckpt_dir)
+    cfg = load_config(ckpt_dir)
     dtype = dtype or cfg.torch_dtype
     with torch.device("meta"):
         model = ZayaForCausalLM(cfg)
-    sd = _checked_state_dict(ckpt_dir, cfg, model.state_dict(), dtype, device)
+    sd = load_checked_state_dict(ckpt_dir, cfg, model.state_dict(), dtype, device)
     model.load_state_dict(sd, assign=True, strict=True)
     cfg.dtype = str(dtype).replace("torch.", "")
     return model.to(device).eval()
-
-
-def load_for_inference(ckpt_dir: str | Path, dtype: torch.dtype | None = None, device="cpu",
-                       expert_cache_gb: float | None = None) -> ZayaForCausalLM:
-    """The model a backend or server runs and never trains: experts offloaded behind a cache of `expert_cache_gb`
-    GiB (offload.py), or the whole checkpoint loaded with its experts in the decode layout
-    (`ZayaForCausalLM.relayout_experts_for_decode`). `ckpt_dir` may be a Hub repo id: both loaders resolve it."""
-    if expert_cache_gb is not None:
-        from .offload import load_offloaded
-        return load_offloaded(ckpt_dir, int(expert_cache_gb * 1024**3), dtype=dtype, device=device)
-    return from_pretrained(ckpt_dir, dtype=dtype, device=device).relayout_experts_for_decode()
 
 
 @torch.no_grad()
@@ -207,10 +252,10 @@ def load_weights_into(model: ZayaForCausalLM, ckpt_dir: str | Path) -> int:
     e.g. a server picking up an RL trainer's new policy. Checks everything before changing anything. Returns the
     number of tensors copied."""
     ckpt_dir = Path(ckpt_dir)
-    cfg = _load_config(ckpt_dir)
+    cfg = load_config(ckpt_dir)
     target = model.state_dict()
     p = next(model.parameters())
-    sd = _checked_state_dict(ckpt_dir, cfg, target, p.dtype, p.device)
+    sd = load_checked_state_dict(ckpt_dir, cfg, target, p.dtype, p.device)
     for k, v in sd.items():
         target[k].copy_(v)
     return len(sd)

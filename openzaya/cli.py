@@ -14,21 +14,38 @@ import sys
 # envs: list, sample and self-check the verifiable environments (logic in openzaya/envs/registry.py)
 
 
+def _envs_list(a):
+    from openzaya.envs.registry import describe_envs
+
+    print(describe_envs(a.source))
+
+
+def _envs_sample(a):
+    from openzaya.envs.registry import describe_sample
+
+    print(describe_sample(a.name, a.difficulty, a.seed))
+
+
+def _envs_check(a):
+    from openzaya.envs.registry import run_check
+
+    return run_check(a.source)
+
+
 def add_envs(sub):
     p = sub.add_parser("envs", help="list, sample and check the verifiable environments")
     envs_sub = p.add_subparsers(dest="envs_command", required=True)
     q = envs_sub.add_parser("list", help="every environment with its tags and difficulty range")
     q.add_argument("--source", default=None, help="only this source (openzaya, reasoning_gym, rlve, ...)")
-    q.set_defaults(func=lambda a: print(__import__("openzaya.envs.registry", fromlist=["x"]).describe_envs(a.source)))
+    q.set_defaults(func=_envs_list)
     q = envs_sub.add_parser("sample", help="print one problem: prompt, reference answer and solution")
     q.add_argument("name")
     q.add_argument("--difficulty", type=int, default=0)
     q.add_argument("--seed", type=int, default=0)
-    q.set_defaults(func=lambda a: print(__import__("openzaya.envs.registry", fromlist=["x"]).describe_sample(
-        a.name, a.difficulty, a.seed)))
+    q.set_defaults(func=_envs_sample)
     q = envs_sub.add_parser("check", help="self-check every environment at min/mid/max difficulty, 2 seeds")
     q.add_argument("--source", default=None, help="only this source")
-    q.set_defaults(func=lambda a: __import__("openzaya.envs.registry", fromlist=["x"]).run_check(a.source))
+    q.set_defaults(func=_envs_check)
 
 
 # -----------------------------------------------------------------------------
@@ -48,15 +65,16 @@ def _add_backend_and_ttc_flags(p):
                    help="local: offload the experts, keep a cache of this many GiB (-1 = all resident; offload.py)")
     p.add_argument("--compile", action="store_true",
                    help="local: torch.compile the decode step (minutes of warm-up; steps attend over all --max-len)")
-    # Test-time compute (rounds follow the ZAYA1 TR: T aggregation rounds after round 0, T+1 generations)
+    # Test-time compute (rounds follow the ZAYA1 TR: T aggregation rounds after round 0, T+1 generations);
+    # a knob left out keeps ttc.TTCConfig's default
     p.add_argument("--method", default="markovian_rsa",
                    help="single | majority | rsa | markovian_rsa | delethink | pacore_hybrid (eval: comma list)")
-    p.add_argument("--population", type=int, default=16, help="N: candidates per round (majority: samples)")
-    p.add_argument("--candidates", type=int, default=4, help="C: tails per aggregation prompt, C <= N")
-    p.add_argument("--rounds", type=int, default=2, help="T: aggregation rounds after round 0")
-    p.add_argument("--tail-tokens", type=int, default=4096, help="tau: tail length in tokens")
-    p.add_argument("--budget-tokens", type=int, default=16384, help="beta: decode tokens per call")
-    p.add_argument("--head-tokens", type=int, default=100, help="delethink: generated tokens kept after the query")
+    p.add_argument("--population", type=int, default=None, help="N: candidates per round (majority: samples)")
+    p.add_argument("--candidates", type=int, default=None, help="C: tails per aggregation prompt, C <= N")
+    p.add_argument("--rounds", type=int, default=None, help="T: aggregation rounds after round 0")
+    p.add_argument("--tail-tokens", type=int, default=None, help="tau: tail length in tokens")
+    p.add_argument("--budget-tokens", type=int, default=None, help="beta: decode tokens per call")
+    p.add_argument("--head-tokens", type=int, default=None, help="delethink: generated tokens kept after the query")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -65,12 +83,14 @@ def _add_backend_and_ttc_flags(p):
 
 
 def _ttc_config(a, method):
+    """The TTCConfig of the flags; the knobs not given keep TTCConfig's defaults (the one place they live)."""
     from openzaya.ttc import TTCConfig
 
-    return TTCConfig(method=method, population=a.population, candidates=a.candidates, rounds=a.rounds,
-                     tail_tokens=a.tail_tokens, budget_tokens=a.budget_tokens, temperature=a.temperature,
-                     top_p=a.top_p, seed=a.seed, max_concurrency=a.max_concurrency, head_tokens=a.head_tokens,
-                     template_file=a.template_file, enable_thinking=not a.no_thinking)
+    knobs = {k: getattr(a, k) for k in ("population", "candidates", "rounds", "tail_tokens", "budget_tokens",
+                                        "head_tokens") if getattr(a, k) is not None}
+    return TTCConfig(method=method, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                     max_concurrency=a.max_concurrency, template_file=a.template_file,
+                     enable_thinking=not a.no_thinking, **knobs)
 
 
 def _backend(a):
@@ -151,6 +171,12 @@ def add_eval(sub):
 # serve: an OpenAI-compatible server with test-time compute (openzaya/serve.py)
 
 
+def _serve(a):
+    from openzaya.serve import main
+
+    return main(a)
+
+
 def add_serve(sub):
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, Markovian RSA via `ttc`)")
     p.add_argument("--model", required=True, help="checkpoint directory (native layout, with its tokenizer) or Hub repo id")
@@ -177,14 +203,17 @@ def add_serve(sub):
     p.add_argument("--max-ttc-population", type=int, default=64)
     p.add_argument("--max-ttc-rounds", type=int, default=8)
     p.add_argument("--shutdown-grace-s", type=float, default=10.0)
-    p.set_defaults(func=lambda a: __import__("openzaya.serve", fromlist=["main"]).main(a))
-
-
-# -----------------------------------------------------------------------------
+    p.set_defaults(func=_serve)
 
 
 # -----------------------------------------------------------------------------
 # rl: the four-stage RL cascade (logic in openzaya/rl_loop.py, pure functions in openzaya/rl.py)
+
+
+def _rl(a):
+    from openzaya.rl_loop import main
+
+    return main(a)
 
 
 def add_rl(sub):
@@ -214,11 +243,17 @@ def add_rl(sub):
                    help="do not POST update_weights_from_disk after each publish (reload the server yourself)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=None)
-    p.set_defaults(func=lambda a: __import__("openzaya.rl_loop", fromlist=["main"]).main(a))
+    p.set_defaults(func=_rl)
 
 
 # -----------------------------------------------------------------------------
 # pretrain / sft: the resumable trainer (logic in openzaya/train.py); speedrun: the nano pipeline (openzaya/speedrun.py)
+
+
+def _train(a, stage: str):
+    from openzaya.train import main
+
+    return main(a, stage)
 
 
 def _train_flags(p, stage: str):
@@ -251,7 +286,7 @@ def _train_flags(p, stage: str):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-to", choices=["", "tensorboard", "wandb"], default=None,
                    help="also log per-step metrics to TensorBoard or W&B (optional packages)")
-    p.set_defaults(func=lambda a: __import__("openzaya.train", fromlist=["main"]).main(a, stage))
+    p.set_defaults(func=lambda a: _train(a, stage))
 
 
 def add_pretrain(sub):
@@ -262,6 +297,12 @@ def add_pretrain(sub):
 def add_sft(sub):
     p = sub.add_parser("sft", help="SFT on packed chat samples, AP-trimmed, loss on assistant tokens (torchrun-able)")
     _train_flags(p, "sft")
+
+
+def _speedrun(a):
+    from openzaya.speedrun import main
+
+    return main(a)
 
 
 def add_speedrun(sub):
@@ -279,7 +320,7 @@ def add_speedrun(sub):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default: CUDA when present) | cpu | cuda; RL stays on the CPU")
-    p.set_defaults(func=lambda a: __import__("openzaya.speedrun", fromlist=["main"]).main(a))
+    p.set_defaults(func=_speedrun)
 
 
 def build_parser() -> argparse.ArgumentParser:

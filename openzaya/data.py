@@ -15,9 +15,10 @@ Follows the ZAYA1-8B technical report (arXiv 2605.05365) §III-A and §VI-B:
   `trim_truncate` is the plain-truncation ablation (cut the sequence at the budget, answer lost).
 - **Packing** (`pack_bfd`): best-fit-decreasing into fixed windows; each window carries segment ids so the model keeps
   documents apart in attention, RoPE, the CCA convolution and the delayed value (`ZayaForCausalLM(segment_ids_BT=)`).
-- **Aggregation SFT** (`aggregation_examples`, §VI-B): C rollouts of a problem, their tau-token tails put into the
+- **Aggregation SFT** (`aggregation_sft_samples`, `aggregation_chat`, §VI-B): C tau-token tails put into the
   test-time-compute aggregation prompt (`openzaya.ttc.build_aggregation_prompt`), target = a correct solver trace.
-  At nano scale the rollouts are solver traces with perturbed answers unless a backend is given.
+  At nano scale the tails are cut from solver reasonings (the problem's own or another's of the same cell); the
+  speedrun's aggregation-SFT phase builds the same chats from a model's own rollouts.
 
 Simplified: no web/code mix, no per-context-stage re-trimming schedule (the trainer trims once at its sequence length).
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -157,9 +157,8 @@ def write_shards(samples: list[dict], out_dir: str | Path, shard_size: int, extr
     manifest = {"samples": len(samples), "shards": shards, "sha256": whole.hexdigest(), "counts": counts,
                 "seed_range": [min(seeds), max(seeds)] if seeds else None,
                 "held_out_seed_start": HELD_OUT_SEED_START, **(extra or {})}
-    tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out_dir / MANIFEST)
+    from .checkpoint import atomic_file
+    atomic_file(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return manifest
 
 
@@ -374,46 +373,32 @@ def build_windows(docs: list[tuple[list[int], list[int]]], seq_len: int, pad_id:
 # Aggregation SFT examples (TR §VI-B)
 
 
-def perturbed_rollout(problem, rng: random.Random) -> str:
-    """A fake rollout for nano-scale aggregation data: the solver trace, with its final answer replaced by a nearby
-    wrong one half the time (numbers shifted, strings reversed)."""
-    reasoning, answer = split_trace(problem.solution)
-    if rng.random() < 0.5:
-        return f"{reasoning}\n{answer}"
-    a = problem.answer
-    try:
-        wrong = str(int(a) + rng.choice([-2, -1, 1, 2]))
-    except ValueError:
-        wrong = a[::-1] if a[::-1] != a else a + "x"
-    return f"{reasoning}\nSo the answer is \\boxed{{{wrong}}}."
-
-
-def aggregation_examples(problems, C: int = 4, tau: int = 64, tokenizer=None, backend=None, seed: int = 0,
-                         params=None) -> list[dict]:
-    """One aggregation SFT sample per problem: C rollouts (from `backend` when given, else perturbed solver traces),
-    their last `tau` tokens, the aggregation prompt of the test-time-compute module, target = the solver trace."""
+def aggregation_chat(problem, tails: list[str], template: str, kind: str) -> dict:
+    """One aggregation SFT chat: the test-time-compute aggregation prompt over `tails` (ttc.build_aggregation_prompt
+    with `template`), target = the problem's solver trace."""
     from .ttc import build_aggregation_prompt
+    reasoning, answer = split_trace(problem.solution)
+    return {"messages": [{"role": "user", "content": build_aggregation_prompt(problem.prompt, tails, template)},
+                         {"role": "assistant", "reasoning": reasoning, "content": answer}],
+            "env": problem.env, "difficulty": problem.difficulty, "seed": problem.seed, "kind": kind}
+
+
+def aggregation_sft_samples(problems, tokenizer, C: int, tau: int, template: str, seed: int = 0) -> list[dict]:
+    """Aggregation chats for the SFT mix (TR §VI-B, nano version): for each problem, C candidate tails (the last tau
+    tokens of a solver reasoning, `tokenizer.tail_text`: its own with probability 1/2, else that of another problem
+    of the same env and difficulty), the aggregation prompt with `template`, target = the problem's solver trace.
+    tokenizer None cuts tails of CHARS_PER_TOKEN * tau characters (the speedrun's chats for training the BPE)."""
+    from .tokenizer import tail_text
     rng = random.Random(seed)
-    rollouts: list[list[str]]
-    if backend is not None:
-        from .backends import Request, SamplingParams
-        params = params or SamplingParams(temperature=1.0, max_tokens=256, n=C, seed=seed)
-        outs = backend.generate([Request(messages=[{"role": "user", "content": p.prompt}], params=params)
-                                 for p in problems])
-        rollouts = [[c.text for c in cs] for cs in outs]
-    else:
-        rollouts = [[perturbed_rollout(p, rng) for _ in range(C)] for p in problems]
+    by_cell: dict[tuple, list] = {}
+    for p in problems:
+        by_cell.setdefault((p.env, p.difficulty), []).append(p)
     out = []
-    for p, rs in zip(problems, rollouts):
-        if backend is not None:
-            tails = [backend.tail_tokens(r, tau) for r in rs]
-        elif tokenizer is not None:
-            tails = [tokenizer.decode(tokenizer.encode(r, add_special_tokens=False)[-tau:]) for r in rs]
-        else:
-            tails = [r[-4 * tau:] for r in rs]
-        prompt = build_aggregation_prompt(p.prompt, tails)
-        reasoning, answer = split_trace(p.solution)
-        out.append({"messages": [{"role": "user", "content": prompt},
-                                 {"role": "assistant", "reasoning": reasoning, "content": answer}],
-                    "env": p.env, "difficulty": p.difficulty, "seed": p.seed, "kind": "aggregation"})
+    for p in problems:
+        others = [q for q in by_cell[(p.env, p.difficulty)] if q.answer != p.answer] or [p]
+        tails = []
+        for _ in range(C):
+            src = p if rng.random() < 0.5 else rng.choice(others)
+            tails.append(tail_text(tokenizer, split_trace(src.solution)[0], tau))
+        out.append(aggregation_chat(p, tails, template, "aggregation"))
     return out

@@ -917,7 +917,7 @@ class ZayaForCausalLM(nn.Module):
         With a few tokens per expert (batched decode) MKL's fp32 kernels run that layout much faster: bench config,
         16 tokens over 16 experts, 31 -> 21 ms per 8-layer step, engine at batch 16 252 -> 311 tok/s (dev/LOG.md,
         session 6); at training-sized batches it is 5-10% slower, so only code that owns an inference-only model
-        calls this (`checkpoint.load_for_inference`, i.e. LocalBackend and `openzaya serve`; RL rollout workers;
+        calls this (`backends.load_local`, i.e. LocalBackend and `openzaya serve`; RL rollout workers;
         bench/engine.py). CPU only: on other devices nothing changes (not measured there). Calling it twice changes
         nothing. Returns self."""
         for mod in self.modules():
@@ -966,22 +966,18 @@ class ZayaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def expert_load_stats(self) -> list[dict]:
-        """Per layer, from the counts accumulated since the last balancing update: max/mean expert load over
-        the E experts, and the fraction of tokens that took the skip class."""
-        stats = []
-        for r in self.routers():
-            c = r.load_counts
-            if c is None or c.sum() == 0:
-                stats.append({"max_mean": float("nan"), "skip": float("nan")})
-                continue
-            experts = c[: r.E]
-            stats.append({"max_mean": float(experts.max() / experts.mean().clamp_min(1e-9)),
-                          "skip": float(c[r.E] / c.sum())})
-        return stats
+        """Per layer, `expert_load` of the counts accumulated since the last balancing update."""
+        return [expert_load(r.load_counts) for r in self.routers()]
 
-    # --- parameter arithmetic --------------------------------------------------------------------
-    def num_params(self) -> dict:
-        return count_params(self.config)
+
+def expert_load(counts_E1: torch.Tensor | None) -> dict:
+    """One layer's load from its token counts per class [E+1] (the E experts, then skip): max/mean expert load over
+    the E experts, and the fraction of tokens that took the skip class; NaN when nothing was counted."""
+    if counts_E1 is None or counts_E1.sum() == 0:
+        return {"max_mean": float("nan"), "skip": float("nan")}
+    experts_E = counts_E1[:-1].float()
+    return {"max_mean": float(experts_E.max() / experts_E.mean().clamp_min(1e-9)),
+            "skip": float(counts_E1[-1] / counts_E1.sum())}
 
 
 def count_params(cfg: ZayaConfig) -> dict:

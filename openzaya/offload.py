@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import TIED_KEY, _weight_files, resolve_model_dir
+from .checkpoint import load_checked_state_dict, load_config, resolve_model_dir, weight_files
 from .model import MoE, Router, ZayaConfig, ZayaForCausalLM, count_params
 
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
@@ -112,7 +112,7 @@ class DiskExperts:
     """Expert weights read from the checkpoint's safetensors files, one expert at a time (`os.preadv`)."""
 
     def __init__(self, ckpt_dir: str | Path, cfg: ZayaConfig):
-        files = _weight_files(Path(ckpt_dir))
+        files = weight_files(Path(ckpt_dir))
         headers, self.fds, self.loc = {}, {}, {}
         for layer in range(cfg.num_hidden_layers):
             for which in EXPERT_WEIGHTS:
@@ -448,9 +448,7 @@ def load_offloaded(ckpt_dir: str | Path, budget_bytes: int | None = None, *, fra
     "host" (all experts in pinned CPU RAM) on a GPU. Statistics are at `model.offload.stats`.
     """
     ckpt_dir, device = resolve_model_dir(ckpt_dir), torch.device(device)
-    if not (ckpt_dir / "config.json").exists():
-        raise FileNotFoundError(f"{ckpt_dir}: no config.json (is this a ZAYA checkpoint directory?)")
-    cfg = ZayaConfig.load(ckpt_dir)
+    cfg = load_config(ckpt_dir)
     dtype = dtype or cfg.torch_dtype
     slots = budget_to_slots(cfg, budget_bytes, fraction, dtype)
     if tier == "auto":
@@ -458,28 +456,7 @@ def load_offloaded(ckpt_dir: str | Path, budget_bytes: int | None = None, *, fra
     if tier not in ("disk", "host"):
         raise ValueError(f"unknown tier {tier!r} (auto, disk or host)")
 
-    # ---- non-expert weights: read tensor by tensor, experts skipped
-    from safetensors import safe_open
-
-    skip = {expert_key(i, w) for i in range(cfg.num_hidden_layers) for w in EXPERT_WEIGHTS}
-    by_file: dict[Path, list[str]] = {}
-    for k, f in _weight_files(ckpt_dir).items():
-        if k not in skip:
-            by_file.setdefault(f, []).append(k)
-    sd = {}
-    for f, keys in by_file.items():
-        with safe_open(f, framework="pt", device="cpu") as fh:
-            for k in keys:
-                t = fh.get_tensor(k)
-                if t.is_floating_point() and not k.endswith("balancing_biases"):
-                    t = t.to(dtype)
-                sd[k] = t.to(device)
-    if cfg.tie_word_embeddings:
-        tied = sd.pop(TIED_KEY, None)
-        if tied is not None and "model.embed_tokens.weight" not in sd:
-            sd["model.embed_tokens.weight"] = tied
-
-    # ---- the model on meta, experts swapped for cached ones, then the weights assigned
+    # ---- the model on meta, experts swapped for cached ones, then the non-expert weights read and assigned
     source = DiskExperts(ckpt_dir, cfg)
     if tier == "host":
         source = HostExperts(source, cfg, dtype, pin=device.type == "cuda")
@@ -493,14 +470,8 @@ def load_offloaded(ckpt_dir: str | Path, budget_bytes: int | None = None, *, fra
         cache = LayerCache(i, slots, cfg, device, dtype, loader, stats, policy)
         layer.mlp = OffloadedMoE(layer.mlp.gate, OffloadedExperts(cache, cfg.num_experts), stats, count_tokens=i == 0)
         caches.append(cache)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"{ckpt_dir}: checkpoint does not match the config; missing {missing[:8]}, "
-                       f"unexpected {unexpected[:8]}")
-    for k, v in sd.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise ValueError(f"{ckpt_dir}: weight {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    skip = {expert_key(i, w) for i in range(cfg.num_hidden_layers) for w in EXPERT_WEIGHTS}
+    sd = load_checked_state_dict(ckpt_dir, cfg, model.state_dict(), dtype, device, skip=skip)
     model.load_state_dict(sd, assign=True, strict=True)
     model.to(device)
     if prefetch:

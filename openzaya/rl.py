@@ -32,13 +32,8 @@ import torch
 # Group sampling
 
 
-def repeat_for_groups(items: list, group_size: int = 16) -> list:
-    """[a, b] -> [a]*G + [b]*G: each prompt sampled G times, group members adjacent."""
-    return [x for x in items for _ in range(group_size)]
-
-
 def split_groups(values: list, group_size: int) -> list[list]:
-    """Inverse of repeat_for_groups on per-sample values: a flat list of n*G -> n lists of G."""
+    """Per-sample values of n groups, members adjacent: a flat list of n*G -> n lists of G."""
     assert len(values) % group_size == 0, f"{len(values)} values do not split into groups of {group_size}"
     return [values[i:i + group_size] for i in range(0, len(values), group_size)]
 

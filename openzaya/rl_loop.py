@@ -1,8 +1,9 @@
 """`openzaya rl`: the ZAYA1 four-stage RL cascade with PipelineRL-style asynchronous rollouts (TR §IV, Fig. 5).
 
 How a run goes (a flat narrative in `run()`; the pure pieces live in `rl.py`):
-- The trainer process owns the policy, the optimizer, the problem source (environments, curriculum, sampler
-  position) and the scoring. It keeps up to `max_inflight_groups` jobs (one prompt, G samples) in the job queue.
+- The trainer process owns the policy, the optimizer, the problem source (`envs/curriculum.ProblemSource`:
+  environments, curriculum, sampler position) and the scoring. It keeps up to `max_inflight_groups` jobs (one
+  prompt, G samples) in the job queue.
 - Rollout workers (`rollout_workers` processes, torch.multiprocessing "spawn") take several jobs at a time and run
   them through one continuous-batching `Engine.generate` call, recording per token the raw behaviour logprob and
   the expert chosen per layer (router replay, R3). Each result carries the policy version that generated it.
@@ -39,9 +40,7 @@ are listed in each preset's docstring.
 from __future__ import annotations
 
 import json
-import os
 import queue as queue_mod
-import random
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
@@ -50,6 +49,8 @@ from pathlib import Path
 import torch
 
 from openzaya import rl
+from openzaya.envs.curriculum import ProblemSource
+from openzaya.ttc import TTCConfig
 
 # -----------------------------------------------------------------------------
 # Config and stage presets
@@ -87,8 +88,8 @@ class RLConfig:
                                        # `difficulty`, else each problem's difficulty is uniform in difficulty..this
     env_sampling: str = "uniform"     # uniform | least_sampled
     ttc_fraction: float = 0.0         # share of jobs that are self-aggregation prompts (math-code-ttc)
-    ttc_candidates: int = 4           # C tails per aggregation prompt
-    ttc_tail_tokens: int = 64         # tau
+    ttc_candidates: int = TTCConfig.candidates    # C tails per aggregation prompt
+    ttc_tail_tokens: int = TTCConfig.tail_tokens  # tau tokens of reasoning per tail
     ttc_template: str | None = None   # aggregation template text (None = ttc.AGGREGATION_TEMPLATE_V1)
     # Rollouts
     max_new_tokens: int = 64
@@ -301,96 +302,16 @@ def rollout_worker(worker_id: int, init: dict, job_q, result_q, weights_q):
             result_q.put(r)
 
 
-# -----------------------------------------------------------------------------
-# Problem source: environment + difficulty + seed for each job, with a checkpointable state
-
-
-@dataclass
-class ProblemSource:
-    cfg: RLConfig
-    envs: dict
-    seed_counter: int = 0
-    rng: random.Random = None
-    curriculum: object = None
-    sampler: object = None
-    recent: deque = field(default_factory=lambda: deque(maxlen=32))   # own rollouts for self-aggregation
-    best_solve: dict = field(default_factory=dict)                   # p* per data source (length reward)
-
-    def __post_init__(self):
-        from openzaya.envs.curriculum import LeastSampledSampler, ZayaCurriculum
-        missing = [n for n in self.cfg.envs if n not in self.envs]
-        assert not missing, f"unknown environments {missing[:5]} ({len(missing)} missing)"
-        assert self.cfg.envs, f"stage {self.cfg.stage}: no environments"
-        self.rng = self.rng or random.Random(self.cfg.seed)
-        top = self.cfg.max_difficulty
-        assert top is None or self.cfg.difficulty <= top, f"difficulty {self.cfg.difficulty} > max_difficulty {top}"
-        if self.cfg.curriculum == "zaya":
-            self.curriculum = ZayaCurriculum(initial=self.cfg.difficulty,
-                                             max_difficulty=ZayaCurriculum.max_difficulty if top is None else top)
-        if self.cfg.env_sampling == "least_sampled":
-            self.sampler = LeastSampledSampler(list(self.cfg.envs))
-
-    def difficulty(self, name: str) -> int:
-        env = self.envs[name]
-        if self.curriculum is not None:
-            d = self.curriculum.difficulty(name)
-        elif self.cfg.max_difficulty is not None:
-            d = self.rng.randint(self.cfg.difficulty, self.cfg.max_difficulty)
-        else:
-            d = self.cfg.difficulty
-        return min(max(d, env.min_difficulty), env.max_difficulty)
-
-    def next_problem(self):
-        """(kind, env name, Problem, prompt text); kind "aggregate" for a self-aggregation prompt."""
-        cfg = self.cfg
-        if cfg.ttc_fraction > 0 and len(self.recent) and self.rng.random() < cfg.ttc_fraction:
-            problem, tails = self.recent[self.rng.randrange(len(self.recent))]
-            from openzaya.ttc import AGGREGATION_TEMPLATE_V1, build_aggregation_prompt
-            picked = self.rng.sample(tails, min(cfg.ttc_candidates, len(tails)))
-            prompt = build_aggregation_prompt(problem.prompt, picked, cfg.ttc_template or AGGREGATION_TEMPLATE_V1)
-            return "aggregate", problem.env, problem, prompt
-        for _ in range(20):
-            name = self.sampler.sample(self.rng) if self.sampler is not None else self.rng.choice(cfg.envs)
-            self.seed_counter += 1
-            try:
-                problem = self.envs[name].generate(self.difficulty(name), self.seed_counter)
-            except Exception as e:        # a failing generator is skipped, as RLVE does
-                print(f"rl: {name} failed to generate (seed {self.seed_counter}): {type(e).__name__}: {e}")
-                continue
-            return "plain", name, problem, problem.prompt
-        raise RuntimeError("20 consecutive problem generations failed")
-
-    def update(self, name: str, problem, kind: str, accuracies: list[float], rewards: list[float], tails: list[str]):
-        if self.curriculum is not None and kind == "plain":
-            self.curriculum.update(name, problem.difficulty, sum(rewards) / len(rewards))
-        if self.cfg.ttc_fraction > 0 and kind == "plain":
-            self.recent.append((problem, tails))
-
-    def state_dict(self) -> dict:
-        return {"seed_counter": self.seed_counter, "rng": self.rng.getstate(), "best_solve": dict(self.best_solve),
-                "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
-                "sampler": self.sampler.state_dict() if self.sampler is not None else None}
-
-    def load_state_dict(self, s: dict):
-        self.seed_counter, self.best_solve = s["seed_counter"], dict(s["best_solve"])
-        self.rng.setstate(s["rng"])
-        if self.curriculum is not None and s["curriculum"] is not None:
-            self.curriculum.load_state_dict(s["curriculum"])
-        if self.sampler is not None and s["sampler"] is not None:
-            self.sampler.load_state_dict(s["sampler"])
-
-
-def expert_load(routes: list[torch.Tensor], num_experts: int) -> float:
-    """Max over layers of (max expert load / mean expert load) over the routed tokens of a batch (-1 ignored)."""
+def routes_expert_load(routes: list[torch.Tensor], num_experts: int) -> float:
+    """Max over layers of max/mean expert load (`model.expert_load`) over the routed experts of a batch's rollouts
+    (-1 = skip, which the ratio ignores); at least 1, NaN without routes."""
+    from openzaya.model import expert_load
     if not routes or routes[0] is None:
         return float("nan")
-    r_LN = torch.cat([r for r in routes], dim=1)
-    worst = 1.0
-    for r_N in r_LN:
-        c = torch.bincount(r_N[r_N >= 0], minlength=num_experts).float()
-        if c.sum() > 0:
-            worst = max(worst, float(c.max() / c.mean()))
-    return worst
+    r_LN = torch.cat(routes, dim=1)
+    loads = [expert_load(torch.bincount(torch.where(r_N < 0, num_experts, r_N), minlength=num_experts + 1))
+             for r_N in r_LN]
+    return max([1.0] + [x["max_mean"] for x in loads if x["max_mean"] > 0])
 
 
 def make_optimizer(model, cfg: RLConfig):
@@ -408,8 +329,8 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
         resume: bool = False) -> dict:
     """One RL stage. Policy from `model`+`tokenizer` or `init_dir` (HF layout with tokenizer). Returns a summary
     {"steps", "metrics": [per-step dicts], "ckpt": dir}. `envs` overrides the registry (tests)."""
-    from openzaya.checkpoint import from_pretrained, resolve_model_dir, save_pretrained
-    from openzaya.tokenizer import Tokenizer, eos_union
+    from openzaya.checkpoint import atomic_file, from_pretrained, resolve_model_dir, save_pretrained
+    from openzaya.tokenizer import Tokenizer, eos_union, split_reasoning, tail_text
 
     # ---- init: policy, tokenizer, environments, optimizer, state
     out = Path(cfg.out)
@@ -448,9 +369,9 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
     def save(d: Path):
         save_pretrained(model, d / "model")
         tokenizer.save(d / "model")
-        torch.save({"step": step, "version": version, "optimizer": opt.state_dict(),
-                    "source": source.state_dict(), "config": asdict(cfg)}, d / "trainer_state.pt.tmp")
-        os.replace(d / "trainer_state.pt.tmp", d / "trainer_state.pt")
+        state = {"step": step, "version": version, "optimizer": opt.state_dict(), "source": source.state_dict(),
+                 "config": asdict(cfg)}
+        atomic_file(d / "trainer_state.pt", lambda f: torch.save(state, f))
 
     def publish():
         """Push the current weights to the rollout side: the workers' queues, or the server's sync directory (and,
@@ -552,9 +473,7 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
             texts.append(text)
         tails = []     # the last tau tokens of each sample's reasoning, as Markovian RSA passes them on
         if cfg.ttc_fraction > 0:
-            from openzaya.tokenizer import split_reasoning
-            tails = [tokenizer.decode(tokenizer.encode(split_reasoning(t)[0], add_special_tokens=False)
-                                      [-cfg.ttc_tail_tokens:]) for t in texts]
+            tails = [tail_text(tokenizer, split_reasoning(t)[0], cfg.ttc_tail_tokens) for t in texts]
         return {**info, **res, "rewards": rewards, "accs": accs, "texts": texts, "tails": tails}
 
     # ---- loop: fill a batch of fresh-enough, informative groups, then one optimizer step
@@ -674,8 +593,8 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
                    "resp_len": n_tok / max(B, 1), "masked": 1 - kept_tok / max(n_tok, 1),
                    "mismatch": mism / max(n_tok, 1), "stale_mean": sum(stale) / max(len(stale), 1),
                    "stale_max": max(stale, default=0), "versions": sorted(set(versions)), "trained_version": version - 1,
-                   "tok_s": n_tok / max(dt, 1e-9), "gen_tokens": gen_tokens, "gen_s": t_gen, "load": expert_load([r for r in routes if r is not None],
-                                                                              model.config.num_experts),
+                   "tok_s": n_tok / max(dt, 1e-9), "gen_tokens": gen_tokens, "gen_s": t_gen,
+                   "load": routes_expert_load([r for r in routes if r is not None], model.config.num_experts),
                    "loss": loss_sum, "gnorm": gnorm, "kept": len(batch), "drop_flat": drop_flat,
                    "drop_stale": drop_stale, "step_s": dt, "elapsed_s": time.perf_counter() - t_start,
                    "difficulty": {n: source.difficulty(n) for n in sorted({g["env"] for g in batch})}}

@@ -24,24 +24,27 @@ Nano-scale simplifications, stage by stage:
 - RL (rl_loop.run, one stage after the other from the previous stage's checkpoint; one rollout worker process
   generates while the trainer steps, staleness <= 2; 16 prompts x 8 samples per step), every stage restricted to
   environments the SFT model gets signal on (RL_STAGE_ENVS) at difficulties 0-1 (max_difficulty=1), with the
-  presets' algorithms and LR ratios (the nano LR `rl_lr` replaces the 1e-5 base, scaled like the presets:
-  warmup/rlve x1, math-code-ttc x0.5, behavioral x0.2): warmup = arithmetic/logic envs with the 75% solve-rate
-  filter; rlve = all signal envs under ZAYA1's two-sided adaptive curriculum (ceiling 1) with least-sampled env
-  sampling; math-code-ttc = the arithmetic envs (no code envs: the nano model cannot write code) with 25%
-  self-aggregation prompts built from the policy's own reasoning tails with the nano template (C and tau of the
-  evaluation); behavioral = GRPO with std normalisation, LR x0.2, no length reward, reward "gated_quality" on the
-  string envs: the gate is the env's own answer checker (the nano SFT data has no instruction-following samples, so
-  the ifeval checkers would give no signal) times rl_loop.quality_score of the extracted answer (~0.55 for a
-  one-word answer, so in effect a scaled accuracy reward).
+  presets' algorithms and the learning rate the speedrun preset states per stage (`rl_stage_lr`; nano: 2.5e-4,
+  2.5e-4, 1.25e-4, 5e-5, the RL presets' 1 : 1 : 0.5 : 0.2 at 25x their values): warmup = arithmetic/logic envs with
+  the 75% solve-rate filter; rlve = all signal envs under ZAYA1's two-sided adaptive curriculum (ceiling 1) with
+  least-sampled env sampling; math-code-ttc = the arithmetic envs (no code envs: the nano model cannot write code)
+  with 25% self-aggregation prompts built from the policy's own reasoning tails with the nano template (C and tau of
+  the evaluation); behavioral = GRPO with std normalisation, the lowest LR, no length reward, reward "gated_quality"
+  on the string envs: the gate is the env's own answer checker (the nano SFT data has no instruction-following
+  samples, so the ifeval checkers would give no signal) times rl_loop.quality_score of the extracted answer (~0.55
+  for a one-word answer, so in effect a scaled accuracy reward).
 - Evaluation: `single` (one sample per run, `eval_single_samples` runs per problem, avg@k) and `markovian_rsa`
-  (N, C, T, tau, beta of the config, one run: the majority of its final population, and next to it the TR's number,
-  the mean correctness over the final population) through LocalBackend at the same temperature and per-call budget,
+  (N, C, T, tau, beta of the config: ttc.TTCConfig's defaults unless the preset states them, as nano does; one
+  run: the majority of its final population, and next to it the TR's number, the mean correctness over the final
+  population) through LocalBackend at the same temperature and per-call budget,
   on `eval_problems` held-out problems per env and difficulty over EVAL_ENVS
   (the envs where the SFT model is neither at 0 nor at 100%); accuracy with the standard error over problems, and
   the paired standard error of each difference.
 Devices: pretraining, SFT and the evaluations run on `device` (auto = CUDA when torch sees one; the trainer then
 uses bf16 autocast, the engine CUDA graphs); the RL stages run on the CPU (rl_loop has no device option). The
 `small` preset (24x nano's parameters, 7x its tokens) is meant for a GPU.
+`run` reads like the pipeline: one function per stage (build_corpus, build_tokenizer_and_sft_mix, pretrain,
+supervised_finetune, aggregation_sft, evaluate_single_vs_rsa, rl_cascade, trim_ablation, plot_curves, write_report).
 `--ablation-trim` adds two extra SFT runs at a tight context budget (answer-preserving trimming vs plain truncation)
 and reports both, whatever they show. `--no-rl` stops after SFT (and its evaluation).
 """
@@ -58,20 +61,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .train import resolve_device   # the trainer's rule for "auto"; pretraining, SFT and evaluation share it
+from .ttc import TTCConfig
 
 NANO_ENVS = ["long_addition", "digit_sum", "reverse_string", "sort_letters", "palindrome_check",
              "boolean_expression", "count_vowels", "integer_power"]
 EVAL_ENVS = ["long_addition", "digit_sum", "reverse_string", "sort_letters", "boolean_expression", "count_vowels"]
 RL_STAGES = ["warmup", "rlve", "math-code-ttc", "behavioral"]
-# stage -> (environments, starting difficulty, LR multiple of rl_lr, extra RLConfig overrides)
+# stage -> (environments, starting difficulty, extra RLConfig overrides); the learning rates are the preset's
+# `rl_stage_lr`
 # Every stage stays within difficulties 0-1 (max_difficulty=1), the levels the nano SFT data covers: above them the
 # model is at 0 (no signal) or, for boolean_expression, at a coin flip that the ZAYA curriculum keeps climbing on.
 RL_STAGE_ENVS = {
-    "warmup": (["digit_sum", "long_addition", "boolean_expression"], 0, 1.0, {"max_difficulty": 1}),
+    "warmup": (["digit_sum", "long_addition", "boolean_expression"], 0, {"max_difficulty": 1}),
     "rlve": (["reverse_string", "sort_letters", "digit_sum", "boolean_expression", "count_vowels", "long_addition"],
-             0, 1.0, {"max_difficulty": 1}),
-    "math-code-ttc": (["digit_sum", "long_addition"], 0, 0.5, {"max_difficulty": 1, "ttc_fraction": 0.25}),
-    "behavioral": (["reverse_string", "sort_letters", "count_vowels"], 0, 0.2, {"max_difficulty": 1}),
+             0, {"max_difficulty": 1}),
+    "math-code-ttc": (["digit_sum", "long_addition"], 0, {"max_difficulty": 1, "ttc_fraction": 0.25}),
+    "behavioral": (["reverse_string", "sort_letters", "count_vowels"], 0, {"max_difficulty": 1}),
 }
 NANO_AGG_TEMPLATE = "{question}\n\n{candidates}Check the candidates and solve it."
 # engine slots for the evaluation and the aggregation-SFT rollouts: a nano decode step costs about the same for 64 or
@@ -110,10 +115,7 @@ class SpeedrunConfig:
     rl_samples_per_prompt: int = 8
     rl_rollout_workers: int = 1            # one worker process generates while the trainer steps (2 cores)
     rl_max_new_tokens: int = 48
-    # replaces the presets' 1e-5 base (ratios kept). Measured at 8 x 8 rollouts per step (dev/LOG.md, session 4),
-    # whole cascade, held-out single / RSA vs SFT: 2.5e-4 +0.006 / +0.028, 1e-4 -0.005 / -0.014; one rlve stage
-    # alone: 2.5e-4 -0.023, 1e-4 +0.007, 1e-3 -0.116. At 16 x 8 (session 5) only 2.5e-4 was run.
-    rl_lr: float = 2.5e-4
+    rl_stage_lr: dict = field(default_factory=dict)   # stage -> learning rate; a stage not listed keeps its preset's
     rl_max_groups_per_step: int = 256      # a stage with no signal in this many groups stops (reported)
     # evaluation: single vs Markovian RSA (N, C, T, tau, beta) at the same temperature and per-call budget
     eval_envs: list[str] = field(default_factory=lambda: list(EVAL_ENVS))
@@ -122,12 +124,12 @@ class SpeedrunConfig:
     # the four avg@4 blocks put single after RL vs SFT at +0.016 / +0.045 / +0.049 / +0.043 (SE ~0.016), avg@16
     # at +0.038 +- 0.012; one avg@4 draw is too noisy for the table. Costs ~5-10 s per evaluation here.
     eval_single_samples: int = 8
-    eval_max_tokens: int = 64              # beta
+    eval_max_tokens: int = TTCConfig.budget_tokens     # beta (also single's budget)
     eval_temperature: float = 0.7
-    ttc_population: int = 4
-    ttc_candidates: int = 2
-    ttc_rounds: int = 1
-    ttc_tail_tokens: int = 12
+    ttc_population: int = TTCConfig.population         # N
+    ttc_candidates: int = TTCConfig.candidates         # C
+    ttc_rounds: int = TTCConfig.rounds                 # T
+    ttc_tail_tokens: int = TTCConfig.tail_tokens       # tau
     ablation_trim: bool = False
     ablation_seq_len: int = 64         # tight budget: most samples (77-101 tokens) must be trimmed
     ablation_steps: int = 120
@@ -136,68 +138,45 @@ class SpeedrunConfig:
 
 
 def nano(**kw) -> SpeedrunConfig:
-    return SpeedrunConfig(**kw)
+    """The CPU speedrun. Markovian RSA at nano scale: N=4, C=2, T=1, tau=12, beta=64 (rollouts of at most 64 tokens).
+    RL learning rates per stage: the RL presets' 1e-5 / 1e-5 / 5e-6 / 2e-6 are far too low for a 1M-parameter
+    model; 25x them was measured at 8 x 8 rollouts per step (dev/LOG.md, session 4), whole cascade, held-out
+    single / RSA vs SFT: 2.5e-4 +0.006 / +0.028, 1e-4 -0.005 / -0.014; one rlve stage alone: 2.5e-4 -0.023,
+    1e-4 +0.007, 1e-3 -0.116. At 16 x 8 (session 5) only 2.5e-4 was run."""
+    return SpeedrunConfig(**{**dict(eval_max_tokens=64, ttc_population=4, ttc_candidates=2, ttc_rounds=1,
+                                    ttc_tail_tokens=12,
+                                    rl_stage_lr={"warmup": 2.5e-4, "rlve": 2.5e-4, "math-code-ttc": 1.25e-4,
+                                                 "behavioral": 5e-5}),
+                             **kw})
 
 
 def smoke(**kw) -> SpeedrunConfig:
-    """A check of the plumbing in about two minutes (tests): tiny corpus and step counts, every RL stage on
-    reverse_string and long_addition. The 3-step smoke model gets no RL signal, so each stage stops after
-    rl_max_groups_per_step=8 scanned groups and the report says so (the stop-and-report path)."""
+    """nano's settings, scaled down to check the plumbing in about two minutes (tests): tiny corpus and step
+    counts, every RL stage on reverse_string and long_addition. The 3-step smoke model gets no RL signal, so each
+    stage stops after rl_max_groups_per_step=8 scanned groups and the report says so (the stop-and-report path)."""
     envs = ["long_addition", "reverse_string"]
-    return SpeedrunConfig(**{**dict(name="smoke", envs=envs, difficulties=[0], samples_per_env_level=60,
-                                    agg_samples_per_env_level=10, vocab_size=300, pretrain_steps=3, sft_steps=3,
-                                    agg_sft_steps=2, agg_sft_problems_per_env_level=4,
-                                    device_batch_size=8, eval_envs=envs, eval_problems=2, eval_max_tokens=16,
-                                    ablation_steps=2, rl_steps=1, rl_prompts_per_step=2, rl_samples_per_prompt=4,
-                                    rl_max_new_tokens=16, ttc_tail_tokens=4, rl_max_groups_per_step=8,
-                                    rl_rollout_workers=0,
-                                    rl_stage_envs={s: (envs, 0, m, o) for s, (_, _, m, o) in RL_STAGE_ENVS.items()}),
-                                 **kw})
+    return nano(**{**dict(name="smoke", envs=envs, difficulties=[0], samples_per_env_level=60,
+                          agg_samples_per_env_level=10, vocab_size=300, pretrain_steps=3, sft_steps=3,
+                          agg_sft_steps=2, agg_sft_problems_per_env_level=4, device_batch_size=8, eval_envs=envs,
+                          eval_problems=2, eval_max_tokens=16, ablation_steps=2, rl_steps=1, rl_prompts_per_step=2,
+                          rl_samples_per_prompt=4, rl_max_new_tokens=16, ttc_tail_tokens=4, rl_max_groups_per_step=8,
+                          rl_rollout_workers=0,
+                          rl_stage_envs={s: (envs, 0, o) for s, (_, _, o) in RL_STAGE_ENVS.items()}),
+                   **kw})
 
 
 def small(**kw) -> SpeedrunConfig:
-    """For a GPU: the `micro` model (27.0M parameters at this vocabulary: 8 layers, 16 experts; nano's is 1.13M), 7x
-    nano's pretraining + SFT tokens (10.6M vs 1.5M) from a corpus 5x as large; RL off (rl_loop trains on the CPU).
-    Measured on an H200 (`bench/device_speedrun.sh`): 323 s (pretrain 121, SFT 183, evaluation 14). For the question
-    whether Markovian RSA pays off once the model is larger (dev/LOG.md, session 10)."""
-    return SpeedrunConfig(**{**dict(name="small", model_preset="micro", samples_per_env_level=4000,
-                                    agg_samples_per_env_level=500, device_batch_size=64, pretrain_steps=500,
-                                    sft_steps=800, rl=False), **kw})
+    """nano's settings scaled up for a GPU: the `micro` model (27.0M parameters at this vocabulary: 8 layers, 16
+    experts; nano's is 1.13M), 7x nano's pretraining + SFT tokens (10.6M vs 1.5M) from a corpus 5x as large; RL off
+    (rl_loop trains on the CPU). Measured on an H200 (`bench/device_speedrun.sh`): 323 s (pretrain 121, SFT 183,
+    evaluation 14). For the question whether Markovian RSA pays off once the model is larger (dev/LOG.md, session
+    10)."""
+    return nano(**{**dict(name="small", model_preset="micro", samples_per_env_level=4000,
+                          agg_samples_per_env_level=500, device_batch_size=64, pretrain_steps=500, sft_steps=800,
+                          rl=False), **kw})
 
 
 PRESETS = {"nano": nano, "smoke": smoke, "small": small}
-
-
-def aggregation_chat(problem, tails: list[str], template: str, kind: str) -> dict:
-    """One aggregation SFT chat: the aggregation prompt over `tails`, target = the problem's solver trace."""
-    from .data import split_trace
-    from .ttc import build_aggregation_prompt
-    reasoning, answer = split_trace(problem.solution)
-    return {"messages": [{"role": "user", "content": build_aggregation_prompt(problem.prompt, tails, template)},
-                         {"role": "assistant", "reasoning": reasoning, "content": answer}],
-            "env": problem.env, "difficulty": problem.difficulty, "seed": problem.seed, "kind": kind}
-
-
-def aggregation_sft_samples(problems, tokenizer_encode, tokenizer_decode, C: int, tau: int, template: str,
-                            seed: int = 0) -> list[dict]:
-    """Aggregation chats for the SFT mix (TR §VI-B, nano version): for each problem, C candidate tails (the last tau
-    tokens of a solver reasoning: its own with probability 1/2, else that of another problem of the same env and
-    difficulty), the aggregation prompt with `template`, target = the problem's solver trace."""
-    from .data import split_trace
-    rng = random.Random(seed)
-    by_cell: dict[tuple, list] = {}
-    for p in problems:
-        by_cell.setdefault((p.env, p.difficulty), []).append(p)
-    out = []
-    for p in problems:
-        others = [q for q in by_cell[(p.env, p.difficulty)] if q.answer != p.answer] or [p]
-        tails = []
-        for _ in range(C):
-            src = p if rng.random() < 0.5 else rng.choice(others)
-            reasoning = split_trace(src.solution)[0]
-            tails.append(tokenizer_decode(tokenizer_encode(reasoning)[-tau:]))
-        out.append(aggregation_chat(p, tails, template, "aggregation"))
-    return out
 
 
 def self_aggregation_samples(model_dir: str | Path, problems, cfg: SpeedrunConfig, seed: int = 0) -> tuple[list[dict], dict]:
@@ -208,6 +187,7 @@ def self_aggregation_samples(model_dir: str | Path, problems, cfg: SpeedrunConfi
     from tqdm import tqdm
 
     from .backends import LocalBackend, Request, SamplingParams
+    from .data import aggregation_chat
     from .envs.registry import get_env
     if cfg.ttc_candidates > cfg.agg_sft_rollouts:
         raise ValueError(f"agg_sft_rollouts={cfg.agg_sft_rollouts} < C={cfg.ttc_candidates}: too few tails per prompt")
@@ -292,7 +272,7 @@ def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, te
 
 
 def evaluate_held_out(model_dir: str | Path, envs: list[str], difficulties: list[int], n: int, max_tokens: int,
-                      seed0: int = 0, device: str = "cpu") -> dict:
+                      device: str = "cpu") -> dict:
     """Greedy single-sample accuracy per env/difficulty on held-out seeds, through LocalBackend (our engine)."""
     from tqdm import tqdm
 
@@ -300,7 +280,7 @@ def evaluate_held_out(model_dir: str | Path, envs: list[str], difficulties: list
     from .data import HELD_OUT_SEED_START
     from .envs.registry import get_env
     backend = LocalBackend(model_dir, max_slots=32, max_len=512, device=device)
-    problems = [get_env(e).generate(d, HELD_OUT_SEED_START + seed0 + i)
+    problems = [get_env(e).generate(d, HELD_OUT_SEED_START + i)
                 for e in envs for d in difficulties for i in range(n)]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     outs = []
@@ -354,162 +334,250 @@ def plot_rl_rewards(stages: dict[str, list[dict]], out_png: Path):
     plt.close(fig)
 
 
-def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
+# -----------------------------------------------------------------------------
+# The pipeline, one function per stage
+
+
+class Laps:
+    """Wall time per stage since the previous lap, printed as each stage ends."""
+
+    def __init__(self):
+        self.t0, self.timings = time.time(), {}
+
+    def __call__(self, name: str):
+        self.timings[name] = time.time() - self.t0 - sum(self.timings.values())
+        print(f"[speedrun] {name}: {self.timings[name]:.0f}s (total {time.time() - self.t0:.0f}s)", flush=True)
+
+
+def start_run(cfg: SpeedrunConfig, root: str | Path) -> tuple[Path, str]:
+    """(run directory, device): the device is checked before anything is written; a rerun starts fresh (TTC traces
+    would be resumed, RL metrics appended)."""
     import torch
-
-    from . import rl_loop
-    from .data import (CorpusConfig, HELD_OUT_SEED_START, chat_segments, generate_corpus, load_corpus,
-                       training_seeds, write_shards)
-    from .envs.registry import get_env
-    from .tokenizer import train_bpe
-    from .train import TrainConfig
-    from .train import run as train
-
-    t0 = time.time()
     device = resolve_device(cfg.device)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r}: torch sees no CUDA device here (use --device cpu or auto)")
     torch.set_num_threads(cfg.threads)
     out = Path(root) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("eval", "rl"):      # a rerun starts fresh: TTC traces would be resumed, RL metrics appended
+    for stale in ("eval", "rl"):
         shutil.rmtree(out / stale, ignore_errors=True)
-    timings = {}
+    return out, device
 
-    def lap(name):
-        timings[name] = time.time() - t0 - sum(timings.values())
-        print(f"[speedrun] {name}: {timings[name]:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
 
-    # ---- 1. corpus from our solvers (held-out seeds excluded), plus aggregation chats for the SFT mix
-    corpus_dir = out / "corpus"
+def training_problems(cfg: SpeedrunConfig, seed: int, n: int) -> list:
+    """n problems per env and difficulty of the config, on training seeds drawn with `seed` (never held out)."""
+    from .data import HELD_OUT_SEED_START, training_seeds
+    from .envs.registry import get_env
+    problems = [get_env(e).generate(d, s) for e in cfg.envs for d in cfg.difficulties
+                for s in training_seeds(seed, e, d, n)]
+    assert all(p.seed < HELD_OUT_SEED_START for p in problems)
+    return problems
+
+
+def build_corpus(cfg: SpeedrunConfig, out: Path) -> tuple[dict, list[dict], list]:
+    """1. The solver-trace corpus (held-out seeds excluded), and the problems of the SFT mix's aggregation chats.
+    Returns (manifest, samples, aggregation problems); writes the nano aggregation template next to them."""
+    from .data import CorpusConfig, generate_corpus, load_corpus
     manifest = generate_corpus(CorpusConfig(envs=cfg.envs, difficulties=cfg.difficulties,
                                             samples_per_env_level=cfg.samples_per_env_level, seed=cfg.seed),
-                               corpus_dir)
-    samples = load_corpus(corpus_dir)
-    agg_problems = [get_env(e).generate(d, s) for e in cfg.envs for d in cfg.difficulties
-                    for s in training_seeds(cfg.seed + 1, e, d, cfg.agg_samples_per_env_level)]
-    assert all(p.seed < HELD_OUT_SEED_START for p in agg_problems)
-    template_file = out / "agg_template.txt"
-    template_file.write_text(NANO_AGG_TEMPLATE)
-    lap("corpus")
+                               out / "corpus")
+    samples = load_corpus(out / "corpus")
+    agg_problems = training_problems(cfg, cfg.seed + 1, cfg.agg_samples_per_env_level)
+    (out / "agg_template.txt").write_text(NANO_AGG_TEMPLATE)
+    return manifest, samples, agg_problems
 
-    # ---- 2. tokenizer (trained on the plain chats and rough aggregation chats: tails cut by characters here)
-    rough = aggregation_sft_samples(agg_problems, lambda s: list(s), lambda ids: "".join(ids),
-                                    cfg.ttc_candidates, 4 * cfg.ttc_tail_tokens, NANO_AGG_TEMPLATE, cfg.seed)
+
+def build_tokenizer_and_sft_mix(cfg: SpeedrunConfig, out: Path, samples: list[dict], agg_problems: list):
+    """2. The BPE, trained on the plain chats and rough aggregation chats (tails cut by characters: there is no
+    tokenizer yet), then the SFT mix: the chats plus aggregation chats with tails cut by the new tokenizer.
+    Returns (tokenizer directory, SFT mix, number of aggregation chats)."""
+    from .data import aggregation_sft_samples, chat_segments, write_shards
+    from .tokenizer import train_bpe
+    C, tau = cfg.ttc_candidates, cfg.ttc_tail_tokens
+    rough = aggregation_sft_samples(agg_problems, None, C, tau, NANO_AGG_TEMPLATE, cfg.seed)
     tok = train_bpe(["".join(s.text for s in chat_segments(x["messages"])) for x in samples + rough], cfg.vocab_size)
     tok_dir = tok.save(out / "tokenizer")
-    agg = aggregation_sft_samples(agg_problems, lambda s: tok.encode(s, add_special_tokens=False), tok.decode,
-                                  cfg.ttc_candidates, cfg.ttc_tail_tokens, NANO_AGG_TEMPLATE, cfg.seed)
+    agg = aggregation_sft_samples(agg_problems, tok, C, tau, NANO_AGG_TEMPLATE, cfg.seed)
     sft_mix = samples + agg
     random.Random(cfg.seed).shuffle(sft_mix)
     write_shards(sft_mix, out / "sft_corpus", 5000, extra={"aggregation_samples": len(agg)})
-    lap("tokenizer")
+    return tok_dir, sft_mix, len(agg)
 
-    # ---- 3. pretrain (solver traces as plain text), 4. SFT (chats + aggregation chats)
-    common = dict(tokenizer=str(tok_dir), seq_len=cfg.seq_len,
-                  tokens_per_step=cfg.device_batch_size * cfg.seq_len, device_batch_size=cfg.device_batch_size,
-                  save_every=-1, threads=cfg.threads, seed=cfg.seed, lr=cfg.lr, model_preset=cfg.model_preset,
-                  device=device)
-    pre = train(TrainConfig(stage="pretrain", data=str(corpus_dir), out=str(out / "pretrain"),
-                            steps=cfg.pretrain_steps, warmup_steps=min(20, cfg.pretrain_steps), schedule="wsd",
-                            **common))
-    lap("pretrain")
+
+def pretrain(cfg: SpeedrunConfig, out: Path, tok_dir: Path, device: str) -> dict:
+    """3. Pretraining on the solver traces as plain text (WSD schedule)."""
+    from .train import TrainConfig
+    from .train import run as train
+    return train(TrainConfig(stage="pretrain", data=str(out / "corpus"), out=str(out / "pretrain"),
+                             steps=cfg.pretrain_steps, warmup_steps=min(20, cfg.pretrain_steps), schedule="wsd",
+                             **train_settings(cfg, tok_dir, device)))
+
+
+def train_settings(cfg: SpeedrunConfig, tok_dir: Path, device: str) -> dict:
+    """The TrainConfig fields pretraining and every SFT run share."""
+    return dict(tokenizer=str(tok_dir), seq_len=cfg.seq_len, tokens_per_step=cfg.device_batch_size * cfg.seq_len,
+                device_batch_size=cfg.device_batch_size, save_every=-1, threads=cfg.threads, seed=cfg.seed,
+                lr=cfg.lr, model_preset=cfg.model_preset, device=device)
+
+
+def supervised_finetune(cfg: SpeedrunConfig, out: Path, tok_dir: Path, device: str, pretrained: dict):
+    """4. SFT on the chats + aggregation chats (AP trimming, cosine schedule). Returns (result, its TrainConfig)."""
+    from .train import TrainConfig
+    from .train import run as train
     sft_cfg = TrainConfig(stage="sft", data=str(out / "sft_corpus"), out=str(out / "sft"), steps=cfg.sft_steps,
-                          init_from=pre["model_dir"], warmup_steps=min(10, cfg.sft_steps), schedule="cosine",
-                          trim="ap", **common)
-    sft = train(sft_cfg)
-    sft_final_loss = sft["final_loss"]
-    lap("sft")
+                          init_from=pretrained["model_dir"], warmup_steps=min(10, cfg.sft_steps), schedule="cosine",
+                          trim="ap", **train_settings(cfg, tok_dir, device))
+    return train(sft_cfg), sft_cfg
 
-    # ---- 4b. aggregation SFT on the SFT model's own rollouts (TR §VI-B), mixed 1:1 with the SFT mix
-    agg_sft_stats = None
-    if cfg.agg_sft_steps > 0:
-        problems = [get_env(e).generate(d, s) for e in cfg.envs for d in cfg.difficulties
-                    for s in training_seeds(cfg.seed + 2, e, d, cfg.agg_sft_problems_per_env_level)]
-        assert all(p.seed < HELD_OUT_SEED_START for p in problems)
-        self_agg, agg_sft_stats = self_aggregation_samples(sft["model_dir"], problems, cfg, cfg.seed)
-        mix = self_agg + random.Random(cfg.seed).sample(sft_mix, min(len(self_agg), len(sft_mix)))
-        random.Random(cfg.seed).shuffle(mix)
-        write_shards(mix, out / "agg_sft_corpus", 5000, extra={"self_aggregation_samples": len(self_agg)})
-        agg_sft = train(replace(sft_cfg, data=str(out / "agg_sft_corpus"), out=str(out / "agg_sft"),
-                                init_from=sft["model_dir"], steps=cfg.agg_sft_steps, lr=cfg.agg_sft_lr,
-                                warmup_steps=min(5, cfg.agg_sft_steps)))
-        agg_sft_stats["final_loss"] = agg_sft["final_loss"]
-        sft = agg_sft
-        lap("aggregation sft")
 
-    # ---- 5. held-out evaluation after SFT: single vs Markovian RSA
-    items = held_out_items(cfg.eval_envs, cfg.difficulties, cfg.eval_problems)
-    evals = {"sft": evaluate_single_vs_rsa(sft["model_dir"], items, cfg, str(template_file), out / "eval" / "sft")}
-    lap("eval sft")
+def aggregation_sft(cfg: SpeedrunConfig, out: Path, sft_cfg, sft: dict, sft_mix: list[dict]) -> tuple[dict, dict]:
+    """4b. Aggregation SFT on the SFT model's own rollouts (TR §VI-B), mixed 1:1 with the SFT mix. Returns the
+    trained run and the rollouts' statistics."""
+    from .data import write_shards
+    from .train import run as train
+    problems = training_problems(cfg, cfg.seed + 2, cfg.agg_sft_problems_per_env_level)
+    self_agg, stats = self_aggregation_samples(sft["model_dir"], problems, cfg, cfg.seed)
+    mix = self_agg + random.Random(cfg.seed).sample(sft_mix, min(len(self_agg), len(sft_mix)))
+    random.Random(cfg.seed).shuffle(mix)
+    write_shards(mix, out / "agg_sft_corpus", 5000, extra={"self_aggregation_samples": len(self_agg)})
+    agg_sft = train(replace(sft_cfg, data=str(out / "agg_sft_corpus"), out=str(out / "agg_sft"),
+                            init_from=sft["model_dir"], steps=cfg.agg_sft_steps, lr=cfg.agg_sft_lr,
+                            warmup_steps=min(5, cfg.agg_sft_steps)))
+    stats["final_loss"] = agg_sft["final_loss"]
+    return agg_sft, stats
 
-    # ---- 6. the RL cascade, each stage from the previous one's checkpoint, evaluated after each
-    rl_curves, rl_notes, cur = {}, {}, sft["model_dir"]
+
+def rl_stage_config(cfg: SpeedrunConfig, out: Path, stage: str):
+    """The rl_loop preset of `stage` with the speedrun's environments, batch, budget, TTC knobs and learning rate."""
+    from . import rl_loop
+    envs, difficulty, extra = cfg.rl_stage_envs[stage]
+    lr = {"lr": cfg.rl_stage_lr[stage]} if stage in cfg.rl_stage_lr else {}
+    return rl_loop.STAGES[stage](out=str(out / "rl" / stage), envs=list(envs), difficulty=difficulty,
+                                 steps=cfg.rl_steps, prompts_per_step=cfg.rl_prompts_per_step,
+                                 samples_per_prompt=cfg.rl_samples_per_prompt, max_new_tokens=cfg.rl_max_new_tokens,
+                                 save_every=cfg.rl_steps, seed=cfg.seed,
+                                 engine_slots=cfg.rl_prompts_per_step * cfg.rl_samples_per_prompt * 2,
+                                 max_groups_per_step=cfg.rl_max_groups_per_step,
+                                 rollout_workers=cfg.rl_rollout_workers, ttc_candidates=cfg.ttc_candidates,
+                                 ttc_tail_tokens=cfg.ttc_tail_tokens, ttc_template=NANO_AGG_TEMPLATE, **lr, **extra)
+
+
+def rl_cascade(cfg: SpeedrunConfig, out: Path, init_dir: str, items, laps: Laps) -> tuple[dict, dict, dict]:
+    """6. The RL stages, each from the previous one's checkpoint and evaluated after it. A stage without learning
+    signal stops (reported) and the next starts from the previous policy. Returns (evals, reward curves, notes)."""
+    from . import rl_loop
+    evals, curves, notes, cur = {}, {}, {}, init_dir
     for stage in (cfg.rl_stages if cfg.rl else []):
-        envs, difficulty, lr_mult, extra = cfg.rl_stage_envs[stage]
-        preset = rl_loop.STAGES[stage]()
-        rc = rl_loop.STAGES[stage](out=str(out / "rl" / stage), envs=list(envs), difficulty=difficulty,
-                                   steps=cfg.rl_steps, lr=cfg.rl_lr * preset.lr / 1e-5,
-                                   prompts_per_step=cfg.rl_prompts_per_step,
-                                   samples_per_prompt=cfg.rl_samples_per_prompt,
-                                   max_new_tokens=cfg.rl_max_new_tokens, save_every=cfg.rl_steps, seed=cfg.seed,
-                                   engine_slots=cfg.rl_prompts_per_step * cfg.rl_samples_per_prompt * 2,
-                                   max_groups_per_step=cfg.rl_max_groups_per_step,
-                                   rollout_workers=cfg.rl_rollout_workers,
-                                   ttc_candidates=cfg.ttc_candidates, ttc_tail_tokens=cfg.ttc_tail_tokens,
-                                   ttc_template=NANO_AGG_TEMPLATE, **extra)
+        rc = rl_stage_config(cfg, out, stage)
         try:
             res = rl_loop.run(rc, init_dir=cur)
         except rl_loop.NoLearningSignal as e:     # within the scan budget: report it, keep the previous policy
-            rl_notes[stage] = f"stopped: {e}"
+            notes[stage] = f"stopped: {e}"
             print(f"[speedrun] RL {stage} stopped: {e}", flush=True)
-            lap(f"rl {stage}")
+            laps(f"rl {stage}")
             continue
         del res["model"]
         cur = res["ckpt"]
-        rl_curves[stage] = res["metrics"]
+        curves[stage] = res["metrics"]
         top = "" if rc.max_difficulty is None else f"-{rc.max_difficulty}"
-        rl_notes[stage] = (f"{res['steps']} steps, envs {', '.join(envs)}, difficulty {difficulty}{top} "
-                           f"({rc.curriculum} curriculum), lr {rc.lr:.1e}, reward {rc.reward}, advantage "
-                           f"{rc.advantage}, length c {rc.length_reward_c}, max solve rate {rc.max_solve_rate}, "
-                           f"ttc fraction {rc.ttc_fraction}")
-        lap(f"rl {stage}")
-        evals[stage] = evaluate_single_vs_rsa(cur, items, cfg, str(template_file), out / "eval" / stage)
-        lap(f"eval {stage}")
+        notes[stage] = (f"{res['steps']} steps, envs {', '.join(rc.envs)}, difficulty {rc.difficulty}{top} "
+                        f"({rc.curriculum} curriculum), lr {rc.lr:.1e}, reward {rc.reward}, advantage "
+                        f"{rc.advantage}, length c {rc.length_reward_c}, max solve rate {rc.max_solve_rate}, "
+                        f"ttc fraction {rc.ttc_fraction}")
+        laps(f"rl {stage}")
+        evals[stage] = evaluate_single_vs_rsa(cur, items, cfg, str(out / "agg_template.txt"), out / "eval" / stage)
+        laps(f"eval {stage}")
+    return evals, curves, notes
 
-    # ---- optional: AP trimming vs plain truncation at a tight budget
+
+def trim_ablation(cfg: SpeedrunConfig, out: Path, sft_cfg, device: str) -> dict:
+    """Optional: SFT at a tight budget with AP trimming vs plain truncation, greedy held-out accuracy of each."""
+    from .train import run as train
     ablation = {}
-    if cfg.ablation_trim:
-        for trim in ("ap", "truncate"):
-            a = train(replace(sft_cfg, out=str(out / f"ablation_{trim}"), trim=trim, seq_len=cfg.ablation_seq_len,
-                              tokens_per_step=cfg.device_batch_size * cfg.ablation_seq_len, steps=cfg.ablation_steps))
-            e = evaluate_held_out(a["model_dir"], cfg.envs, cfg.difficulties, cfg.eval_problems, cfg.eval_max_tokens,
-                                  device=device)
-            ablation[trim] = {"final_loss": a["final_loss"], "accuracy": e["accuracy"],
-                              "mean_accuracy": sum(e["accuracy"].values()) / len(e["accuracy"])}
-        lap("ablation")
+    for trim in ("ap", "truncate"):
+        a = train(replace(sft_cfg, out=str(out / f"ablation_{trim}"), trim=trim, seq_len=cfg.ablation_seq_len,
+                          tokens_per_step=cfg.device_batch_size * cfg.ablation_seq_len, steps=cfg.ablation_steps))
+        e = evaluate_held_out(a["model_dir"], cfg.envs, cfg.difficulties, cfg.eval_problems, cfg.eval_max_tokens,
+                              device=device)
+        ablation[trim] = {"final_loss": a["final_loss"], "accuracy": e["accuracy"],
+                          "mean_accuracy": sum(e["accuracy"].values()) / len(e["accuracy"])}
+    return ablation
 
-    # ---- 7. report
+
+def plot_curves(out: Path, agg_sft: bool, ablation: dict, rl_curves: dict):
+    """7a. The loss curves of every training run and the RL reward per stage, from their logged metrics."""
     curves = {"pretrain": out / "pretrain" / "metrics.jsonl", "sft": out / "sft" / "metrics.jsonl"}
-    if agg_sft_stats:
+    if agg_sft:
         curves["aggregation sft"] = out / "agg_sft" / "metrics.jsonl"
     curves.update({f"ablation {k}": out / f"ablation_{k}" / "metrics.jsonl" for k in ablation})
     plot_losses(curves, out / "loss.png")
     if rl_curves:
         plot_rl_rewards(rl_curves, out / "rl_reward.png")
-    wall = time.time() - t0
-    result = {"wall_s": wall, "timings_s": timings, "evals": evals, "rl_notes": rl_notes, "device": device,
-              "model_params": pre["params"],
-              "pretrain_final_loss": pre["final_loss"], "sft_final_loss": sft_final_loss,
-              "agg_sft": agg_sft_stats,
-              "corpus_samples": manifest["samples"], "aggregation_samples": len(agg), "ablation": ablation,
-              "config": cfg.__dict__}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+
+
+def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
+    """The whole pipeline: corpus -> tokenizer -> pretrain -> SFT (-> aggregation SFT) -> evaluation -> RL stages,
+    each evaluated -> (trim ablation) -> report."""
+    laps = Laps()
+    out, device = start_run(cfg, root)
+    manifest, samples, agg_problems = build_corpus(cfg, out)
+    laps("corpus")
+    tok_dir, sft_mix, n_agg = build_tokenizer_and_sft_mix(cfg, out, samples, agg_problems)
+    laps("tokenizer")
+    pre = pretrain(cfg, out, tok_dir, device)
+    laps("pretrain")
+    sft, sft_cfg = supervised_finetune(cfg, out, tok_dir, device, pre)
+    sft_final_loss = sft["final_loss"]
+    laps("sft")
+    agg_sft_stats = None
+    if cfg.agg_sft_steps > 0:
+        sft, agg_sft_stats = aggregation_sft(cfg, out, sft_cfg, sft, sft_mix)
+        laps("aggregation sft")
+    items = held_out_items(cfg.eval_envs, cfg.difficulties, cfg.eval_problems)
+    evals = {"sft": evaluate_single_vs_rsa(sft["model_dir"], items, cfg, str(out / "agg_template.txt"),
+                                          out / "eval" / "sft")}
+    laps("eval sft")
+    rl_evals, rl_curves, rl_notes = rl_cascade(cfg, out, sft["model_dir"], items, laps)
+    evals.update(rl_evals)
+    ablation = {}
+    if cfg.ablation_trim:
+        ablation = trim_ablation(cfg, out, sft_cfg, device)
+        laps("ablation")
+    plot_curves(out, bool(agg_sft_stats), ablation, rl_curves)
+    wall = time.time() - laps.t0
+    result = {"wall_s": wall, "timings_s": laps.timings, "evals": evals, "rl_notes": rl_notes, "device": device,
+              "model_params": pre["params"], "pretrain_final_loss": pre["final_loss"],
+              "sft_final_loss": sft_final_loss, "agg_sft": agg_sft_stats, "corpus_samples": manifest["samples"],
+              "aggregation_samples": n_agg, "ablation": ablation, "config": cfg.__dict__}
+    (out / "results.json").write_text(json.dumps(result, indent=1))   # 7b. results and the report
     write_report(out / "report.md", result, items)
     print(f"[speedrun] done in {wall:.0f}s; held-out accuracy single / markovian_rsa: "
           + "; ".join(f"{k} {v['single']['accuracy']:.3f} / {v['markovian_rsa']['accuracy']:.3f}"
                       for k, v in evals.items()) + f"; report at {out / 'report.md'}", flush=True)
     return result
+
+
+def aggregation_table(aggs: dict) -> list[str]:
+    """Report lines on Markovian RSA's aggregation calls per stage (`evaluate.aggregation_diagnostics`); none when
+    no stage has them."""
+    if not any(aggs.values()):
+        return []
+    lines = ["", "Markovian RSA's aggregation calls (does the aggregator verify or only copy? "
+             "`evaluate.aggregation_diagnostics`): accuracy next to what copying a random shown candidate would "
+             "score, and accuracy by the number of correct candidates shown.", "",
+             "| after | calls | accuracy | random copy | 0 correct shown | 1 | 2+ | keeps agreeing answer |",
+             "|---|---|---|---|---|---|---|---|"]
+    for stage, a in aggs.items():
+        if not a:
+            continue
+        groups = [[], [], []]                          # 0, 1, 2+ correct candidates shown: (calls, accuracy)
+        for k, v in a["by_correct_shown"].items():
+            groups[min(int(k), 2)].append((v["calls"], v["accuracy"]))
+        cells = [f"{sum(n * acc for n, acc in g) / sum(n for n, _ in g):.2f}" if g else "-" for g in groups]
+        keep = "-" if a["keeps_agreeing_answer"] is None else f"{a['keeps_agreeing_answer']:.2f}"
+        lines.append(f"| {stage} | {a['calls']} | {a['accuracy']:.3f} | {a['random_copy']:.3f} | "
+                     + " | ".join(cells) + f" | {keep} |")
+    return lines
 
 
 def write_report(path: Path, r: dict, items):
@@ -569,23 +637,7 @@ def write_report(path: Path, r: dict, items):
         lines.append(f"| {cell} | " + " | ".join(f"{e['single']['cells'][cell]:.2f} / "
                                                  f"{e['markovian_rsa']['cells'][cell]:.2f}" for e in ev.values())
                      + " |")
-    aggs = {stage: e["markovian_rsa"].get("aggregation") for stage, e in ev.items()}
-    if any(aggs.values()):
-        lines += ["", "Markovian RSA's aggregation calls (does the aggregator verify or only copy? "
-                  "`evaluate.aggregation_diagnostics`): accuracy next to what copying a random shown candidate would "
-                  "score, and accuracy by the number of correct candidates shown.", "",
-                  "| after | calls | accuracy | random copy | 0 correct shown | 1 | 2+ | keeps agreeing answer |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for stage, a in aggs.items():
-            if not a:
-                continue
-            groups = [[], [], []]                          # 0, 1, 2+ correct candidates shown: (calls, accuracy)
-            for k, v in a["by_correct_shown"].items():
-                groups[min(int(k), 2)].append((v["calls"], v["accuracy"]))
-            cells = [f"{sum(n * acc for n, acc in g) / sum(n for n, _ in g):.2f}" if g else "-" for g in groups]
-            keep = "-" if a["keeps_agreeing_answer"] is None else f"{a['keeps_agreeing_answer']:.2f}"
-            lines.append(f"| {stage} | {a['calls']} | {a['accuracy']:.3f} | {a['random_copy']:.3f} | "
-                         + " | ".join(cells) + f" | {keep} |")
+    lines += aggregation_table({stage: e["markovian_rsa"].get("aggregation") for stage, e in ev.items()})
     lines += ["", "Traces and per-method reports: `eval/<stage>/`.", ""]
     if r["ablation"]:
         lines += [f"## Ablation: answer-preserving trimming vs plain truncation (SFT at {c['ablation_seq_len']} "

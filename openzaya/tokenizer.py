@@ -7,6 +7,9 @@
 - `apply_chat_template(messages, ...)` renders the directory's jinja template in a sandboxed jinja2 environment, or
   our nano template (below) when the vocabulary has our special tokens and no template ships.
 - `split_reasoning(text)` splits a completion into (reasoning, answer) at </think>.
+- `tail_text(tokenizer, text, n)` / `head_text` cut the last / first n tokens of a text (Markovian RSA tails, the RL
+  and SFT aggregation prompts, Delethink's head); `count_text` counts tokens. Without a tokenizer (an OpenAI server
+  given no `tokenizer=`) all three use CHARS_PER_TOKEN characters per token.
 
 Nano chat format (NANO_CHAT_TEMPLATE), one turn per line, `<|bos|>` once:
 
@@ -30,8 +33,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
-import shutil
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer as _HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -76,6 +79,50 @@ def split_reasoning(text: str, thinking: bool = True) -> tuple[str, str]:
     if open_ >= 0:  # drop the opening tag (and any preamble before it, e.g. whitespace)
         reasoning = reasoning[open_ + len(THINK_OPEN):]
     return reasoning.strip(), answer.strip()
+
+
+CHARS_PER_TOKEN = 4  # the token-count approximation where there is no tokenizer (count, tails, heads)
+
+
+def count_text(tokenizer: "Tokenizer | None", text: str) -> int:
+    """Tokens of `text` (no special tokens added); without a tokenizer ceil(len(text) / CHARS_PER_TOKEN)."""
+    if tokenizer is None:
+        return math.ceil(len(text) / CHARS_PER_TOKEN)
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def tail_text(tokenizer: "Tokenizer | None", text: str, n_tokens: int) -> str:
+    """The last `n_tokens` tokens of `text`, as text: always a suffix of `text` that re-encodes to at most n_tokens
+    tokens. NOTE: a cut inside a multi-byte character decodes to U+FFFD, which is not a suffix of the text (and
+    re-encodes to more tokens): such leading characters are dropped; then, should the re-encoded tail still exceed
+    n_tokens (BPE merges the cut text differently), characters are dropped from its front until it fits. Without a
+    tokenizer: the last CHARS_PER_TOKEN * n_tokens characters."""
+    if n_tokens <= 0:
+        return ""
+    if tokenizer is None:
+        return text[-CHARS_PER_TOKEN * n_tokens:]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) <= n_tokens:
+        return text
+    tail = tokenizer.decode(ids[-n_tokens:])
+    while tail and not text.endswith(tail):
+        tail = tail[1:]
+    while tail and count_text(tokenizer, tail) > n_tokens:
+        tail = tail[1:]
+    return tail
+
+
+def head_text(tokenizer: "Tokenizer | None", text: str, n_tokens: int) -> str:
+    """The first `n_tokens` tokens of `text`, as a prefix of it (tail_text's rules, mirrored: characters are dropped
+    from the end of a cut inside a multi-byte character or of a head that re-encodes longer)."""
+    if n_tokens <= 0:
+        return ""
+    if tokenizer is None:
+        return text[:CHARS_PER_TOKEN * n_tokens]
+    head = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:n_tokens])
+    while head and (not text.startswith(head) or count_text(tokenizer, head) > n_tokens):
+        head = head[:-1]
+    return head
 
 
 @functools.lru_cache(maxsize=16)
@@ -169,13 +216,10 @@ class Tokenizer:
             return cls.load(cache)
         from transformers import AutoTokenizer
 
+        from .checkpoint import atomic_dir
+
         tok = cls._from_transformers(AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file))
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        tok.save(tmp)
-        try:  # atomic publish; if another process won the race, keep its copy
-            os.rename(tmp, cache)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        atomic_dir(cache, tok.save, replace=False)   # if another process won the race, keep its copy
         return tok
 
     def save(self, directory: str | os.PathLike) -> Path:

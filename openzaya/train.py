@@ -13,10 +13,11 @@ best-fit-decreasing into `seq_len`-token windows whose documents are kept apart 
   leave unused parameters, which DDP handles only with find_unused_parameters; the arithmetic is the same.
   Each step's loss is (sum of token losses) / (global target tokens of the step), so any world size and accumulation
   split gives the single-process gradient.
-- Checkpoints (model, optimizer, router-balancing state, step = data position, RNG, curriculum placeholder) are
-  written atomically every `save_every` steps and at the end; `resume=True` continues bit-for-bit on CPU.
-- One dense log line per step and metrics.jsonl; the final model is saved in the HF layout with its tokenizer.
-Simplified: no FSDP, no context parallelism, no TensorBoard/W&B hook, the data of a run is tokenized up front.
+- Checkpoints (model, optimizer, router-balancing state, step = data position, RNG) are written atomically every
+  `save_every` steps and at the end; `resume=True` continues bit-for-bit on CPU.
+- One dense log line per step and metrics.jsonl (optionally also TensorBoard or W&B, `log_to`); the final model is
+  saved in the HF layout with its tokenizer.
+Simplified: no FSDP, no context parallelism, the data of a run is tokenized up front.
 """
 
 from __future__ import annotations
@@ -225,17 +226,13 @@ def _set_rng_state(s: dict):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(path: Path, model, opt, step: int, cfg: TrainConfig, curriculum=None):
-    """Atomic: write a temporary file, fsync, rename over the old checkpoint."""
+def save_checkpoint(path: Path, model, opt, step: int, cfg: TrainConfig):
+    """Atomic and durable (`checkpoint.atomic_file`): a crash leaves the previous checkpoint."""
+    from .checkpoint import atomic_file
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
              "bias_optim": [r.bias_optim_state for r in model.routers()], "rng": _rng_state(),
-             "config": asdict(cfg), "model_config": model.config.to_dict(), "curriculum": curriculum}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+             "config": asdict(cfg), "model_config": model.config.to_dict()}
+    atomic_file(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path, model, opt) -> dict:
@@ -283,6 +280,93 @@ def build_model(cfg: TrainConfig, mc, device):
     return ZayaForCausalLM(mc).to(device)
 
 
+def init_process(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(world size, rank, device): joins the process group under torchrun (nccl on CUDA, else gloo), sets threads."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(resolve_device(cfg.device))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    return world, rank, device
+
+
+def forward_backward(model, micro_batches, n_targets: int, device: torch.device) -> torch.Tensor:
+    """Backward over this rank's micro-batches (ids, segment ids, labels) of one step, each loss = -(sum of its
+    target log-probs) / (the step's global target tokens), so the gradients add up to the global mean. Returns the
+    summed loss (detached). bf16 autocast on CUDA; the chunked LM head makes no [B, T, V] logits."""
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    loss_sum = torch.zeros((), device=device)
+    for ids, seg, labels in micro_batches:
+        ids, seg, labels = ids.to(device), seg.to(device), labels.to(device)
+        with autocast:   # labels -100 score 0
+            logp_BT = model.token_logprobs(ids[:, :-1], labels, segment_ids_BT=seg[:, :-1])
+        loss = -logp_BT.sum() / max(n_targets, 1)
+        loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def optimizer_step(opt, params: list, step: int, cfg: TrainConfig) -> tuple[torch.Tensor, float]:
+    """Clip (grad_clip > 0), set this step's learning rate, step, zero the gradients. Returns (grad norm, LR mult)."""
+    gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
+             else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    mult = lr_multiplier(step, cfg)
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * mult
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return gnorm, mult
+
+
+def check_memory(cfg: TrainConfig, model_cfg, device: torch.device):
+    """Refuse a run whose estimated training memory exceeds 90% of what the device (or max_memory_gb) offers."""
+    need = estimate_memory_bytes(model_cfg, cfg)
+    have = cfg.max_memory_gb * 2**30 if cfg.max_memory_gb > 0 else available_memory_bytes(device)
+    if need > 0.9 * have:
+        raise MemoryError(f"estimated training memory {need / 2**30:.1f} GiB exceeds 90% of the "
+                          f"{have / 2**30:.1f} GiB available: reduce device_batch_size, seq_len or the model")
+
+
+def restore(cfg: TrainConfig, ckpt_path: Path, metrics_path: Path, model, opt, rank: int) -> int:
+    """The step to start from: the checkpoint's with --resume (model, optimizer, RNG restored), else 0 (seeded).
+    Rank 0 keeps metrics.jsonl up to that step only."""
+    start = 0
+    if cfg.resume and ckpt_path.exists():
+        start = load_checkpoint(ckpt_path, model, opt)["step"]
+        print0(f"resumed from {ckpt_path} at step {start}")
+    elif cfg.resume:
+        print0(f"--resume: no checkpoint at {ckpt_path}, starting fresh")
+    else:
+        torch.manual_seed(cfg.seed)
+    if rank == 0:
+        old = metrics_path.read_text().splitlines() if (start and metrics_path.exists()) else []
+        metrics_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start))
+    return start
+
+
+def all_reduce_grads(params: list, loss_sum: torch.Tensor):
+    """Sum the gradients (one flat buffer; a parameter without a gradient counts as zeros) and the loss over ranks."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    dist.all_reduce(loss_sum)
+    off = 0
+    for p in params:
+        p.grad = flat[off:off + p.numel()].view_as(p).clone()
+        off += p.numel()
+
+
+def save_final_model(model, model_dir: Path, tokenizer_dir: str):
+    """The trained model in the HF layout with the run's tokenizer files, swapped in as one directory."""
+    from .checkpoint import save_pretrained
+    tok_files = {n: (Path(tokenizer_dir) / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")
+                 if (Path(tokenizer_dir) / n).exists()}
+    save_pretrained(model, model_dir, extra_files=tok_files)
+
+
 def resolve_device(name: str) -> str:
     """'auto' -> this process's GPU when torch sees one (cuda:LOCAL_RANK under torchrun, else cuda:0), else 'cpu';
     anything else as given."""
@@ -293,18 +377,11 @@ def resolve_device(name: str) -> str:
 
 def run(cfg: TrainConfig) -> dict:
     """Train; returns {"final_loss", "steps", "out", "model_dir", "params"}."""
-    from .checkpoint import save_pretrained
     from .optim import build_optimizer
     from .tokenizer import Tokenizer
 
     # ---- init: distributed, device, threads
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(resolve_device(cfg.device))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    world, rank, device = init_process(cfg)
     if cfg.stage not in ("pretrain", "sft"):
         raise ValueError(f"stage must be pretrain or sft, got {cfg.stage!r}")
     seqs, accum = batch_plan(cfg, world)
@@ -316,11 +393,7 @@ def run(cfg: TrainConfig) -> dict:
         raise FileNotFoundError(f"tokenizer directory {cfg.tokenizer!r} not found")
     tokenizer = Tokenizer.load(cfg.tokenizer)
     mc = model_config(cfg, tokenizer)
-    need = estimate_memory_bytes(mc, cfg)
-    have = cfg.max_memory_gb * 2**30 if cfg.max_memory_gb > 0 else available_memory_bytes(device)
-    if need > 0.9 * have:
-        raise MemoryError(f"estimated training memory {need / 2**30:.1f} GiB exceeds 90% of the "
-                          f"{have / 2**30:.1f} GiB available: reduce device_batch_size, seq_len or the model")
+    check_memory(cfg, mc, device)
     model = build_model(cfg, mc, device).train()
     model.balance_lr = cfg.balance_lr
 
@@ -335,21 +408,9 @@ def run(cfg: TrainConfig) -> dict:
     opt = build_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
     ckpt_path = out / CHECKPOINT
     metrics_path = out / "metrics.jsonl"
-    start = 0
-    if cfg.resume and ckpt_path.exists():
-        start = load_checkpoint(ckpt_path, model, opt)["step"]
-        print0(f"resumed from {ckpt_path} at step {start}")
-    elif cfg.resume:
-        print0(f"--resume: no checkpoint at {ckpt_path}, starting fresh")
-    else:
-        torch.manual_seed(cfg.seed)
-    if rank == 0:   # keep metrics up to the resumed step only
-        old = metrics_path.read_text().splitlines() if (start and metrics_path.exists()) else []
-        metrics_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start))
+    start = restore(cfg, ckpt_path, metrics_path, model, opt, rank)
 
     log_scalars = _external_logger(cfg, out) if rank == 0 else (lambda rec: None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
     params = [p for p in model.parameters() if p.requires_grad]
     loss_val = float("nan")
     t_start = time.time()
@@ -359,31 +420,11 @@ def run(cfg: TrainConfig) -> dict:
         idx = step_indices(step, n_windows, seqs, cfg.seed)
         n_targets = int((labels_W[idx] != -100).sum())
         mine = idx[rank * seqs // world:(rank + 1) * seqs // world]
-        loss_sum = torch.zeros((), device=device)
-        for m in range(accum):
-            b = mine[m * cfg.device_batch_size:(m + 1) * cfg.device_batch_size]
-            ids, seg, labels = ids_W[b].to(device), seg_W[b].to(device), labels_W[b].to(device)
-            with autocast:   # chunked LM head: no [B, T, V] logits (labels -100 score 0)
-                logp_BT = model.token_logprobs(ids[:, :-1], labels, segment_ids_BT=seg[:, :-1])
-            loss = -logp_BT.sum() / max(n_targets, 1)
-            loss.backward()
-            loss_sum += loss.detach()
+        micro = [mine[m * cfg.device_batch_size:(m + 1) * cfg.device_batch_size] for m in range(accum)]
+        loss_sum = forward_backward(model, [(ids_W[b], seg_W[b], labels_W[b]) for b in micro], n_targets, device)
         if world > 1:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            dist.all_reduce(loss_sum)
-            off = 0
-            for p in params:
-                p.grad = flat[off:off + p.numel()].view_as(p).clone()
-                off += p.numel()
-        gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
-                 else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        mult = lr_multiplier(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * mult
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            all_reduce_grads(params, loss_sum)
+        gnorm, mult = optimizer_step(opt, params, step, cfg)
         stats = model.expert_load_stats()
         model.update_balancing_biases()
         loss_val = float(loss_sum)
@@ -409,9 +450,7 @@ def run(cfg: TrainConfig) -> dict:
     # ---- final model in the HF layout, with its tokenizer
     model_dir = out / "model"
     if rank == 0:
-        tok_files = {n: (Path(cfg.tokenizer) / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")
-                     if (Path(cfg.tokenizer) / n).exists()}
-        save_pretrained(model, model_dir, extra_files=tok_files)
+        save_final_model(model, model_dir, cfg.tokenizer)
     if dist.is_initialized():
         dist.barrier()
     return {"final_loss": loss_val, "steps": cfg.steps, "out": str(out), "model_dir": str(model_dir),

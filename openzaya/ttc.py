@@ -37,16 +37,16 @@ round uses the same beta, and the deployment answer is the majority vote.
 
 Bounded context: each aggregation prompt's text is checked against |question| + C x tau + |template| tokens before
 its call (|template| = the summed token counts of the template's text pieces around the slots, `template_pieces`);
-the numbers and the verdict go into the trace. Tails are cut with `backend.tail_tokens` and, if a re-encoded tail is longer than tau (a cut inside
-a multi-byte character), shortened by characters from the front until it fits. Backends without a tokenizer
-(an OpenAI server without `tokenizer=`) use the backend's character approximation, named in the trace.
+the numbers and the verdict go into the trace. Tails are cut with `tokenizer.tail_text` (through
+`backend.tail_tokens`): a true suffix of the rollout that re-encodes to at most tau tokens, also when the cut falls
+inside a multi-byte character. Backends without a tokenizer (an OpenAI server without `tokenizer=`) count
+`tokenizer.CHARS_PER_TOKEN` characters per token, named in the trace.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import random
 import time
@@ -58,6 +58,7 @@ from typing import Callable
 
 from .backends import Backend, Completion, Request, SamplingParams
 from .envs.base import extract_answer, normalize
+from .tokenizer import count_text, head_text, split_reasoning
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the aggregation prompt (shared with the SFT data builder: one template for both)
@@ -316,20 +317,12 @@ class Run:
         return [rng.sample(range(n_prev), self.cfg.candidates) for _ in range(self.cfg.population)]
 
     def count(self, text: str) -> int:
-        n = self.backend.count_tokens(text)
-        return math.ceil(len(text) / 4) if n is None else n  # the CHARS_PER_TOKEN approximation of backends.py
+        """Tokens of text (the backend's tokenizer, else the CHARS_PER_TOKEN approximation)."""
+        return count_text(self.backend.tokenizer, text)
 
     def tail(self, text: str, n: int) -> str:
-        """Last n tokens of text, as text. NOTE: a cut inside a multi-byte character decodes to U+FFFD, which is
-        not a suffix of text (and re-encodes to more tokens): such leading characters are dropped, so a tail is
-        always a true suffix of the rollout; then, should the re-encoded tail still exceed n tokens, characters are
-        dropped from its front until it fits."""
-        t = self.backend.tail_tokens(text, n)
-        while t and not text.endswith(t):
-            t = t[1:]
-        while t and self.count(t) > n:
-            t = t[1:]
-        return t
+        """Last n tokens of text, as a suffix of it with at most n tokens (`tokenizer.tail_text`)."""
+        return self.backend.tail_tokens(text, n)
 
     def request(self, content: str) -> Request:
         """A user message; a raw text prompt when the backend's tokenizer has no chat template (base models)."""
@@ -546,15 +539,11 @@ async def delethink(run: Run, p: TTCProblem, rounds: list[RoundStats]) -> list[C
             comp = await run.call(p, k, i, req, rounds[k], meta, max_tokens=budget)
             rounds[k].wall_s = max(rounds[k].wall_s, time.perf_counter() - t0)
             if k == 0:
-                ids = run.backend.tokenizer.encode(comp.text, add_special_tokens=False) if tok else None
-                head = tok.decode(ids[:cfg.head_tokens]) if ids is not None else comp.text[:4 * cfg.head_tokens]
-                while head and (not comp.text.startswith(head) or run.count(head) > cfg.head_tokens):
-                    head = head[:-1]   # a cut inside a multi-byte character (see Run.tail)
+                head = head_text(tok, comp.text, cfg.head_tokens)
             chunks.append(comp)
             if comp.finish_reason != "length":
                 break
         text = "".join(c.text for c in chunks)
-        from .tokenizer import split_reasoning
         reasoning, answer = split_reasoning(text, thinking=cfg.enable_thinking)
         return Completion(text=text, reasoning=reasoning, answer=answer, finish_reason=chunks[-1].finish_reason,
                           prompt_tokens=sum(c.prompt_tokens for c in chunks),

@@ -81,6 +81,33 @@ def test_crash_mid_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     from_pretrained(tmp_path / "m")
 
 
+def test_atomic_file_and_dir_keep_the_old_version_on_a_crash(tmp_path):
+    """The one atomic-save helper (trainer checkpoints, RL state, corpus manifests, save_pretrained, the tokenizer
+    cache): a crash while writing leaves the previous file or directory; replace=False keeps a published one."""
+    path = ckpt.atomic_file(tmp_path / "state.pt", lambda f: f.write(b"v1"))
+    assert path.read_bytes() == b"v1"
+
+    def crash(f):
+        f.write(b"half of v2")
+        raise OSError("disk full (simulated)")
+
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.atomic_file(path, crash)
+    assert path.read_bytes() == b"v1"
+    ckpt.atomic_file(path, lambda f: f.write(b"v2"))
+    assert path.read_bytes() == b"v2"
+
+    d = ckpt.atomic_dir(tmp_path / "d", lambda tmp: (tmp / "a.txt").write_text("first"))
+    ckpt.atomic_dir(d, lambda tmp: (tmp / "a.txt").write_text("second"), replace=False)   # another process won
+    assert (d / "a.txt").read_text() == "first"
+    ckpt.atomic_dir(d, lambda tmp: (tmp / "b.txt").write_text("third"))
+    assert sorted(p.name for p in d.iterdir()) == ["b.txt"]
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.atomic_dir(d, lambda tmp: crash(open(tmp / "c.txt", "wb")))
+    assert sorted(p.name for p in d.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "state.pt"]   # no temporary or .old left behind
+
+
 def test_clear_errors(tmp_path):
     model = random_model(tiny_config())
     save_pretrained(model, tmp_path / "m")

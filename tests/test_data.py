@@ -185,10 +185,11 @@ def test_corpus_deterministic_and_held_out(tmp_path):
         load_corpus(tmp_path / "c")
 
 
-def test_aggregation_examples(tok):
+def test_aggregation_sft_samples_with_tokenizer(tok):
     from openzaya.envs.registry import get_env
+    from openzaya.ttc import AGGREGATION_TEMPLATE_V1
     probs = [get_env("long_addition").generate(0, s) for s in range(3)]
-    ex = data.aggregation_examples(probs, C=3, tau=16, tokenizer=tok, seed=0)
+    ex = data.aggregation_sft_samples(probs, tok, C=3, tau=16, template=AGGREGATION_TEMPLATE_V1, seed=0)
     assert len(ex) == 3 and ex[0]["kind"] == "aggregation"
     assert probs[0].prompt.split("\n")[0] in ex[0]["messages"][0]["content"]
     assert "\\boxed{" + probs[0].answer + "}" in ex[0]["messages"][1]["content"]

@@ -9,7 +9,8 @@ import re
 from openzaya.cli import main
 from openzaya.envs import registry
 from openzaya.envs.base import extract_answer
-from openzaya.envs.own import fraction_score, own_envs, parse_number
+from openzaya.envs.own import fraction_score, parse_number
+from openzaya.envs.registry import own_envs
 from openzaya.envs.registry import check_difficulties, check_env, get_env
 
 OWN = {e.name: e for e in own_envs()}

@@ -21,10 +21,8 @@ def close(a, b, tol=1e-5):
 # ---- group sampling
 
 def test_group_helpers():
-    assert rl.repeat_for_groups(["a", "b"], 3) == ["a", "a", "a", "b", "b", "b"]
     assert rl.split_groups([1, 2, 3, 4, 5, 6], 3) == [[1, 2, 3], [4, 5, 6]]
     assert rl.group_sample_seeds(2, 4) == [8, 9, 10, 11]
-    assert len(rl.repeat_for_groups(["q"])) == 16             # default G
     with pytest.raises(AssertionError):
         rl.split_groups([1, 2, 3], 2)
 

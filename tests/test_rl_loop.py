@@ -158,6 +158,19 @@ def test_behavioral_reward_is_gated_by_the_checker():
     assert rl_loop.stage_reward("accuracy", Score(1.0, 1.0, True), looped) == 0.0          # the canary
 
 
+def test_routes_load_is_the_models_per_layer_statistic():
+    """The RL log's `load` is model.expert_load (the trainer's load_max_mean) per layer over the routed experts of
+    the batch, worst layer; skipped tokens (-1) are not counted."""
+    from openzaya.model import expert_load
+    routes = [torch.tensor([[0, 1, 1, -1], [2, 2, 2, 2]]), torch.tensor([[1, -1, 0, 0], [-1, -1, -1, -1]])]   # [L, N]
+    # layer 0: experts 0, 1, 2 chose 3, 3, 0 times -> 3 / 2; layer 1: 0, 0, 4 -> 4 / (4 / 3)
+    assert rl_loop.routes_expert_load(routes, 3) == pytest.approx(3.0)
+    assert rl_loop.routes_expert_load([torch.tensor([[0, 1, 2], [-1, -1, -1]])], 3) == 1.0    # all-skip layer
+    assert rl_loop.routes_expert_load([], 3) != rl_loop.routes_expert_load([], 3)           # NaN: no routes
+    stats = expert_load(torch.tensor([3.0, 3.0, 0.0, 2.0]))                                   # [E + 1], skip last
+    assert stats == {"max_mean": pytest.approx(1.5), "skip": pytest.approx(0.25)}
+
+
 def test_self_aggregation_prompts_come_from_own_rollouts():
     envs = _coin_envs(["long_addition"])
     cfg = rl_loop.RLConfig(envs=["long_addition"], ttc_fraction=1.0, ttc_candidates=2)

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from openzaya import speedrun
+from openzaya.data import aggregation_sft_samples
 from openzaya.envs.registry import get_env
 
 
 def test_aggregation_sft_samples_use_template_and_keep_target():
     env = get_env("digit_sum")
     problems = [env.generate(1, s) for s in range(6)]
-    out = speedrun.aggregation_sft_samples(problems, lambda s: s.split(), " ".join, C=2, tau=3,
-                                           template=speedrun.NANO_AGG_TEMPLATE, seed=0)
+    out = aggregation_sft_samples(problems, None, C=2, tau=3, template=speedrun.NANO_AGG_TEMPLATE, seed=0)
     assert len(out) == 6
     for p, x in zip(problems, out):
         user, asst = x["messages"]

@@ -2,7 +2,8 @@
 
 import pytest
 
-from openzaya.tokenizer import NANO_CHAT_TEMPLATE, NANO_SPECIAL_TOKENS, Tokenizer, split_reasoning, train_bpe
+from openzaya.tokenizer import (CHARS_PER_TOKEN, NANO_CHAT_TEMPLATE, NANO_SPECIAL_TOKENS, Tokenizer, count_text,
+                                head_text, split_reasoning, tail_text, train_bpe)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. 12 + 30 = 42.",
@@ -122,6 +123,63 @@ def test_split_reasoning(text, expected):
 def test_split_reasoning_thinking_off():
     assert split_reasoning("just 42", thinking=False) == ("", "just 42")
     assert split_reasoning("x</think>42", thinking=False) == ("x", "42")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the last (first) n tokens of a text: Markovian RSA tails, RL and SFT aggregation prompts, Delethink's head
+
+MULTIBYTE = "The reasoning ends in テキスト"   # katakana the nano BPE never saw: one token per byte, 3 a char
+
+
+def test_tail_and_head_cut_inside_a_multibyte_character(nano):
+    ids = nano.encode(MULTIBYTE, add_special_tokens=False)
+    assert "\ufffd" in nano.decode(ids[-4:])          # the plain cut: a broken character, not a suffix of the text
+    assert tail_text(nano, MULTIBYTE, 4) == "ト" and tail_text(nano, MULTIBYTE, 6) == "スト"
+    assert tail_text(nano, MULTIBYTE, 7) == "スト"       # 7 tokens = 2 characters + 1 byte of the third
+    for n in range(1, len(ids) + 2):
+        tail, head = tail_text(nano, MULTIBYTE, n), head_text(nano, MULTIBYTE, n)
+        assert MULTIBYTE.endswith(tail) and "\ufffd" not in tail and count_text(nano, tail) <= n
+        assert MULTIBYTE.startswith(head) and "\ufffd" not in head and count_text(nano, head) <= n
+    assert tail_text(nano, MULTIBYTE, len(ids)) == MULTIBYTE == head_text(nano, MULTIBYTE, len(ids))
+    assert head_text(nano, "テキスト", 4) == "テ"
+    assert tail_text(nano, MULTIBYTE, 0) == "" == head_text(nano, "ab", 0)
+
+
+def test_without_a_tokenizer_a_token_is_chars_per_token_characters():
+    text = "abcdefghij" * 3
+    assert CHARS_PER_TOKEN == 4
+    assert tail_text(None, text, 3) == text[-12:] and head_text(None, text, 2) == text[:8]
+    assert count_text(None, text) == 8 and count_text(None, "abcd") == 1 and count_text(None, "") == 0
+    assert tail_text(None, "short", 100) == "short" and tail_text(None, text, 0) == ""
+
+
+def test_every_tail_caller_cuts_what_it_cut_before_on_ascii(nano):
+    """On ASCII text each caller gets what its own cut gave before they shared tail_text: the decoded last tau ids
+    (RL's self-aggregation tails and the SFT aggregation chats), the backend's tail (Markovian RSA through Run.tail),
+    the first n ids (Delethink's head), 4 characters per token without a tokenizer."""
+    from openzaya.backends import OpenAIBackend
+    from openzaya.data import aggregation_sft_samples, split_trace
+    from openzaya.envs.registry import get_env
+    from openzaya.ttc import Run, TTCConfig
+    problems = [get_env(e).generate(1, s) for e in ("long_addition", "digit_sum", "sort_letters") for s in range(4)]
+    backend = OpenAIBackend("http://127.0.0.1:1", "m", tokenizer=nano)
+    run = Run(backend, TTCConfig(population=2, candidates=2, tail_tokens=8, budget_tokens=16))
+    plain = {}
+    for p in problems:
+        reasoning = split_trace(p.solution)[0]
+        ids = nano.encode(reasoning, add_special_tokens=False)
+        for tau in (1, 4, 12, 64):
+            plain[p.seed, p.env, tau] = nano.decode(ids[-tau:])
+            assert tail_text(nano, reasoning, tau) == plain[p.seed, p.env, tau]
+            assert backend.tail_tokens(reasoning, tau) == run.tail(reasoning, tau) == plain[p.seed, p.env, tau]
+            assert head_text(nano, reasoning, tau) == nano.decode(ids[:tau])
+            assert tail_text(None, reasoning, tau) == reasoning[-4 * tau:]
+    chats = aggregation_sft_samples(problems, nano, C=2, tau=12, template="{question}\n{candidates}", seed=0)
+    for p, chat in zip(problems, chats):
+        shown = [blk.split("\n", 1)[1].rsplit("\n\n", 1)[0]
+                 for blk in chat["messages"][0]["content"].split("---- Candidate ")[1:]]
+        cell = {plain[q.seed, q.env, 12] for q in problems if q.env == p.env}
+        assert len(shown) == 2 and all(t in cell for t in shown), (shown, cell)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Shared plumbing for our own procedural environments (arithmetic, number theory, combinatorics, probability,
-logic, algorithms, strings) and `own_envs()`, the list the registry loads.
+logic, algorithms, strings): `make_env` and the scoring helpers. The registry imports the family modules
+(`registry.own_envs`); this module imports none of them.
 
 Each family module writes small builders `build(rng, difficulty) -> (question, answer, steps)` and wraps them
 with `make_env`. Follows the RLVE contract (spec environments.md §2): a (difficulty, seed) pair fully determines
@@ -29,7 +30,7 @@ def rng_for(name: str, difficulty: int, seed: int) -> random.Random:
 
 
 def make_env(name: str, tags: tuple[str, ...], build: Callable, fmt: str = "",
-             score_fn: Callable[[Problem, str], Score] | None = None, max_difficulty: int = 9) -> Env:
+             score_fn: Callable[[Problem, str], Score] | None = None) -> Env:
     """Wrap `build(rng, difficulty) -> (question, answer, steps[, metadata])` into an `Env`.
 
     `fmt` describes the exact answer format (e.g. "a comma-separated list like 1,2,3"); it is appended to the prompt.
@@ -44,7 +45,7 @@ def make_env(name: str, tags: tuple[str, ...], build: Callable, fmt: str = "",
         solution = "\n".join(lines + [f"So the answer is \\boxed{{{answer}}}."])
         return Problem(env=name, prompt=prompt, answer=answer, difficulty=difficulty, seed=seed,
                        metadata=dict(metadata), solution=solution)
-    return Env(name=name, tags=tuple(tags), min_difficulty=0, max_difficulty=max_difficulty,
+    return Env(name=name, tags=tuple(tags), min_difficulty=0, max_difficulty=9,
                generate_fn=generate, score_fn=score_fn, source="openzaya")
 
 
@@ -96,13 +97,3 @@ def compact_score(problem: Problem, response: str) -> Score:
 def fraction_str(x: Fraction) -> str:
     """Canonical form: an integer, or 'p/q' in lowest terms."""
     return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
-
-
-# -----------------------------------------------------------------------------
-
-
-def own_envs() -> list[Env]:
-    """All our own environments, family by family."""
-    from openzaya.envs import algorithms, arithmetic, combinatorics, logic, number_theory, probability, strings
-    families = [arithmetic, number_theory, combinatorics, probability, logic, algorithms, strings]
-    return [env for fam in families for env in fam.envs()]

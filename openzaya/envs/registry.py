@@ -14,8 +14,14 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from openzaya.envs import algorithms, arithmetic, combinatorics, logic, number_theory, probability, strings
 from openzaya.envs.base import Env
-from openzaya.envs.own import own_envs
+
+
+def own_envs() -> list[Env]:
+    """All our own environments, family by family (each family module's `envs()`)."""
+    families = [arithmetic, number_theory, combinatorics, probability, logic, algorithms, strings]
+    return [env for fam in families for env in fam.envs()]
 
 
 def _external(module: str, loader: str) -> Callable[[], list[Env]]:
