@@ -42,13 +42,14 @@ import time
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .backends import BackendError, SamplingParams, engine_params, load_local, text_engine
 from .checkpoint import load_weights_into
@@ -66,6 +67,7 @@ class ServeConfig:
     max_queue: int = 256                # sequences waiting for a slot beyond the running ones (429 beyond)
     max_n: int = 16                     # sequences per request (n x prompts)
     max_body_bytes: int = 1 << 20       # request body cap (413)
+    read_timeout_s: float = 30.0        # a request's headers, then its body, must each arrive within this (408)
     request_timeout_s: float = 600.0    # per request, TTC runs included (408)
     max_ttc_population: int = 64        # TTC N cap
     max_ttc_rounds: int = 8             # TTC T cap
@@ -84,19 +86,55 @@ def _error_response(status: int, message: str, type: str = "invalid_request_erro
 # request schemas (they make the OpenAPI spec that schemathesis fuzzes)
 
 
+MAX_COUNT = 2**31 - 1   # the upper bound of every count field (tokens, n, top_k, ttc sizes); servers cap lower
+
+
+def _unencodable(v) -> str | None:
+    """Where a string (or a list of them, nested) holds text that cannot be encoded as UTF-8 (lone surrogates)."""
+    if isinstance(v, str):
+        try:
+            v.encode()
+        except UnicodeEncodeError as e:
+            return f"character {e.start}"
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            if (where := _unencodable(x)) is not None:
+                return f"item {i}, {where}"
+    return None
+
+
 class _Strict(BaseModel):
+    """Every request schema: unknown fields are ignored, every string must be valid Unicode (a lone surrogate, which
+    JSON's \\ud800 escapes can carry, is a 400 here rather than a failure in the tokenizer or the JSON writer)."""
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, v):
+        if (where := _unencodable(v)) is not None:
+            raise ValueError(f"text is not valid Unicode (a lone surrogate at {where})")
+        return v
+
+
+def _count(default, ge: int, description: str | None = None):
+    return Field(default, ge=ge, le=MAX_COUNT, description=description)
+
+
+def _unit(default, *, gt=None, ge=None, le=None):
+    return Field(default, gt=gt, ge=ge, le=le, allow_inf_nan=False)
+
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 
 class TTCSpec(_Strict):   # the TTC knobs under the report's letters; every default is TTCConfig's
     method: Literal[METHODS] = TTCConfig.method
-    n: int = Field(TTCConfig.population, ge=1, description="population N")
-    c: int = Field(TTCConfig.candidates, ge=1, description="candidates per aggregation prompt C")
-    t: int = Field(TTCConfig.rounds, ge=0, description="aggregation rounds T")
-    tau: int = Field(TTCConfig.tail_tokens, ge=1, description="tail tokens")
-    beta: int = Field(TTCConfig.budget_tokens, ge=1, description="decode budget per call, tokens")
-    head_tokens: int = Field(TTCConfig.head_tokens, ge=0, description="delethink: generated tokens kept after the "
-                                                                      "question")
+    n: int = _count(TTCConfig.population, 1, "population N")
+    c: int = _count(TTCConfig.candidates, 1, "candidates per aggregation prompt C")
+    t: int = _count(TTCConfig.rounds, 0, "aggregation rounds T")
+    tau: int = _count(TTCConfig.tail_tokens, 1, "tail tokens")
+    beta: int = _count(TTCConfig.budget_tokens, 1, "decode budget per call, tokens")
+    head_tokens: int = _count(TTCConfig.head_tokens, 0, "delethink: generated tokens kept after the question")
 
 
 class StreamOptions(_Strict):
@@ -105,14 +143,14 @@ class StreamOptions(_Strict):
 
 class _Sampling(_Strict):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, le=1)
+    max_tokens: int | None = _count(None, 1)
+    temperature: float | None = _unit(None, ge=0, le=2)
+    top_p: float | None = _unit(None, gt=0, le=1)
+    top_k: int | None = _count(None, -1)
+    min_p: float | None = _unit(None, ge=0, le=1)
     seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)
     stop: str | list[str] | None = Field(None, max_length=16)
-    n: int = Field(1, ge=1)
+    n: int = _count(1, 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ttc: TTCSpec | None = None
@@ -121,7 +159,7 @@ class _Sampling(_Strict):
 
 
 class CompletionBody(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     logprobs: int | None = Field(None, ge=0, le=20)
 
 
@@ -149,7 +187,7 @@ class ChatTemplateKwargs(_Strict):
 
 class ChatBody(_Sampling):
     messages: list[Message] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = _count(None, 1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: ChatTemplateKwargs | None = None
@@ -563,11 +601,41 @@ async def _unexpected(request, e: Exception):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# ASGI guard: API key, body size cap, request metrics (before FastAPI parses anything)
+# ASGI guard: API key, body size cap and read deadline, request metrics (before FastAPI parses anything)
+
+async def _read_body(receive, max_bytes: int, timeout_s: float) -> bytes | int:
+    """The whole request body, or the status that ends the request: 413 once it passes max_bytes (Content-Length or
+    not: chunked bodies are counted as they come), 408 when it has not arrived timeout_s after the headers (a client
+    trickling its body byte by byte is cut), 499 when the client went away."""
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return 499
+                size += len(message.get("body", b""))
+                if size > max_bytes:
+                    return 413
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError:
+        return 408
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _replay(body: bytes, receive):
+    """A receive callable that hands the app the body already read, then passes on (disconnect notices)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
 
 
 class _GuardMiddleware:
@@ -584,45 +652,103 @@ class _GuardMiddleware:
         status = [0]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
 
-        async def reply(resp):
-            await resp(scope, receive, send_wrapped)
-
         async def send_wrapped(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
+
+        async def reply(status_code: int, message: str, type: str = "invalid_request_error", code=None,
+                        close: bool = False):
+            resp = _error_response(status_code, message, type, code=code)
+            if close:   # ends the connection (uvicorn closes it after this response)
+                resp.raw_headers.append((b"connection", b"close"))
+            await resp(scope, receive, send_wrapped)
 
         try:
             if cfg.api_key and (path.startswith("/v1/") or path == "/update_weights_from_disk"):
                 auth = headers.get("authorization", "")
                 token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
                 if not secrets.compare_digest(token.encode(), cfg.api_key.encode()):
-                    return await reply(_error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                                       "authentication_error", code="invalid_api_key"))
+                    return await reply(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                       "authentication_error", code="invalid_api_key")
             length = headers.get("content-length", "")
+            too_large = f"request body over {cfg.max_body_bytes} bytes"
             if length.isdigit() and int(length) > cfg.max_body_bytes:
-                return await reply(_error_response(413, f"request body over {cfg.max_body_bytes} bytes",
-                                                   code="body_too_large"))
-            seen = [0]
-
-            async def receive_capped():
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen[0] += len(message.get("body", b""))
-                    if seen[0] > cfg.max_body_bytes:
-                        raise _BodyTooLarge()
-                return message
-
-            try:
-                await self.app(scope, receive_capped, send_wrapped)
-            except _BodyTooLarge:
-                if status[0] == 0:
-                    await reply(_error_response(413, f"request body over {cfg.max_body_bytes} bytes",
-                                                code="body_too_large"))
+                return await reply(413, too_large, code="body_too_large")
+            body = await _read_body(receive, cfg.max_body_bytes, cfg.read_timeout_s)
+            if body == 413:   # the rest of the body is read and dropped by uvicorn, within _TimedH11Protocol's deadline
+                return await reply(413, too_large, code="body_too_large")
+            if body == 408:
+                return await reply(408, f"the request body did not arrive within {cfg.read_timeout_s} s",
+                                   "timeout_error", code="read_timeout", close=True)
+            if body == 499:
+                return
+            await self.app(scope, _replay(body, receive), send_wrapped)
+        except Exception as e:   # answered here (not by FastAPI's outermost handler) so that its 500 is counted
+            if status[0] == 0:
+                await reply(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+            raise
         finally:
             self.srv.metrics.count_request(endpoint, status[0] or 499)
             if endpoint.startswith("/v1/") and endpoint != "/v1/models":
                 self.srv.metrics.observe("openzaya_request_latency_seconds", endpoint, time.perf_counter() - t0)
+
+
+class _TimedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on reading a request's head: a connection that has not sent a
+    whole request line and headers `read_timeout_s` after it opened (or, once a response is complete, after the
+    next byte it sent) is closed, with a 408 when it had sent part of a request. uvicorn has no such timeout: its
+    keep-alive timer runs only between requests and any byte cancels it, so a client trickling a request head (or
+    the rest of a body answered early with 413) held its socket for ever. The body has the same deadline in
+    `_GuardMiddleware`. `http_protocol` makes the class of one server (`srv`: its config and metrics)."""
+    srv: ServerState
+    _head_timer = None
+
+    def _reading_head(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm(self):
+        if self._head_timer is None and self._reading_head():
+            self._head_timer = self.loop.call_later(self.srv.cfg.read_timeout_s, self._head_timeout)
+
+    def _disarm(self):
+        if self._head_timer is not None and not self._reading_head():
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self):
+        self._head_timer = None
+        if not self._reading_head() or self.transport.is_closing():
+            return
+        if self.conn.trailing_data[0]:   # part of a request head: say why
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            self.srv.metrics.count_request("other", 408)
+        self.transport.close()
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes):
+        self._arm()
+        super().data_received(data)
+        self._disarm()
+
+    def handle_events(self):
+        super().handle_events()
+        self._disarm()
+
+    def connection_lost(self, exc):
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+
+def http_protocol(srv: ServerState) -> type[H11Protocol]:
+    """The HTTP protocol class to give uvicorn for this server (uvicorn.Config(http=...)): `_TimedH11Protocol` with
+    the server's read timeout, counting its 408s in the server's metrics."""
+    return type("TimedH11Protocol", (_TimedH11Protocol,), {"srv": srv})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -672,6 +798,7 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     cfg = ServeConfig(max_slots=args.max_slots, max_len=args.max_len if args.max_len > 0 else None,
                       max_queue=args.max_queue, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
+                      read_timeout_s=args.read_timeout_s,
                       request_timeout_s=args.request_timeout_s, max_ttc_population=args.max_ttc_population,
                       max_ttc_rounds=args.max_ttc_rounds, shutdown_grace_s=args.shutdown_grace_s,
                       api_key=args.api_key, model_name=args.served_model_name,
@@ -681,6 +808,6 @@ def main(args) -> int:
                    compile=args.compile)
     print(f"serving {app.state.srv.model_name} on http://{args.host}:{args.port}/v1 "
           f"({cfg.max_slots} slots, context {app.state.srv.limit})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http_protocol(app.state.srv),
                 timeout_graceful_shutdown=cfg.shutdown_grace_s)
     return 0
