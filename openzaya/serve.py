@@ -3,7 +3,8 @@
     openzaya serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-slots 16]
 
 The HTTP layer: limits (`ServeConfig`), request schemas, request -> jobs (`ServerState`), the one response path of
-both endpoints (`respond`), the TTC endpoint, routes, the API-key / body-size guard, the app and the CLI entry.
+both endpoints (`respond`), the TTC endpoint, routes, the API-key / body / read-timeout guard, the app and the CLI
+entry.
 Around it: scheduler.py (ONE engine serves every client through its thread: continuous batching across requests),
 openai_format.py (error, choice and chunk shapes; `Reply` is what differs between /v1/completions and
 /v1/chat/completions), tokenizer.py (`TextStream` / `split_stream`), ttc.py (the test-time compute itself).
@@ -23,11 +24,14 @@ openai_format.py (error, choice and chunk shapes; `Reply` is what differs betwee
   checkpoint is checked against the running model, then copied in by the scheduler thread between two engine steps
   (sequences in flight continue on the new weights). Off by default (404); behind the API key when one is set.
 
-Limits and safety: bearer API key (401), body size cap (413), prompt + max tokens within the context (400,
+Limits and safety: bearer API key (401), body size cap (413, with or without Content-Length), a read timeout on
+a request's head (`_TimedH11Protocol`) and then on its body (408: slow clients cannot hold sockets), an explicit
+range on every numeric field and valid Unicode in every string (400), prompt + max tokens within the context (400,
 code context_length_exceeded), caps on n and on the TTC population / rounds (400), a bounded system (slots + queue,
 429 beyond), a per-request timeout (408; the scheduler also cancels overdue jobs itself), client disconnects cancel
 their jobs (slots freed at the next step), and shutdown lets in-flight requests finish for `shutdown_grace_s`,
-then cancels the rest. Every error has the OpenAI shape {"error": {"message", "type", "param", "code"}}.
+then cancels the rest. A sequence the engine cannot start fails alone, never its batch-mates (scheduler.py). Every
+error has the OpenAI shape {"error": {"message", "type", "param", "code"}}; /metrics counts the status sent.
 
 Simplified: logprobs are those of the sampled tokens only (raw model log-softmax at temperature 1, as
 `GenResult.logprobs`); `top_logprobs` lists just the sampled token. No tools / function calling, no `echo`,
