@@ -3,9 +3,9 @@
     openzaya serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-slots 16]
 
 The HTTP layer: limits (`ServeConfig`), request schemas, request -> jobs (`ServerState`), the one response path of
-both endpoints (`respond`), the TTC endpoint, routes, the API-key / body / read-timeout guard, the app and the CLI
-entry.
-Around it: scheduler.py (ONE engine serves every client through its thread: continuous batching across requests),
+both endpoints (`respond`), the TTC endpoint, routes, the app and the CLI entry. Around it: http_guard.py (API key,
+body cap and read timeouts before FastAPI parses anything; each status counted as sent), scheduler.py (ONE engine
+serves every client through its thread: continuous batching across requests),
 openai_format.py (error, choice and chunk shapes; `Reply` is what differs between /v1/completions and
 /v1/chat/completions), tokenizer.py (`TextStream` / `split_stream`), ttc.py (the test-time compute itself).
 
@@ -25,7 +25,7 @@ openai_format.py (error, choice and chunk shapes; `Reply` is what differs betwee
   (sequences in flight continue on the new weights). Off by default (404); behind the API key when one is set.
 
 Limits and safety: bearer API key (401), body size cap (413, with or without Content-Length), a read timeout on
-a request's head (`_TimedH11Protocol`) and then on its body (408: slow clients cannot hold sockets), an explicit
+a request's head, then on its body (408: slow clients cannot hold sockets), an explicit
 range on every numeric field and valid Unicode in every string (400), prompt + max tokens within the context (400,
 code context_length_exceeded), caps on n and on the TTC population / rounds (400), a bounded system (slots + queue,
 429 beyond), a per-request timeout (408; the scheduler also cancels overdue jobs itself), client disconnects cancel
@@ -41,7 +41,6 @@ no `best_of`, no `logit_bias` (ignored like any unknown field). TTC takes a sing
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -53,11 +52,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .backends import BackendError, SamplingParams, engine_params, load_local, text_engine
 from .checkpoint import load_weights_into
 from .engine import Engine, GenResult
+from .http_guard import GuardMiddleware, error_response, http_protocol
 from .openai_format import SSE_DONE, APIError, ChoiceStream, Reply, sse, usage
 from .scheduler import Job, Metrics, Scheduler, SchedulerBackend, SchedulerError, collect, wait_jobs
 from .tokenizer import Tokenizer, eos_union, split_reasoning
@@ -79,11 +78,6 @@ class ServeConfig:
     api_key: str | None = None          # bearer token for /v1/* (None = open)
     model_name: str | None = None       # id served by /v1/models (None = the checkpoint directory's name)
     weight_updates: bool = False        # serve POST /update_weights_from_disk (RL rollouts; off = 404)
-
-
-def _error_response(status: int, message: str, type: str = "invalid_request_error", param=None,
-                    code=None) -> JSONResponse:
-    return JSONResponse(APIError(status, message, type, param, code).body(), status_code=status)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -316,7 +310,7 @@ async def respond(srv: ServerState, body, reply: Reply, prompts: list[list[int]]
         return _event_stream(_stream(srv, reply, jobs, events, request, deadline, head, prompt_tokens, usage_chunk))
     results = await collect(srv.sched, jobs, events, request.is_disconnected, deadline)
     if results is None:
-        return _error_response(499, "client closed the request")
+        return error_response(499, "client closed the request")
     choices = []
     for j, res in zip(jobs, results):
         srv.metrics.first_token(j)
@@ -464,7 +458,7 @@ async def respond_ttc(srv: ServerState, body, question: str, reply: Reply, reque
     try:
         results, totals = await _ttc_wait(task, request, deadline)
     except asyncio.CancelledError:
-        return _error_response(499, "client closed the request")
+        return error_response(499, "client closed the request")
     finally:
         if not task.done():
             task.cancel()
@@ -507,7 +501,7 @@ router = APIRouter()
 async def health(request: HTTPRequest):
     srv: ServerState = request.app.state.srv
     if not srv.sched.accepting:
-        return _error_response(503, "shutting down", "server_error")
+        return error_response(503, "shutting down", "server_error")
     return {"status": "ok", "running": srv.engine.num_running, "queued": srv.sched.queue_depth()}
 
 
@@ -593,166 +587,15 @@ async def _validation_error(request, e: RequestValidationError):
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body') or 'body'}: {er.get('msg')}"
                     for er in errs[:5])
-    return _error_response(400, msg or "invalid request", param=".".join(loc) or None)
+    return error_response(400, msg or "invalid request", param=".".join(loc) or None)
 
 
 async def _http_error(request, e: StarletteHTTPException):
-    return _error_response(e.status_code, str(e.detail))
+    return error_response(e.status_code, str(e.detail))
 
 
 async def _unexpected(request, e: Exception):
-    return _error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# ASGI guard: API key, body size cap and read deadline, request metrics (before FastAPI parses anything)
-
-async def _read_body(receive, max_bytes: int, timeout_s: float) -> bytes | int:
-    """The whole request body, or the status that ends the request: 413 once it passes max_bytes (Content-Length or
-    not: chunked bodies are counted as they come), 408 when it has not arrived timeout_s after the headers (a client
-    trickling its body byte by byte is cut), 499 when the client went away."""
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return 499
-                size += len(message.get("body", b""))
-                if size > max_bytes:
-                    return 413
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
-    except TimeoutError:
-        return 408
-
-
-def _replay(body: bytes, receive):
-    """A receive callable that hands the app the body already read, then passes on (disconnect notices)."""
-    sent = False
-
-    async def replayed():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed
-
-
-class _GuardMiddleware:
-    def __init__(self, app, srv: ServerState):
-        self.app, self.srv = app, srv
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path, cfg = scope.get("path", ""), self.srv.cfg
-        endpoint = path if path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
-                                    "/metrics") else "other"
-        t0 = time.perf_counter()
-        status = [0]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-
-        async def send_wrapped(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        async def reply(status_code: int, message: str, type: str = "invalid_request_error", code=None,
-                        close: bool = False):
-            resp = _error_response(status_code, message, type, code=code)
-            if close:   # ends the connection (uvicorn closes it after this response)
-                resp.raw_headers.append((b"connection", b"close"))
-            await resp(scope, receive, send_wrapped)
-
-        try:
-            if cfg.api_key and (path.startswith("/v1/") or path == "/update_weights_from_disk"):
-                auth = headers.get("authorization", "")
-                token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-                if not secrets.compare_digest(token.encode(), cfg.api_key.encode()):
-                    return await reply(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                       "authentication_error", code="invalid_api_key")
-            length = headers.get("content-length", "")
-            too_large = f"request body over {cfg.max_body_bytes} bytes"
-            if length.isdigit() and int(length) > cfg.max_body_bytes:
-                return await reply(413, too_large, code="body_too_large")
-            body = await _read_body(receive, cfg.max_body_bytes, cfg.read_timeout_s)
-            if body == 413:   # the rest of the body is read and dropped by uvicorn, within _TimedH11Protocol's deadline
-                return await reply(413, too_large, code="body_too_large")
-            if body == 408:
-                return await reply(408, f"the request body did not arrive within {cfg.read_timeout_s} s",
-                                   "timeout_error", code="read_timeout", close=True)
-            if body == 499:
-                return
-            await self.app(scope, _replay(body, receive), send_wrapped)
-        except Exception as e:   # answered here (not by FastAPI's outermost handler) so that its 500 is counted
-            if status[0] == 0:
-                await reply(500, f"internal error: {type(e).__name__}: {e}", "server_error")
-            raise
-        finally:
-            self.srv.metrics.count_request(endpoint, status[0] or 499)
-            if endpoint.startswith("/v1/") and endpoint != "/v1/models":
-                self.srv.metrics.observe("openzaya_request_latency_seconds", endpoint, time.perf_counter() - t0)
-
-
-class _TimedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline on reading a request's head: a connection that has not sent a
-    whole request line and headers `read_timeout_s` after it opened (or, once a response is complete, after the
-    next byte it sent) is closed, with a 408 when it had sent part of a request. uvicorn has no such timeout: its
-    keep-alive timer runs only between requests and any byte cancels it, so a client trickling a request head (or
-    the rest of a body answered early with 413) held its socket for ever. The body has the same deadline in
-    `_GuardMiddleware`. `http_protocol` makes the class of one server (`srv`: its config and metrics)."""
-    srv: ServerState
-    _head_timer = None
-
-    def _reading_head(self) -> bool:
-        return self.cycle is None or self.cycle.response_complete
-
-    def _arm(self):
-        if self._head_timer is None and self._reading_head():
-            self._head_timer = self.loop.call_later(self.srv.cfg.read_timeout_s, self._head_timeout)
-
-    def _disarm(self):
-        if self._head_timer is not None and not self._reading_head():
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timeout(self):
-        self._head_timer = None
-        if not self._reading_head() or self.transport.is_closing():
-            return
-        if self.conn.trailing_data[0]:   # part of a request head: say why
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-            self.srv.metrics.count_request("other", 408)
-        self.transport.close()
-
-    def connection_made(self, transport):
-        super().connection_made(transport)
-        self._arm()
-
-    def data_received(self, data: bytes):
-        self._arm()
-        super().data_received(data)
-        self._disarm()
-
-    def handle_events(self):
-        super().handle_events()
-        self._disarm()
-
-    def connection_lost(self, exc):
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        super().connection_lost(exc)
-
-
-def http_protocol(srv: ServerState) -> type[H11Protocol]:
-    """The HTTP protocol class to give uvicorn for this server (uvicorn.Config(http=...)): `_TimedH11Protocol` with
-    the server's read timeout, counting its 408s in the server's metrics."""
-    return type("TimedH11Protocol", (_TimedH11Protocol,), {"srv": srv})
+    return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -775,7 +618,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig | None = N
     app = FastAPI(title="openzaya", version="0.1.0", lifespan=_lifespan,
                   description="OpenAI-compatible ZAYA server with Markovian RSA test-time compute")
     app.state.srv = ServerState(engine, tokenizer, cfg, cfg.model_name or model_name)
-    app.add_middleware(_GuardMiddleware, srv=app.state.srv)
+    app.add_middleware(GuardMiddleware, cfg=cfg, metrics=app.state.srv.metrics)
     for exc, handler in [(APIError, _api_error), (SchedulerError, _scheduler_error),
                          (RequestValidationError, _validation_error), (StarletteHTTPException, _http_error),
                          (Exception, _unexpected)]:
@@ -812,6 +655,6 @@ def main(args) -> int:
                    compile=args.compile)
     print(f"serving {app.state.srv.model_name} on http://{args.host}:{args.port}/v1 "
           f"({cfg.max_slots} slots, context {app.state.srv.limit})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http_protocol(app.state.srv),
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http_protocol(cfg, app.state.srv.metrics),
                 timeout_graceful_shutdown=cfg.shutdown_grace_s)
     return 0

@@ -14,8 +14,8 @@ class ServerThread:
         kw = {}
         srv = getattr(getattr(app, "state", None), "srv", None)
         if srv is not None:   # openzaya serve's app: its HTTP protocol (read timeouts), as `openzaya serve` runs it
-            from openzaya.serve import http_protocol
-            kw["http"] = http_protocol(srv)
+            from openzaya.http_guard import http_protocol
+            kw["http"] = http_protocol(srv.cfg, srv.metrics)
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                     timeout_graceful_shutdown=grace_s, lifespan="on", **kw))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
