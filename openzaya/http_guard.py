@@ -35,21 +35,22 @@ async def read_body(receive, max_bytes: int, timeout_s: float) -> bytes | int:
     """The whole request body, or the status that ends the request: 413 once it passes max_bytes, 408 when it has
     not all arrived timeout_s from now (a client trickling its body byte by byte is cut), 499 when the client went
     away."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return 499
-                size += len(message.get("body", b""))
-                if size > max_bytes:
-                    return 413
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
-    except TimeoutError:
-        return 408
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), deadline - loop.time())
+        except asyncio.TimeoutError:
+            return 408
+        if message["type"] == "http.disconnect":
+            return 499
+        size += len(message.get("body", b""))
+        if size > max_bytes:
+            return 413
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def replay(body: bytes, receive):
