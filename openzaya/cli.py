@@ -283,6 +283,8 @@ def _train_flags(p, stage: str):
     # Output
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints; -1 = only at the end")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--allow-config-change", action="store_true", default=None,
+                   help="--resume even when the checkpoint was saved with other settings (they are listed)")
     p.add_argument("--device", default=None)
     p.add_argument("--max-memory-gb", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_checked_state_dict, load_config, resolve_model_dir, weight_files
+from .checkpoint import load_checked_state_dict, load_config, refuse_non_finite, resolve_model_dir, weight_files
 from .model import MoE, Router, ZayaConfig, ZayaForCausalLM, count_params
 
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
@@ -115,9 +115,13 @@ def _pread_into(fd: int, buf: torch.Tensor, offset: int):
 
 
 class DiskExperts:
-    """Expert weights read from the checkpoint's safetensors files, one expert at a time (`os.preadv`)."""
+    """Expert weights read from the checkpoint's safetensors files, one expert at a time (`os.preadv`). With
+    check_finite, each expert is checked for NaN / inf the first time it is read (a damaged checkpoint fails there,
+    naming the tensor and the expert, rather than computing garbage; one pass over each expert in the process's
+    life)."""
 
-    def __init__(self, ckpt_dir: str | Path, cfg: ZayaConfig):
+    def __init__(self, ckpt_dir: str | Path, cfg: ZayaConfig, check_finite: bool = True):
+        self.ckpt_dir, self.check_finite, self.checked = Path(ckpt_dir), check_finite, set()
         files = weight_files(Path(ckpt_dir))
         headers, self.fds, self.loc = {}, {}, {}
         for layer in range(cfg.num_hidden_layers):
@@ -150,6 +154,9 @@ class DiskExperts:
             direct = out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
             buf = out if direct else torch.empty(shape, dtype=dtype, pin_memory=out.device.type == "cuda")
             _pread_into(fd, buf, start + e * per_expert)
+            if self.check_finite and (layer, e, which) not in self.checked:
+                refuse_non_finite(f"{expert_key(layer, which)}[{e}]", buf, self.ckpt_dir)
+                self.checked.add((layer, e, which))
             if not direct:
                 out.copy_(buf)
 
@@ -505,7 +512,8 @@ def budget_to_slots(cfg: ZayaConfig, budget_bytes: int | None = None, fraction: 
 
 def load_offloaded(ckpt_dir: str | Path, budget_bytes: int | None = None, *, fraction: float | None = None,
                    device="cpu", dtype: torch.dtype | None = None, expert_dtype: torch.dtype | None = None,
-                   tier: str = "auto", prefetch: bool = True, policy: str = "lru", threads: int = 2) -> ZayaForCausalLM:
+                   tier: str = "auto", prefetch: bool = True, policy: str = "lru", threads: int = 2,
+                   check_finite: bool = True) -> ZayaForCausalLM:
     """A `ZayaForCausalLM` with its non-expert weights on `device` and its experts offloaded.
 
     budget_bytes (or fraction of all expert bytes) sizes the expert cache, in bytes of `expert_dtype`, rounded
@@ -514,7 +522,8 @@ def load_offloaded(ckpt_dir: str | Path, budget_bytes: int | None = None, *, fra
     experts' storage dtype in the cache and the slower tier (default: as the checkpoint stores them), cast to `dtype`
     when used, so dtype=float32 on a bf16 checkpoint keeps the cache in bf16 (same outputs: the cast is exact).
     tier "auto" = "disk" on the CPU, "host" (all experts in pinned CPU RAM) on a GPU. Statistics are at
-    `model.offload.stats`.
+    `model.offload.stats`. check_finite: NaN / inf weights are refused, the non-expert ones at load, each expert
+    when it is first read (all at load with the host tier).
     """
     ckpt_dir, device = resolve_model_dir(ckpt_dir), torch.device(device)
     cfg = load_config(ckpt_dir)
@@ -523,7 +532,7 @@ def load_offloaded(ckpt_dir: str | Path, budget_bytes: int | None = None, *, fra
         tier = "host" if device.type == "cuda" else "disk"
     if tier not in ("disk", "host"):
         raise ValueError(f"unknown tier {tier!r} (auto, disk or host)")
-    source = DiskExperts(ckpt_dir, cfg)
+    source = DiskExperts(ckpt_dir, cfg, check_finite)
     expert_dtype = expert_dtype or source.dtype
     slots = budget_to_slots(cfg, budget_bytes, fraction, expert_dtype)
     one = expert_nbytes(cfg, expert_dtype)
@@ -547,7 +556,7 @@ def load_offloaded(ckpt_dir: str | Path, budget_bytes: int | None = None, *, fra
         layer.mlp = OffloadedMoE(layer.mlp.gate, OffloadedExperts(cache, cfg.num_experts), stats, count_tokens=i == 0)
         caches.append(cache)
     skip = {expert_key(i, w) for i in range(cfg.num_hidden_layers) for w in EXPERT_WEIGHTS}
-    sd = load_checked_state_dict(ckpt_dir, cfg, model.state_dict(), dtype, device, skip=skip)
+    sd = load_checked_state_dict(ckpt_dir, cfg, model.state_dict(), dtype, device, skip=skip, check_finite=check_finite)
     model.load_state_dict(sd, assign=True, strict=True)
     model.to(device)
     if prefetch:
