@@ -655,6 +655,6 @@ def main(args) -> int:
                    compile=args.compile)
     print(f"serving {app.state.srv.model_name} on http://{args.host}:{args.port}/v1 "
           f"({cfg.max_slots} slots, context {app.state.srv.limit})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http_protocol(cfg, app.state.srv.metrics),
-                timeout_graceful_shutdown=cfg.shutdown_grace_s)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=cfg.shutdown_grace_s,
+                http=http_protocol(cfg, app.state.srv.metrics))   # read timeouts on each request's head (http_guard)
     return 0
