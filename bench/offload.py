@@ -12,6 +12,11 @@ expert bytes, batch 1 and batch 8, against the fully resident model, all on the 
 - Offloaded runs compute on the CPU with the experts read from the safetensors files (pread, page cache warm after
   the first run: this measures copy cost, not a cold disk). Prefetch (next layer's router on the current state) is
   on; `--ablations` adds prefetch off and LFU eviction at 25%.
+- Cache statistics are the measured generate's decode steps only (prefill is reported apart in the JSON): demand
+  hits (resident from an earlier use) and prefetch hits (first use of a prefetched expert) as separate rates,
+  experts loaded per decode token, stall per decode token. The budget column is the effective one (whole experts
+  per layer); the asked fraction is in the config name. `--dtype` is the compute dtype, `--expert-dtype` the
+  experts' storage dtype in the cache (default: the checkpoint's).
 - Also prints the projected resident weight memory of ZAYA1-8B (bf16) at each budget, from parameter counts.
 NOTE: hit rates of a random model are not those of a trained one (trained routers are sticky across neighbouring
 tokens, which favours the cache); tokens/s are on a shared 2-core CPU.
@@ -44,6 +49,8 @@ parser.add_argument("--fractions", default="0.1,0.25,0.5,1.0")
 parser.add_argument("--batches", default="1,8")
 parser.add_argument("--ablations", action="store_true", help="also prefetch off and LFU at 25%%")
 parser.add_argument("--threads", type=int, default=-1, help="torch threads (-1 = torch default)")
+parser.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint config's)")
+parser.add_argument("--expert-dtype", default=None, help="offloaded runs: experts' storage dtype (default: as stored)")
 parser.add_argument("--out", default="runs/bench/offload.json")
 # internal: one measured configuration in this (fresh) process
 parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -119,12 +126,15 @@ if args.worker:
         ZayaForCausalLM(ZayaConfig())
     base = status_bytes("VmRSS:")
     t0 = time.perf_counter()
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.fraction <= 0:
-        model = from_pretrained(args.ckpt)
+        model = from_pretrained(args.ckpt, dtype=dtype)
         with torch.no_grad():
             sum(float(p.sum()) for p in model.parameters())
     else:
-        model = load_offloaded(args.ckpt, fraction=args.fraction, prefetch=bool(args.prefetch), policy=args.policy)
+        expert_dtype = getattr(torch, args.expert_dtype) if args.expert_dtype else None
+        model = load_offloaded(args.ckpt, fraction=args.fraction, prefetch=bool(args.prefetch), policy=args.policy,
+                               dtype=dtype, expert_dtype=expert_dtype)
     load_s = time.perf_counter() - t0
     cfg = model.config
     g = torch.Generator().manual_seed(0)
@@ -175,6 +185,8 @@ def run_worker(fraction, batch, prefetch, policy):
     cmd = [sys.executable, __file__, "--worker", "--ckpt", str(ckpt), "--fraction", str(fraction), "--batch",
            str(batch), "--prefetch", str(prefetch), "--policy", policy, "--new-tokens", str(new_tokens),
            "--threads", str(args.threads), "--layers", str(args.layers)] + (["--quick"] if args.quick else [])
+    cmd += (["--dtype", args.dtype] if args.dtype else []) + \
+        (["--expert-dtype", args.expert_dtype] if args.expert_dtype else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"worker {fraction} {batch} failed:\n{out.stderr[-3000:]}")
@@ -182,8 +194,8 @@ def run_worker(fraction, batch, prefetch, policy):
 
 
 rows = []
-print(f"{'config':>22} {'batch':>5} {'tok/s':>8} {'x res':>6} {'peak RSS':>10} {'hit':>6} {'MiB/tok':>8} "
-      f"{'stall ms/tok':>12} {'pf acc':>6}")
+print(f"{'config':>22} {'batch':>5} {'tok/s':>8} {'x res':>6} {'peak RSS':>10} {'budget':>7} {'demand':>6} "
+      f"{'pf hit':>6} {'miss':>6} {'loads/tok':>9} {'MiB/tok':>8} {'stall ms/tok':>12} {'pf acc':>6}")
 for fraction, batch, prefetch, policy in configs:
     r = run_worker(fraction, batch, prefetch, policy)
     res = next((x for x in rows if x["fraction"] == 0 and x["batch"] == batch), None)
@@ -192,11 +204,14 @@ for fraction, batch, prefetch, policy in configs:
         r["tokens_match_resident"] = r["tokens"] == res["tokens"]
     rows.append(r)
     name = "resident" if fraction == 0 else f"{100 * fraction:.0f}% {policy}{'' if prefetch else ' no-pf'}"
-    o = r.get("offload", {})
+    o, nan = r.get("offload", {}), float("nan")
+    d = o.get("decode", {})
     print(f"{name:>22} {batch:>5} {r['decode_tok_s']:>8.2f} {r.get('speed_vs_resident', 1.0):>6.2f} "
-          f"{r['peak_rss_bytes'] / 2**30:>8.2f}Gi {o.get('hit_rate', float('nan')):>6.3f} "
-          f"{o.get('bytes_moved_per_token', 0) / 2**20:>8.1f} {o.get('stall_ms_per_token', 0):>12.2f} "
-          f"{o.get('prefetch_accuracy', float('nan')):>6.2f}", flush=True)
+          f"{r['peak_rss_bytes'] / 2**30:>8.2f}Gi {100 * o.get('budget_fraction', 1.0):>6.2f}% "
+          f"{d.get('demand_hit_rate', nan):>6.3f} {d.get('prefetch_hit_rate', nan):>6.3f} "
+          f"{d.get('miss_rate', nan):>6.3f} "
+          f"{d.get('loads_per_token', 0):>9.2f} {d.get('bytes_moved_per_token', 0) / 2**20:>8.1f} "
+          f"{d.get('stall_ms_per_token', 0):>12.2f} {d.get('prefetch_accuracy', nan):>6.2f}", flush=True)
 
 # -----------------------------------------------------------------------------
 # ZAYA1-8B projection and report

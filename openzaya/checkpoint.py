@@ -6,9 +6,17 @@ built on the meta device and the loaded tensors are assigned in place, so peak m
 Saving is atomic: everything is written to a temporary sibling directory, fsynced, then swapped in with renames, so
 a crash mid-save never destroys the last good checkpoint (if a crash hits between the two renames, the previous
 checkpoint is left complete at `<dir>.old`). `atomic_dir` and `atomic_file` are that rule for every directory and
-file the package publishes (trainer checkpoints, RL trainer state, corpus manifests, the tokenizer cache). Where a
-directory is expected, a Hugging Face Hub repo id works too: `resolve_model_dir` fetches (or finds) its files in
-huggingface_hub's cache.
+file the package publishes (trainer checkpoints, RL trainer state, corpus manifests, the tokenizer cache). Their
+temporaries are named `.<name>.tmp-<pid>@<host>`; the next save of the same path, and every load of a checkpoint
+directory, removes those of processes of this host that are no longer alive (a killed save left a whole checkpoint
+behind each time). Where a directory is expected, a Hugging Face Hub repo id works too: `resolve_model_dir` fetches
+(or finds) its files in huggingface_hub's cache.
+
+Loading refuses, naming the field or tensor: config values out of range (`check_config`: non-positive sizes or
+eps, non-finite rope theta, token ids outside the vocabulary, wrong types, a layer count the weights do not have)
+and non-finite weights (NaN / inf, also those a cast to a smaller dtype creates; `check_finite=False` loads them
+anyway). Resuming a run with other settings than it was saved with is refused by the trainer through
+`config_changes` (the differences, listed).
 
 NOTE: transformers 5.23 re-initialises `balancing_biases` on load (spec §10.1, item 9); we always load the stored
 values.
@@ -17,9 +25,11 @@ values.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -42,12 +52,50 @@ def _fsync_dir(directory: Path):
         os.close(fd)
 
 
+def _temporary(path: Path) -> Path:
+    """The temporary sibling a save of `path` writes first: `.<name>.tmp-<pid>@<host>` (the host: on a shared
+    filesystem, a pid is only this host's to check)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}@{socket.gethostname()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporaries of saves of `path` whose process is dead (killed mid-save): `.<name>.tmp-<pid>` (no
+    host: written by an older version, on this host) or `.<name>.tmp-<pid>@<this host>`. Temporaries of live
+    processes, or of other hosts, are kept. Returns what was removed."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.tmp-") + r"(\d+)(?:@(.+))?")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m is None or (m[2] is not None and m[2] != socket.gethostname()) or _pid_alive(int(m[1])):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
 def atomic_file(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write the file `path` atomically and durably: `write(f)` fills a temporary sibling opened "wb", which is
     flushed, fsynced and renamed over `path`; a crash leaves the old file or the new one, never a torn one (an
-    error inside `write` removes the temporary file)."""
+    error inside `write` removes the temporary file). Stale temporaries of dead processes are removed first."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(path)
+    tmp = _temporary(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -65,10 +113,12 @@ def atomic_dir(out_dir: str | Path, fill: Callable[[Path], object], replace: boo
     """Write the directory `out_dir` atomically and durably: `fill(tmp)` writes a temporary sibling directory, whose
     files are fsynced, then it is swapped in with renames (an existing `out_dir` moves to `<out_dir>.old`, removed
     after the swap). replace=False: an `out_dir` that exists by then (another process published it first) is kept
-    and ours discarded. An error inside `fill` removes the temporary directory."""
+    and ours discarded. An error inside `fill` removes the temporary directory. Stale temporaries of dead processes
+    are removed first."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(out_dir)
+    tmp = _temporary(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -178,17 +228,93 @@ def load_state_dict(ckpt_dir: str | Path, dtype: torch.dtype | None = None, devi
     return sd
 
 
+SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "moe_intermediate_size", "num_experts", "router_hidden_size", "max_position_embeddings",
+               "cca_time0", "cca_time1")
+
+
+def check_config(d: dict) -> None:
+    """Raise ValueError, naming the field, for a config.json value that would build a broken model: sizes that are
+    not positive integers, a non-positive or non-finite rms_norm_eps, rope thetas that are not finite and positive,
+    a partial rotary factor outside (0, 1], a sliding window that is not a positive integer, token ids outside
+    [0, vocab_size). (Consistency between fields is `ZayaConfig.validate`'s.)"""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for name in SIZE_FIELDS:
+        v = d.get(name)
+        if name in d and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            raise ValueError(f"config field {name} must be a positive integer, got {v!r}")
+    eps = d.get("rms_norm_eps", 1e-5)
+    if not (number(eps) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"config field rms_norm_eps must be a finite number > 0, got {eps!r}")
+    ropes = d.get("rope_parameters") or {}
+    if not isinstance(ropes, dict):
+        raise ValueError(f"config field rope_parameters must be an object, got {ropes!r}")
+    thetas = {f"rope_parameters.{t}.rope_theta": (r or {}).get("rope_theta", 1.0) for t, r in ropes.items()}
+    if "rope_theta" in d:
+        thetas["rope_theta"] = d["rope_theta"]
+    for name, theta in thetas.items():
+        if not (number(theta) and math.isfinite(theta) and theta > 0):
+            raise ValueError(f"config field {name} must be a finite number > 0, got {theta!r}")
+    for t, r in ropes.items():
+        f = (r or {}).get("partial_rotary_factor", 1.0)
+        if not (number(f) and 0 < f <= 1):
+            raise ValueError(f"config field rope_parameters.{t}.partial_rotary_factor must be in (0, 1], got {f!r}")
+    window = d.get("sliding_window")
+    if window is not None and not (isinstance(window, int) and not isinstance(window, bool) and window > 0):
+        raise ValueError(f"config field sliding_window must be a positive integer or null, got {window!r}")
+    vocab = d.get("vocab_size", ZayaConfig.vocab_size)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ids = d.get(name)
+        for i in ids if isinstance(ids, list) else [] if ids is None else [ids]:
+            if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab):
+                raise ValueError(f"config field {name} must hold token ids in [0, {vocab}), got {ids!r}")
+
+
 def load_config(ckpt_dir: Path) -> ZayaConfig:
+    """The checkpoint's config, checked (`check_config`, `ZayaConfig.validate`) and held against its weights: the
+    layers the config counts must be the layers the weight files have (before a model of that size is built)."""
     if not (ckpt_dir / "config.json").exists():
         raise FileNotFoundError(f"{ckpt_dir}: no config.json (is this a ZAYA checkpoint directory?)")
-    return ZayaConfig.load(ckpt_dir)
+    d = json.loads((ckpt_dir / "config.json").read_text())
+    if not isinstance(d, dict):
+        raise ValueError(f"{ckpt_dir}/config.json: not a JSON object")
+    try:
+        check_config(d)
+        cfg = ZayaConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{ckpt_dir}/config.json: {e}") from None
+    layers = {int(m[1]) for k in weight_files(ckpt_dir) if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    if layers != set(range(cfg.num_hidden_layers)):
+        raise ValueError(f"{ckpt_dir}/config.json: num_hidden_layers is {cfg.num_hidden_layers}, the weights have "
+                         f"{len(layers)} layers" + ("" if not layers else f" (indices {min(layers)}..{max(layers)})"))
+    return cfg
+
+
+def non_finite_count(t: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """NaN and inf values in a tensor, counted in chunks (the temporary mask stays small)."""
+    if not t.is_floating_point():
+        return 0
+    flat = t.reshape(-1)
+    return sum(int((~torch.isfinite(flat[i:i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
+
+
+def refuse_non_finite(name: str, t: torch.Tensor, where) -> None:
+    """Raise ValueError naming the tensor when it holds a NaN or an inf."""
+    n = non_finite_count(t)
+    if n:
+        raise ValueError(f"{where}: weight {name} has {n} non-finite values (NaN or inf) in {t.dtype}; refusing to "
+                         f"load a damaged checkpoint (check_finite=False loads it anyway)")
 
 
 def load_checked_state_dict(ckpt_dir: Path, cfg: ZayaConfig, expected: dict, dtype, device,
-                            skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+                            skip: set[str] = frozenset(), check_finite: bool = True) -> dict[str, torch.Tensor]:
     """The one loader of a checkpoint's tensors (from_pretrained, load_weights_into, offload.load_offloaded): read
     all but `skip` with load_state_dict's dtype rules, fold a tied lm_head into the embedding, and check the result
-    against `expected` (a state_dict of the target model): same keys, same shapes."""
+    against `expected` (a state_dict of the target model): same keys, same shapes, and (check_finite) no NaN
+    or inf, also none made by the cast to `dtype`. Removes stale save temporaries of the directory first."""
+    remove_stale_temporaries(ckpt_dir)
     sd = load_state_dict(ckpt_dir, dtype=dtype, device=device, skip=skip)
     if cfg.tie_word_embeddings:
         tied = sd.pop(TIED_KEY, None)
@@ -204,6 +330,8 @@ def load_checked_state_dict(ckpt_dir: Path, cfg: ZayaConfig, expected: dict, dty
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ValueError(f"{ckpt_dir}: weight {k} has shape {tuple(v.shape)}, "
                              f"the config expects {tuple(expected[k].shape)}")
+        if check_finite:
+            refuse_non_finite(k, v, ckpt_dir)
     return sd
 
 
@@ -232,30 +360,39 @@ def resolve_model_dir(name_or_path: str | Path, allow_patterns: list[str] = HUB_
                                 f"{type(e).__name__}: {e}") from e
 
 
-def from_pretrained(ckpt_dir: str | Path, dtype: torch.dtype | None = None, device="cpu") -> ZayaForCausalLM:
+def from_pretrained(ckpt_dir: str | Path, dtype: torch.dtype | None = None, device="cpu",
+                    check_finite: bool = True) -> ZayaForCausalLM:
     """Load a native-layout ZAYA checkpoint (ours or transformers'), from a directory or a Hub repo id
-    (`resolve_model_dir`). dtype defaults to the config's."""
+    (`resolve_model_dir`). dtype defaults to the config's. check_finite=False loads NaN / inf weights too."""
     ckpt_dir = resolve_model_dir(ckpt_dir)
     cfg = load_config(ckpt_dir)
     dtype = dtype or cfg.torch_dtype
     with torch.device("meta"):
         model = ZayaForCausalLM(cfg)
-    sd = load_checked_state_dict(ckpt_dir, cfg, model.state_dict(), dtype, device)
+    sd = load_checked_state_dict(ckpt_dir, cfg, model.state_dict(), dtype, device, check_finite=check_finite)
     model.load_state_dict(sd, assign=True, strict=True)
     cfg.dtype = str(dtype).replace("torch.", "")
     return model.to(device).eval()
 
 
 @torch.no_grad()
-def load_weights_into(model: ZayaForCausalLM, ckpt_dir: str | Path) -> int:
+def load_weights_into(model: ZayaForCausalLM, ckpt_dir: str | Path, check_finite: bool = True) -> int:
     """Copy a checkpoint's weights into an existing model in place (same config; dtype and device are the model's),
-    e.g. a server picking up an RL trainer's new policy. Checks everything before changing anything. Returns the
-    number of tensors copied."""
+    e.g. a server picking up an RL trainer's new policy. Checks everything (non-finite values included, unless
+    check_finite=False) before changing anything. Returns the number of tensors copied."""
     ckpt_dir = Path(ckpt_dir)
     cfg = load_config(ckpt_dir)
     target = model.state_dict()
     p = next(model.parameters())
-    sd = load_checked_state_dict(ckpt_dir, cfg, target, p.dtype, p.device)
+    sd = load_checked_state_dict(ckpt_dir, cfg, target, p.dtype, p.device, check_finite=check_finite)
     for k, v in sd.items():
         target[k].copy_(v)
     return len(sd)
+
+
+def config_changes(old: dict, new: dict, ignore=()) -> list[str]:
+    """The settings that differ between a run's saved config and the one it is resumed with, as "name: old -> new"
+    lines (names in `ignore` left out: those that do not change what is trained, e.g. the output directory). A
+    setting only one side has counts as changed (None on the other)."""
+    names = sorted((set(old) | set(new)) - set(ignore))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in names if old.get(k) != new.get(k)]

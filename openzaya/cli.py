@@ -199,6 +199,8 @@ def add_serve(sub):
     p.add_argument("--max-queue", type=int, default=256, help="sequences waiting beyond the slots (429 beyond)")
     p.add_argument("--max-n", type=int, default=16, help="sequences per request (n x prompts)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--read-timeout-s", type=float, default=30.0,
+                   help="a request's headers, then its body, must each arrive within this (slow clients: 408)")
     p.add_argument("--request-timeout-s", type=float, default=600.0)
     p.add_argument("--max-ttc-population", type=int, default=64)
     p.add_argument("--max-ttc-rounds", type=int, default=8)
@@ -281,6 +283,8 @@ def _train_flags(p, stage: str):
     # Output
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints; -1 = only at the end")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--allow-config-change", action="store_true", default=None,
+                   help="--resume even when the checkpoint was saved with other settings (they are listed)")
     p.add_argument("--device", default=None)
     p.add_argument("--max-memory-gb", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)

@@ -52,6 +52,7 @@ Shape legend: B active rows (slots in use), S slots, T tokens, V vocab, L layers
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -203,6 +204,14 @@ def sample(logits_BV, temp_B, top_k_B, top_p_B, min_p_B, u_B, greedy_only: bool,
     return tok_B, raw_B, torch.where(is_greedy_B, 0.0, sampled_lp_B)
 
 
+def _sampling_ok(gp: GenParams) -> bool:
+    """The ranges `sample` and torch.Generator take: a finite temperature >= 0, top_p in (0, 1], min_p in [0, 1],
+    top_k within int64, 1 <= max_new_tokens < 2^63, a seed in [-2^63, 2^64) (NaN fails every comparison)."""
+    return (math.isfinite(gp.temperature) and gp.temperature >= 0 and 0 < gp.top_p <= 1 and 0 <= gp.min_p <= 1
+            and -2**63 <= gp.top_k < 2**63 and 1 <= gp.max_new_tokens < 2**63
+            and (gp.seed is None or -2**63 <= gp.seed < 2**64))
+
+
 # -----------------------------------------------------------------------------
 # Engine
 
@@ -276,14 +285,20 @@ class Engine:
 
     # --- validation --------------------------------------------------------------------------------
     def _check(self, prompts, params):
+        """Every request on its own, before it can join a batch: a value that would fail while its batch's tensors
+        are built (a top_k beyond int64, a seed torch.Generator refuses, a token id outside the vocabulary) must fail
+        this request at `submit` (or before `generate` starts), never the requests it would be batched with."""
         limit = min(self.max_len, self.config.max_position_embeddings)
+        V = self.config.vocab_size
         for i, (p, gp) in enumerate(zip(prompts, params)):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
             if len(p) > limit:
                 raise ValueError(f"prompt {i} has {len(p)} tokens, more than the engine's limit of {limit} "
                                  f"(max_len {self.max_len}, model context {self.config.max_position_embeddings})")
-            if gp.temperature < 0 or not 0 < gp.top_p <= 1 or not 0 <= gp.min_p <= 1 or gp.max_new_tokens < 1:
+            if min(p) < 0 or max(p) >= V:
+                raise ValueError(f"prompt {i}: token ids must be in [0, {V})")
+            if not _sampling_ok(gp):
                 raise ValueError(f"request {i}: bad sampling parameters {gp}")
             if gp.stop and self.decode is None:
                 raise ValueError(f"request {i} has stop strings but the Engine has no decode callable")

@@ -29,8 +29,13 @@ read through a mapping counts in the process's resident set (RssFile) until the 
 the resident set grow to the whole checkpoint over a long run. The page cache still holds what was read; the kernel
 reclaims it under pressure, and it is not this process's memory.
 
-Statistics (`model.offload.stats.summary()`): hit rate, bytes moved per token, stall time per token (time the
-compute thread waited for loads), resident and budget bytes, prefetch accuracy.
+Statistics (`model.offload.stats.summary()`, `.line()`), per phase (prefill: forward passes of several tokens per
+row; decode: one token per row; never mixed in a per-token figure): demand hits (resident from an earlier use),
+prefetch hits (first use of a prefetched expert) and misses, as separate rates; experts loaded and bytes moved per
+token; stall time per token (time the compute thread waited for loads); prefetch accuracy; resident bytes and the
+effective budget next to the one asked for (the cache holds whole experts, the same number per layer: a warning
+says so at load when they differ). Dtypes: the compute dtype (non-expert weights, activations) and the experts'
+storage dtype (cache and slower tier; the budget is in its bytes) are separate, experts are cast when used.
 
 Simplified: one CUDA copy stream, no pinned staging ring for disk reads on a GPU (a pinned buffer per read),
 and the per-layer split of the budget is even (a learned per-layer split could do better).
@@ -45,6 +50,7 @@ import math
 import os
 import struct
 import time
+import warnings
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_checked_state_dict, load_config, resolve_model_dir, weight_files
+from .checkpoint import load_checked_state_dict, load_config, refuse_non_finite, resolve_model_dir, weight_files
 from .model import MoE, Router, ZayaConfig, ZayaForCausalLM, count_params
 
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
@@ -109,9 +115,13 @@ def _pread_into(fd: int, buf: torch.Tensor, offset: int):
 
 
 class DiskExperts:
-    """Expert weights read from the checkpoint's safetensors files, one expert at a time (`os.preadv`)."""
+    """Expert weights read from the checkpoint's safetensors files, one expert at a time (`os.preadv`). With
+    check_finite, each expert is checked for NaN / inf the first time it is read (a damaged checkpoint fails there,
+    naming the tensor and the expert, rather than computing garbage; one pass over each expert in the process's
+    life)."""
 
-    def __init__(self, ckpt_dir: str | Path, cfg: ZayaConfig):
+    def __init__(self, ckpt_dir: str | Path, cfg: ZayaConfig, check_finite: bool = True):
+        self.ckpt_dir, self.check_finite, self.checked = Path(ckpt_dir), check_finite, set()
         files = weight_files(Path(ckpt_dir))
         headers, self.fds, self.loc = {}, {}, {}
         for layer in range(cfg.num_hidden_layers):
@@ -133,6 +143,7 @@ class DiskExperts:
                 per_expert = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
                 self.loc[layer, which] = (self.fds[path], base + info["data_offsets"][0], per_expert, dtype,
                                           tuple(shape[1:]))
+        self.dtype = self.loc[0, EXPERT_WEIGHTS[0]][3]   # the experts' stored dtype (layer 0's gate_up)
 
     def read_into(self, layer: int, e: int, gate_up: torch.Tensor, down: torch.Tensor):
         """Copy expert e of `layer` into the given tensors (any device/dtype; direct when CPU, same dtype)."""
@@ -143,6 +154,9 @@ class DiskExperts:
             direct = out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
             buf = out if direct else torch.empty(shape, dtype=dtype, pin_memory=out.device.type == "cuda")
             _pread_into(fd, buf, start + e * per_expert)
+            if self.check_finite and (layer, e, which) not in self.checked:
+                refuse_non_finite(f"{expert_key(layer, which)}[{e}]", buf, self.ckpt_dir)
+                self.checked.add((layer, e, which))
             if not direct:
                 out.copy_(buf)
 
@@ -218,40 +232,87 @@ class _Loader:
 
 
 @dataclass
-class OffloadStats:
-    expert_bytes: int = 0             # bytes of one expert
-    budget_bytes: int = 0             # slots of all layers x expert_bytes
-    all_expert_bytes: int = 0         # every expert of the checkpoint
+class PhaseStats:
+    """Counts of one phase: "prefill" (forward passes of several tokens per row) or "decode" (one token per row).
+    A use is one (layer, expert) an engine step computes with; each is exactly one of a demand hit, a prefetch hit
+    or a miss."""
     tokens: int = 0                   # tokens run through the model (padding excluded)
-    hits: int = 0                     # (layer, expert) uses found resident (or already in flight)
-    misses: int = 0                   # uses that had to be loaded
+    demand_hits: int = 0              # uses found resident, loaded by an earlier use (or a prefetch used before)
+    prefetch_hits: int = 0            # uses served by a prefetched expert, its first use since it was loaded
+    misses: int = 0                   # uses that had to be loaded then
     loads: int = 0                    # experts copied into the cache (misses + prefetches)
     prefetched: int = 0               # experts loaded ahead by prefetch
-    prefetch_used: int = 0            # ... of which used before being evicted
     stall_s: float = 0.0              # compute thread waiting for loads
+
+    def summary(self, expert_bytes: int) -> dict:
+        uses, tok = self.demand_hits + self.prefetch_hits + self.misses, max(self.tokens, 1)
+        rate = (lambda n: n / uses) if uses else (lambda n: float("nan"))
+        return {"tokens": self.tokens, "uses": uses, "demand_hits": self.demand_hits,
+                "prefetch_hits": self.prefetch_hits, "misses": self.misses, "loads": self.loads,
+                "prefetched": self.prefetched, "demand_hit_rate": rate(self.demand_hits),
+                "prefetch_hit_rate": rate(self.prefetch_hits), "miss_rate": rate(self.misses),
+                "loads_per_token": self.loads / tok, "bytes_moved_per_token": self.loads * expert_bytes / tok,
+                "stall_ms_per_token": 1e3 * self.stall_s / tok,
+                "prefetch_accuracy": self.prefetch_hits / self.prefetched if self.prefetched else float("nan")}
+
+
+@dataclass
+class OffloadStats:
+    """What the expert cache did, per phase (`prefill`, `decode`: per-token figures never mix the two), and what it
+    is: its effective budget (whole experts per layer) next to the one asked for, and the dtypes. NOTE: a demand
+    hit rate is what the cache itself achieves; the prefetch hit rate is what prediction adds; loads per token is
+    what a step really moves (with one slot per layer, prefetch hits can be high while most uses still load)."""
+    expert_bytes: int = 0             # bytes of one expert (storage dtype)
+    budget_bytes: int = 0             # effective: slots of all layers x expert_bytes
+    requested_budget_bytes: int = 0   # what was asked (bytes, or fraction x all expert bytes)
+    all_expert_bytes: int = 0         # every expert of the checkpoint (storage dtype)
+    slots: int = 0                    # experts resident per layer
+    num_experts: int = 0
+    expert_dtype: str = ""            # experts' storage dtype in the cache (and the budget's bytes)
+    compute_dtype: str = ""           # non-expert weights and activations; experts are cast to it when used
+    phase: str = "decode"             # the phase being counted (set by layer 0 from the input's shape)
+    prefill: PhaseStats = field(default_factory=PhaseStats)
+    decode: PhaseStats = field(default_factory=PhaseStats)
     resident: list = field(default_factory=list)   # per layer: experts currently resident
 
+    @property
+    def now(self) -> PhaseStats:
+        return self.prefill if self.phase == "prefill" else self.decode
+
     def reset(self):
-        self.tokens = self.hits = self.misses = self.loads = self.prefetched = self.prefetch_used = 0
-        self.stall_s = 0.0
+        self.prefill, self.decode = PhaseStats(), PhaseStats()
+
+    def budget_note(self) -> str | None:
+        """Why the effective budget differs from the one asked for, or None when it does not."""
+        if self.budget_bytes == self.requested_budget_bytes:
+            return None
+        return (f"expert cache: {self.slots} of {self.num_experts} experts per layer = "
+                f"{self.budget_bytes / GIB:.3f} GiB ({100 * self.budget_bytes / max(self.all_expert_bytes, 1):.2f}% "
+                f"of the {self.expert_dtype} expert bytes), asked {self.requested_budget_bytes / GIB:.3f} GiB "
+                f"({100 * self.requested_budget_bytes / max(self.all_expert_bytes, 1):.2f}%): the cache holds whole "
+                f"experts, the same number in every layer")
 
     def summary(self) -> dict:
-        uses = self.hits + self.misses
-        tok = max(self.tokens, 1)
-        return {"hit_rate": self.hits / uses if uses else float("nan"),
-                "bytes_moved_per_token": self.loads * self.expert_bytes / tok,
-                "stall_ms_per_token": 1e3 * self.stall_s / tok,
-                "resident_bytes": sum(self.resident) * self.expert_bytes,
-                "budget_bytes": self.budget_bytes,
-                "budget_fraction": self.budget_bytes / max(self.all_expert_bytes, 1),
-                "prefetch_accuracy": self.prefetch_used / self.prefetched if self.prefetched else float("nan"),
-                "tokens": self.tokens, "hits": self.hits, "misses": self.misses, "loads": self.loads}
+        total = PhaseStats(**{k: getattr(self.prefill, k) + getattr(self.decode, k)
+                              for k in PhaseStats.__dataclass_fields__})
+        return {**total.summary(self.expert_bytes),
+                "prefill": self.prefill.summary(self.expert_bytes), "decode": self.decode.summary(self.expert_bytes),
+                "resident_bytes": sum(self.resident) * self.expert_bytes, "budget_bytes": self.budget_bytes,
+                "requested_budget_bytes": self.requested_budget_bytes,
+                "budget_fraction": self.budget_bytes / max(self.all_expert_bytes, 1), "slots": self.slots,
+                "expert_dtype": self.expert_dtype, "compute_dtype": self.compute_dtype}
 
     def line(self) -> str:
+        """One line, decode figures (per generated token)."""
         s = self.summary()
-        return (f"offload | budget {s['budget_bytes'] / GIB:.2f} GiB ({100 * s['budget_fraction']:.0f}% of experts) | "
-                f"hit rate {s['hit_rate']:.3f} | moved {s['bytes_moved_per_token'] / 2**20:.1f} MiB/token | "
-                f"stall {s['stall_ms_per_token']:.2f} ms/token | resident {s['resident_bytes'] / GIB:.2f} GiB")
+        d = s["decode"]
+        asked = "" if self.budget_note() is None else \
+            f", asked {100 * self.requested_budget_bytes / max(self.all_expert_bytes, 1):.1f}%"
+        return (f"offload | budget {s['budget_bytes'] / GIB:.2f} GiB ({100 * s['budget_fraction']:.1f}% of "
+                f"{self.expert_dtype} experts{asked}) | decode: demand hits {d['demand_hit_rate']:.3f} prefetch hits "
+                f"{d['prefetch_hit_rate']:.3f} misses {d['miss_rate']:.3f} | loads {d['loads_per_token']:.1f}/token "
+                f"({d['bytes_moved_per_token'] / 2**20:.1f} MiB) | stall {d['stall_ms_per_token']:.2f} ms/token | "
+                f"resident {s['resident_bytes'] / GIB:.2f} GiB")
 
 
 class LayerCache:
@@ -288,13 +349,13 @@ class LayerCache:
     def _load(self, e: int, slot: int):
         self.slot_of[e] = slot
         self.pending[e] = self.loader.start(self.layer, e, self.gu[slot], self.dn[slot])
-        self.stats.loads += 1
+        self.stats.now.loads += 1
         self.stats.resident[self.layer] += 1
 
     def _wait(self, e: int):
         h = self.pending.pop(e, None)
         if h is not None:
-            self.stats.stall_s += self.loader.wait(h)
+            self.stats.now.stall_s += self.loader.wait(h)
 
     def run(self, needed: list[int], compute):
         """Make every expert in `needed` resident and call compute(e, gate_up [2I, D], down [D, I]) on each.
@@ -303,9 +364,10 @@ class LayerCache:
             self._wait(e)
         hits = [e for e in needed if e in self.slot_of]
         todo = hits + [e for e in needed if e not in self.slot_of]
-        self.stats.hits += len(hits)
-        self.stats.misses += len(todo) - len(hits)
-        self.stats.prefetch_used += len(self.ahead.intersection(needed))
+        now, ahead = self.stats.now, len(self.ahead.intersection(needed))   # ahead: prefetched (resident or loading)
+        now.prefetch_hits += ahead
+        now.demand_hits += len(hits) - ahead
+        now.misses += len(todo) - len(hits)
         self.ahead.difference_update(needed)
         self.uses[needed] += 1
         while todo:
@@ -334,7 +396,7 @@ class LayerCache:
                 return
             self._load(e, slot)
             self.ahead.add(e)
-            self.stats.prefetched += 1
+            self.stats.now.prefetched += 1
 
 
 # -----------------------------------------------------------------------------
@@ -362,9 +424,9 @@ class OffloadedExperts(nn.Module):
         needed = [e for e in range(E) if counts[e]]
         outs = {}
 
-        def compute(e, gate_up, down):
-            gate, up = F.linear(xs[e], gate_up).chunk(2, dim=-1)
-            outs[e] = F.linear(F.silu(gate) * up, down)
+        def compute(e, gate_up, down):   # stored in the expert dtype: cast to the activations' (no-op when equal)
+            gate, up = F.linear(xs[e], gate_up.to(x_ND.dtype)).chunk(2, dim=-1)
+            outs[e] = F.linear(F.silu(gate) * up, down.to(x_ND.dtype))
 
         self.cache.run(needed, compute)
         out_MD = torch.cat([outs[e] for e in needed])
@@ -394,8 +456,9 @@ class OffloadedMoE(MoE):
         keep_N = None if keep_BT is None else keep_BT.reshape(-1)
         replay_N = None if replay_BT is None else replay_BT.reshape(-1)
         route_N, weight_N, r_NR = self.gate(x_ND, r_prev_NR, keep_N, replay_N)
-        if self.count_tokens:
-            self.stats.tokens += B * T if keep_N is None else int(keep_N.sum())
+        if self.count_tokens:   # layer 0: this forward's phase, for every count until the next forward
+            self.stats.phase = "decode" if T == 1 else "prefill"
+            self.stats.now.tokens += B * T if keep_N is None else int(keep_N.sum())
         if self.next_gate is not None and replay_N is None:
             with torch.no_grad():
                 pred_N = self.next_gate(x_ND, r_NR, keep_N)[0]
@@ -422,16 +485,24 @@ class Offload:
 # Loading
 
 
-def budget_to_slots(cfg: ZayaConfig, budget_bytes: int | None = None, fraction: float | None = None,
-                    dtype: torch.dtype | None = None) -> int:
-    """Cache slots per layer for a byte budget (or a fraction of all expert bytes); at least one per layer."""
+def requested_budget_bytes(cfg: ZayaConfig, budget_bytes: int | None = None, fraction: float | None = None,
+                           dtype: torch.dtype | None = None) -> int:
+    """The budget asked for, in bytes: budget_bytes, or fraction of all expert bytes (in `dtype`)."""
     if (budget_bytes is None) == (fraction is None):
         raise ValueError("give exactly one of budget_bytes or fraction")
-    one = expert_nbytes(cfg, dtype)
     if budget_bytes is None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         budget_bytes = int(round(fraction * all_expert_nbytes(cfg, dtype)))
+    return budget_bytes
+
+
+def budget_to_slots(cfg: ZayaConfig, budget_bytes: int | None = None, fraction: float | None = None,
+                    dtype: torch.dtype | None = None) -> int:
+    """Cache slots per layer for a byte budget (or a fraction of all expert bytes), rounded down to whole experts,
+    the same number in every layer; at least one per layer."""
+    budget_bytes = requested_budget_bytes(cfg, budget_bytes, fraction, dtype)
+    one = expert_nbytes(cfg, dtype)
     slots = min(cfg.num_experts, budget_bytes // (one * cfg.num_hidden_layers))
     if slots < 1:
         raise ValueError(f"an expert cache of {budget_bytes / GIB:.3f} GiB is below one expert per layer "
@@ -440,38 +511,52 @@ def budget_to_slots(cfg: ZayaConfig, budget_bytes: int | None = None, fraction: 
 
 
 def load_offloaded(ckpt_dir: str | Path, budget_bytes: int | None = None, *, fraction: float | None = None,
-                   device="cpu", dtype: torch.dtype | None = None, tier: str = "auto", prefetch: bool = True,
-                   policy: str = "lru", threads: int = 2) -> ZayaForCausalLM:
+                   device="cpu", dtype: torch.dtype | None = None, expert_dtype: torch.dtype | None = None,
+                   tier: str = "auto", prefetch: bool = True, policy: str = "lru", threads: int = 2,
+                   check_finite: bool = True) -> ZayaForCausalLM:
     """A `ZayaForCausalLM` with its non-expert weights on `device` and its experts offloaded.
 
-    budget_bytes (or fraction of all expert bytes) sizes the expert cache; tier "auto" = "disk" on the CPU,
-    "host" (all experts in pinned CPU RAM) on a GPU. Statistics are at `model.offload.stats`.
+    budget_bytes (or fraction of all expert bytes) sizes the expert cache, in bytes of `expert_dtype`, rounded
+    down to whole experts per layer (a warning states the effective budget when it differs; `stats.budget_note()`).
+    `dtype` is the compute dtype (non-expert weights, activations; default the config's); `expert_dtype` the
+    experts' storage dtype in the cache and the slower tier (default: as the checkpoint stores them), cast to `dtype`
+    when used, so dtype=float32 on a bf16 checkpoint keeps the cache in bf16 (same outputs: the cast is exact).
+    tier "auto" = "disk" on the CPU, "host" (all experts in pinned CPU RAM) on a GPU. Statistics are at
+    `model.offload.stats`. check_finite: NaN / inf weights are refused, the non-expert ones at load, each expert
+    when it is first read (all at load with the host tier).
     """
     ckpt_dir, device = resolve_model_dir(ckpt_dir), torch.device(device)
     cfg = load_config(ckpt_dir)
     dtype = dtype or cfg.torch_dtype
-    slots = budget_to_slots(cfg, budget_bytes, fraction, dtype)
     if tier == "auto":
         tier = "host" if device.type == "cuda" else "disk"
     if tier not in ("disk", "host"):
         raise ValueError(f"unknown tier {tier!r} (auto, disk or host)")
+    source = DiskExperts(ckpt_dir, cfg, check_finite)
+    expert_dtype = expert_dtype or source.dtype
+    slots = budget_to_slots(cfg, budget_bytes, fraction, expert_dtype)
+    one = expert_nbytes(cfg, expert_dtype)
+    stats = OffloadStats(expert_bytes=one, all_expert_bytes=all_expert_nbytes(cfg, expert_dtype),
+                         budget_bytes=slots * cfg.num_hidden_layers * one, slots=slots, num_experts=cfg.num_experts,
+                         requested_budget_bytes=requested_budget_bytes(cfg, budget_bytes, fraction, expert_dtype),
+                         expert_dtype=str(expert_dtype).replace("torch.", ""),
+                         compute_dtype=str(dtype).replace("torch.", ""))
+    if stats.budget_note() is not None:
+        warnings.warn(stats.budget_note(), stacklevel=2)
 
     # ---- the model on meta, experts swapped for cached ones, then the non-expert weights read and assigned
-    source = DiskExperts(ckpt_dir, cfg)
     if tier == "host":
-        source = HostExperts(source, cfg, dtype, pin=device.type == "cuda")
+        source = HostExperts(source, cfg, expert_dtype, pin=device.type == "cuda")
     loader = _Loader(source, device, threads)
-    stats = OffloadStats(expert_bytes=expert_nbytes(cfg, dtype), all_expert_bytes=all_expert_nbytes(cfg, dtype),
-                         budget_bytes=slots * cfg.num_hidden_layers * expert_nbytes(cfg, dtype))
     with torch.device("meta"):
         model = ZayaForCausalLM(cfg)
     caches = []
     for i, layer in enumerate(model.model.layers):
-        cache = LayerCache(i, slots, cfg, device, dtype, loader, stats, policy)
+        cache = LayerCache(i, slots, cfg, device, expert_dtype, loader, stats, policy)
         layer.mlp = OffloadedMoE(layer.mlp.gate, OffloadedExperts(cache, cfg.num_experts), stats, count_tokens=i == 0)
         caches.append(cache)
     skip = {expert_key(i, w) for i in range(cfg.num_hidden_layers) for w in EXPERT_WEIGHTS}
-    sd = load_checked_state_dict(ckpt_dir, cfg, model.state_dict(), dtype, device, skip=skip)
+    sd = load_checked_state_dict(ckpt_dir, cfg, model.state_dict(), dtype, device, skip=skip, check_finite=check_finite)
     model.load_state_dict(sd, assign=True, strict=True)
     model.to(device)
     if prefetch:

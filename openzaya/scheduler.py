@@ -7,7 +7,9 @@
   `GenResult`, or an error) are handed to the caller's asyncio loop with one `call_soon_threadsafe` per loop per
   engine step; `wait_jobs` yields them and cancels what is left when its caller stops waiting.
 - The system is bounded: slots + `max_queue` sequences, beyond which `submit` refuses (429). Overdue jobs are
-  cancelled by the thread itself (408); an engine failure fails everything in flight (500).
+  cancelled by the thread itself (408). A sequence the engine refuses at submit (it checks every request's
+  sampling values on its own there) fails alone (400, or 500 for an unexpected error); an engine failure inside a
+  step fails everything in flight (500).
 - `SchedulerBackend` is the scheduler seen as a `Backend`, so test-time compute (ttc.py) batches with all traffic.
 - `Metrics`: Prometheus text format, no client library.
 
@@ -254,11 +256,16 @@ class Scheduler:
                 self._finish(j, ("done", s.result), out)
 
     def _submit_one(self, j: Job, out):
+        """Hand one job to the engine, which checks it on its own (`Engine.submit`): whatever it raises fails this
+        job only (400 for a ValueError, 500 otherwise), never the jobs submitted with it or already decoding."""
         try:
             j.handle = self.engine.submit(j.prompt, j.params)
             self.jobs[j.handle] = j
         except ValueError as e:
             self._finish(j, ("error", SchedulerError(400, str(e))), out)
+        except Exception as e:
+            self._finish(j, ("error", SchedulerError(500, f"cannot start this sequence: {type(e).__name__}: {e}")),
+                         out)
 
     def _drop(self, j: Job, event, out):
         if j.handle is not None:

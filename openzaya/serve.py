@@ -3,8 +3,9 @@
     openzaya serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-slots 16]
 
 The HTTP layer: limits (`ServeConfig`), request schemas, request -> jobs (`ServerState`), the one response path of
-both endpoints (`respond`), the TTC endpoint, routes, the API-key / body-size guard, the app and the CLI entry.
-Around it: scheduler.py (ONE engine serves every client through its thread: continuous batching across requests),
+both endpoints (`respond`), the TTC endpoint, routes, the app and the CLI entry. Around it: http_guard.py (API key,
+body cap and read timeouts before FastAPI parses anything; each status counted as sent), scheduler.py (ONE engine
+serves every client through its thread: continuous batching across requests),
 openai_format.py (error, choice and chunk shapes; `Reply` is what differs between /v1/completions and
 /v1/chat/completions), tokenizer.py (`TextStream` / `split_stream`), ttc.py (the test-time compute itself).
 
@@ -23,11 +24,14 @@ openai_format.py (error, choice and chunk shapes; `Reply` is what differs betwee
   checkpoint is checked against the running model, then copied in by the scheduler thread between two engine steps
   (sequences in flight continue on the new weights). Off by default (404); behind the API key when one is set.
 
-Limits and safety: bearer API key (401), body size cap (413), prompt + max tokens within the context (400,
+Limits and safety: bearer API key (401), body size cap (413, with or without Content-Length), a read timeout on
+a request's head, then on its body (408: slow clients cannot hold sockets), an explicit
+range on every numeric field and valid Unicode in every string (400), prompt + max tokens within the context (400,
 code context_length_exceeded), caps on n and on the TTC population / rounds (400), a bounded system (slots + queue,
 429 beyond), a per-request timeout (408; the scheduler also cancels overdue jobs itself), client disconnects cancel
 their jobs (slots freed at the next step), and shutdown lets in-flight requests finish for `shutdown_grace_s`,
-then cancels the rest. Every error has the OpenAI shape {"error": {"message", "type", "param", "code"}}.
+then cancels the rest. A sequence the engine cannot start fails alone, never its batch-mates (scheduler.py). Every
+error has the OpenAI shape {"error": {"message", "type", "param", "code"}}; /metrics counts the status sent.
 
 Simplified: logprobs are those of the sampled tokens only (raw model log-softmax at temperature 1, as
 `GenResult.logprobs`); `top_logprobs` lists just the sampled token. No tools / function calling, no `echo`,
@@ -37,22 +41,22 @@ no `best_of`, no `logit_bias` (ignored like any unknown field). TTC takes a sing
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backends import BackendError, SamplingParams, engine_params, load_local, text_engine
 from .checkpoint import load_weights_into
 from .engine import Engine, GenResult
+from .http_guard import GuardMiddleware, error_response, http_protocol
 from .openai_format import SSE_DONE, APIError, ChoiceStream, Reply, sse, usage
 from .scheduler import Job, Metrics, Scheduler, SchedulerBackend, SchedulerError, collect, wait_jobs
 from .tokenizer import Tokenizer, eos_union, split_reasoning
@@ -66,6 +70,7 @@ class ServeConfig:
     max_queue: int = 256                # sequences waiting for a slot beyond the running ones (429 beyond)
     max_n: int = 16                     # sequences per request (n x prompts)
     max_body_bytes: int = 1 << 20       # request body cap (413)
+    read_timeout_s: float = 30.0        # a request's headers, then its body, must each arrive within this (408)
     request_timeout_s: float = 600.0    # per request, TTC runs included (408)
     max_ttc_population: int = 64        # TTC N cap
     max_ttc_rounds: int = 8             # TTC T cap
@@ -75,28 +80,59 @@ class ServeConfig:
     weight_updates: bool = False        # serve POST /update_weights_from_disk (RL rollouts; off = 404)
 
 
-def _error_response(status: int, message: str, type: str = "invalid_request_error", param=None,
-                    code=None) -> JSONResponse:
-    return JSONResponse(APIError(status, message, type, param, code).body(), status_code=status)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # request schemas (they make the OpenAPI spec that schemathesis fuzzes)
 
 
+MAX_COUNT = 2**31 - 1   # the upper bound of every count field (tokens, n, top_k, ttc sizes); servers cap lower
+
+
+def _unencodable(v) -> str | None:
+    """Where a string (or a list of them, nested) holds text that cannot be encoded as UTF-8 (lone surrogates)."""
+    if isinstance(v, str):
+        try:
+            v.encode()
+        except UnicodeEncodeError as e:
+            return f"character {e.start}"
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            if (where := _unencodable(x)) is not None:
+                return f"item {i}, {where}"
+    return None
+
+
 class _Strict(BaseModel):
+    """Every request schema: unknown fields are ignored, every string must be valid Unicode (a lone surrogate, which
+    JSON's \\ud800 escapes can carry, is a 400 here rather than a failure in the tokenizer or the JSON writer)."""
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, v):
+        if (where := _unencodable(v)) is not None:
+            raise ValueError(f"text is not valid Unicode (a lone surrogate at {where})")
+        return v
+
+
+def _count(default, ge: int, description: str | None = None):
+    return Field(default, ge=ge, le=MAX_COUNT, description=description)
+
+
+def _unit(default, *, gt=None, ge=None, le=None):
+    return Field(default, gt=gt, ge=ge, le=le, allow_inf_nan=False)
+
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 
 class TTCSpec(_Strict):   # the TTC knobs under the report's letters; every default is TTCConfig's
     method: Literal[METHODS] = TTCConfig.method
-    n: int = Field(TTCConfig.population, ge=1, description="population N")
-    c: int = Field(TTCConfig.candidates, ge=1, description="candidates per aggregation prompt C")
-    t: int = Field(TTCConfig.rounds, ge=0, description="aggregation rounds T")
-    tau: int = Field(TTCConfig.tail_tokens, ge=1, description="tail tokens")
-    beta: int = Field(TTCConfig.budget_tokens, ge=1, description="decode budget per call, tokens")
-    head_tokens: int = Field(TTCConfig.head_tokens, ge=0, description="delethink: generated tokens kept after the "
-                                                                      "question")
+    n: int = _count(TTCConfig.population, 1, "population N")
+    c: int = _count(TTCConfig.candidates, 1, "candidates per aggregation prompt C")
+    t: int = _count(TTCConfig.rounds, 0, "aggregation rounds T")
+    tau: int = _count(TTCConfig.tail_tokens, 1, "tail tokens")
+    beta: int = _count(TTCConfig.budget_tokens, 1, "decode budget per call, tokens")
+    head_tokens: int = _count(TTCConfig.head_tokens, 0, "delethink: generated tokens kept after the question")
 
 
 class StreamOptions(_Strict):
@@ -105,14 +141,14 @@ class StreamOptions(_Strict):
 
 class _Sampling(_Strict):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, le=1)
+    max_tokens: int | None = _count(None, 1)
+    temperature: float | None = _unit(None, ge=0, le=2)
+    top_p: float | None = _unit(None, gt=0, le=1)
+    top_k: int | None = _count(None, -1)
+    min_p: float | None = _unit(None, ge=0, le=1)
     seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)
     stop: str | list[str] | None = Field(None, max_length=16)
-    n: int = Field(1, ge=1)
+    n: int = _count(1, 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ttc: TTCSpec | None = None
@@ -121,7 +157,7 @@ class _Sampling(_Strict):
 
 
 class CompletionBody(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     logprobs: int | None = Field(None, ge=0, le=20)
 
 
@@ -149,7 +185,7 @@ class ChatTemplateKwargs(_Strict):
 
 class ChatBody(_Sampling):
     messages: list[Message] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = _count(None, 1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: ChatTemplateKwargs | None = None
@@ -274,7 +310,7 @@ async def respond(srv: ServerState, body, reply: Reply, prompts: list[list[int]]
         return _event_stream(_stream(srv, reply, jobs, events, request, deadline, head, prompt_tokens, usage_chunk))
     results = await collect(srv.sched, jobs, events, request.is_disconnected, deadline)
     if results is None:
-        return _error_response(499, "client closed the request")
+        return error_response(499, "client closed the request")
     choices = []
     for j, res in zip(jobs, results):
         srv.metrics.first_token(j)
@@ -422,7 +458,7 @@ async def respond_ttc(srv: ServerState, body, question: str, reply: Reply, reque
     try:
         results, totals = await _ttc_wait(task, request, deadline)
     except asyncio.CancelledError:
-        return _error_response(499, "client closed the request")
+        return error_response(499, "client closed the request")
     finally:
         if not task.done():
             task.cancel()
@@ -465,7 +501,7 @@ router = APIRouter()
 async def health(request: HTTPRequest):
     srv: ServerState = request.app.state.srv
     if not srv.sched.accepting:
-        return _error_response(503, "shutting down", "server_error")
+        return error_response(503, "shutting down", "server_error")
     return {"status": "ok", "running": srv.engine.num_running, "queued": srv.sched.queue_depth()}
 
 
@@ -551,78 +587,15 @@ async def _validation_error(request, e: RequestValidationError):
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body') or 'body'}: {er.get('msg')}"
                     for er in errs[:5])
-    return _error_response(400, msg or "invalid request", param=".".join(loc) or None)
+    return error_response(400, msg or "invalid request", param=".".join(loc) or None)
 
 
 async def _http_error(request, e: StarletteHTTPException):
-    return _error_response(e.status_code, str(e.detail))
+    return error_response(e.status_code, str(e.detail))
 
 
 async def _unexpected(request, e: Exception):
-    return _error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# ASGI guard: API key, body size cap, request metrics (before FastAPI parses anything)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _GuardMiddleware:
-    def __init__(self, app, srv: ServerState):
-        self.app, self.srv = app, srv
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path, cfg = scope.get("path", ""), self.srv.cfg
-        endpoint = path if path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
-                                    "/metrics") else "other"
-        t0 = time.perf_counter()
-        status = [0]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-
-        async def reply(resp):
-            await resp(scope, receive, send_wrapped)
-
-        async def send_wrapped(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            if cfg.api_key and (path.startswith("/v1/") or path == "/update_weights_from_disk"):
-                auth = headers.get("authorization", "")
-                token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-                if not secrets.compare_digest(token.encode(), cfg.api_key.encode()):
-                    return await reply(_error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                                       "authentication_error", code="invalid_api_key"))
-            length = headers.get("content-length", "")
-            if length.isdigit() and int(length) > cfg.max_body_bytes:
-                return await reply(_error_response(413, f"request body over {cfg.max_body_bytes} bytes",
-                                                   code="body_too_large"))
-            seen = [0]
-
-            async def receive_capped():
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen[0] += len(message.get("body", b""))
-                    if seen[0] > cfg.max_body_bytes:
-                        raise _BodyTooLarge()
-                return message
-
-            try:
-                await self.app(scope, receive_capped, send_wrapped)
-            except _BodyTooLarge:
-                if status[0] == 0:
-                    await reply(_error_response(413, f"request body over {cfg.max_body_bytes} bytes",
-                                                code="body_too_large"))
-        finally:
-            self.srv.metrics.count_request(endpoint, status[0] or 499)
-            if endpoint.startswith("/v1/") and endpoint != "/v1/models":
-                self.srv.metrics.observe("openzaya_request_latency_seconds", endpoint, time.perf_counter() - t0)
+    return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -645,7 +618,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig | None = N
     app = FastAPI(title="openzaya", version="0.1.0", lifespan=_lifespan,
                   description="OpenAI-compatible ZAYA server with Markovian RSA test-time compute")
     app.state.srv = ServerState(engine, tokenizer, cfg, cfg.model_name or model_name)
-    app.add_middleware(_GuardMiddleware, srv=app.state.srv)
+    app.add_middleware(GuardMiddleware, cfg=cfg, metrics=app.state.srv.metrics)
     for exc, handler in [(APIError, _api_error), (SchedulerError, _scheduler_error),
                          (RequestValidationError, _validation_error), (StarletteHTTPException, _http_error),
                          (Exception, _unexpected)]:
@@ -672,6 +645,7 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     cfg = ServeConfig(max_slots=args.max_slots, max_len=args.max_len if args.max_len > 0 else None,
                       max_queue=args.max_queue, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
+                      read_timeout_s=args.read_timeout_s,
                       request_timeout_s=args.request_timeout_s, max_ttc_population=args.max_ttc_population,
                       max_ttc_rounds=args.max_ttc_rounds, shutdown_grace_s=args.shutdown_grace_s,
                       api_key=args.api_key, model_name=args.served_model_name,
@@ -681,6 +655,6 @@ def main(args) -> int:
                    compile=args.compile)
     print(f"serving {app.state.srv.model_name} on http://{args.host}:{args.port}/v1 "
           f"({cfg.max_slots} slots, context {app.state.srv.limit})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=cfg.shutdown_grace_s)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=cfg.shutdown_grace_s,
+                http=http_protocol(cfg, app.state.srv.metrics))   # read timeouts on each request's head (http_guard)
     return 0

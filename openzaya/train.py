@@ -64,6 +64,7 @@ class TrainConfig:
     # Output
     save_every: int = 50               # -1 = only at the end
     resume: bool = False
+    allow_config_change: bool = False  # resume even when the checkpoint was saved with other settings
     device: str = "auto"               # auto | cpu | cuda
     max_memory_gb: float = -1          # -1 = the machine's memory
     threads: int = 0                   # torch CPU threads; 0 = leave torch's default
@@ -330,13 +331,25 @@ def check_memory(cfg: TrainConfig, model_cfg, device: torch.device):
                           f"{have / 2**30:.1f} GiB available: reduce device_batch_size, seq_len or the model")
 
 
+# settings a resumed run may change without --allow-config-change: they do not change what is trained
+RESUME_MAY_CHANGE = ("out", "resume", "allow_config_change", "device", "threads", "max_memory_gb", "log_to",
+                     "save_every")
+
+
 def restore(cfg: TrainConfig, ckpt_path: Path, metrics_path: Path, model, opt, rank: int) -> int:
     """The step to start from: the checkpoint's with --resume (model, optimizer, RNG restored), else 0 (seeded).
+    A checkpoint saved with other settings is refused, the differences listed, unless --allow-config-change.
     Rank 0 keeps metrics.jsonl up to that step only."""
+    from .checkpoint import config_changes
     start = 0
     if cfg.resume and ckpt_path.exists():
-        start = load_checkpoint(ckpt_path, model, opt)["step"]
-        print0(f"resumed from {ckpt_path} at step {start}")
+        state = load_checkpoint(ckpt_path, model, opt)
+        changes = config_changes(state.get("config", {}), asdict(cfg), ignore=RESUME_MAY_CHANGE)
+        if changes and not cfg.allow_config_change:
+            raise ValueError(f"--resume: {ckpt_path} was saved with other settings (pass --allow-config-change to "
+                             f"continue with the new ones):\n  " + "\n  ".join(changes))
+        start = state["step"]
+        print0(f"resumed from {ckpt_path} at step {start}" + "".join(f"; {c}" for c in changes))
     elif cfg.resume:
         print0(f"--resume: no checkpoint at {ckpt_path}, starting fresh")
     else:

@@ -19,9 +19,12 @@ calls finish, read back to resume), the bounded-context check and the per-round 
 
 - markovian_rsa: round 0 = N rollouts of the question; round t >= 1 = N aggregation prompts, each from C tails drawn
   uniformly without replacement (independently per prompt, like the RSA code) from round t-1; a tail is the last tau
-  tokens of the rollout's *reasoning* (text before `</think>`, or all of it when the think block never closed).
+  tokens of the rollout's *reasoning* (text before `</think>`, or all of it when the think block never closed), or
+  of its whole text when it has no reasoning (`reasoning_or_text`: thinking off, or a model / server that never
+  emits a think block).
 - rsa: the same loop with whole generated texts as candidates (prompts grow ~ C x beta).
-- pacore_hybrid: the candidate's answer section (after `</think>`) when it reached one, else its reasoning tail.
+- pacore_hybrid: the candidate's answer section (after `</think>`) when it reached one, else its reasoning tail
+  (else the tail of its whole text).
 - delethink: C = 1 bounded continuation: chunk 0 from the question (budget beta); chunk k >= 1 continues from
   question + the first `head_tokens` generated tokens + the last tau tokens of the previous chunk, as a raw text prompt
   in the same assistant turn; stops at EOS. T + 1 chunks at most; the trace is the concatenation of chunks.
@@ -34,6 +37,9 @@ final-population mean accuracy (what the TR reports) is recorded as well.
 Simplified / our choices (the TR leaves them open): the aggregation prompt text (AGGREGATION_TEMPLATE_V1, our own
 wording, question first so prompts share a prefix), the round-0 prompt (the question as one user message), the final
 round uses the same beta, and the deployment answer is the majority vote.
+
+Never aggregate nothing: an aggregation prompt whose candidate blocks are all empty while those rollouts' texts
+were not is a bug in how candidates are cut, and raises (`RuntimeError`) instead of being sent.
 
 Bounded context: each aggregation prompt's text is checked against |question| + C x tau + |template| tokens before
 its call (|template| = the summed token counts of the template's text pieces around the slots, `template_pieces`);
@@ -432,6 +438,11 @@ class Run:
         contents, metas = [], []
         for subset in self.subsets(problem.id, round_, len(prev)):
             tails = [candidate(prev[j]) for j in subset]
+            if not any(t.strip() for t in tails) and any(prev[j].text.strip() for j in subset):
+                raise RuntimeError(f"{problem.id} round {round_}: every candidate of an aggregation prompt is empty "
+                                   f"although rollouts {subset} of round {round_ - 1} are not (their reasoning: "
+                                   f"{[len(prev[j].reasoning) for j in subset]} chars, answers "
+                                   f"{[len(prev[j].answer) for j in subset]} chars): a bug, not sent")
             text = build_aggregation_prompt(problem.question, tails, self.template)
             n = self.count(text)
             meta = {"candidate_ids": [f"{problem.id}/r{round_ - 1}/i{j}" for j in subset],
@@ -489,8 +500,14 @@ async def _aggregate(run: Run, p: TTCProblem, rounds: list[RoundStats],
     return pop
 
 
+def reasoning_or_text(c: Completion) -> str:
+    """What a Markovian RSA tail is cut from: the reasoning when the rollout has one, else its whole text (thinking
+    off, or a model or server that never emits a think block: the reasoning is empty and the text is the answer)."""
+    return c.reasoning if c.reasoning.strip() else c.text
+
+
 async def markovian_rsa(run: Run, p: TTCProblem, rounds: list[RoundStats]) -> list[Completion]:
-    return await _aggregate(run, p, rounds, lambda c: run.tail(c.reasoning, run.cfg.tail_tokens))
+    return await _aggregate(run, p, rounds, lambda c: run.tail(reasoning_or_text(c), run.cfg.tail_tokens))
 
 
 async def rsa(run: Run, p: TTCProblem, rounds: list[RoundStats]) -> list[Completion]:
@@ -500,7 +517,7 @@ async def rsa(run: Run, p: TTCProblem, rounds: list[RoundStats]) -> list[Complet
 async def pacore_hybrid(run: Run, p: TTCProblem, rounds: list[RoundStats]) -> list[Completion]:
     tau = run.cfg.tail_tokens
     return await _aggregate(run, p, rounds,
-                            lambda c: run.tail(c.answer, tau) if c.answer else run.tail(c.reasoning, tau))
+                            lambda c: run.tail(c.answer if c.answer.strip() else reasoning_or_text(c), tau))
 
 
 def delethink_query(tok, question: str, enable_thinking: bool) -> str:

@@ -10,6 +10,8 @@ Knobs (attributes, changeable between requests):
   fail_statuses     list of HTTP statuses returned, one per request, before answering normally (e.g. [429, 500])
   delay_s           sleep before answering (slow server)
   reasoning_content chat answers put the thinking in message.reasoning_content and only the answer in content
+  never_thinks      answers hold no thinking at all (an instruct model); chat requests with
+                    chat_template_kwargs.enable_thinking=false get none either (as vLLM / SGLang)
   reject_max_completion_tokens  400 when a chat request uses max_completion_tokens (older servers)
   n_words           words in each answer (before max_tokens)
 It records every request body in `requests` and the peak number of requests in flight in `max_in_flight`.
@@ -25,8 +27,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class StubServer:
     def __init__(self, ignore_n=False, fail_statuses=None, delay_s=0.0, reasoning_content=False,
-                 reject_max_completion_tokens=False, n_words=12):
+                 reject_max_completion_tokens=False, n_words=12, never_thinks=False):
         self.ignore_n, self.delay_s, self.reasoning_content = ignore_n, delay_s, reasoning_content
+        self.never_thinks = never_thinks
         self.fail_statuses = list(fail_statuses or [])
         self.reject_max_completion_tokens, self.n_words = reject_max_completion_tokens, n_words
         self.requests: list[dict] = []
@@ -108,7 +111,8 @@ def _make_handler(server: StubServer):
             prompt = body["prompt"]
             choices, total = [], 0
             for i, (reasoning, answer) in enumerate(self._choices(prompt, body)):
-                text, finish = _cut(f"{reasoning}\n</think>\n\n{answer}", body, body.get("max_tokens"))
+                text = answer if server.never_thinks else f"{reasoning}\n</think>\n\n{answer}"
+                text, finish = _cut(text, body, body.get("max_tokens"))
                 total += len(text.split())
                 choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
             usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": total}
@@ -122,8 +126,13 @@ def _make_handler(server: StubServer):
             prompt = body["messages"][-1]["content"]
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
             choices, total = [], 0
+            thinks = not server.never_thinks and (body.get("chat_template_kwargs") or {}).get("enable_thinking", True)
             for i, (reasoning, answer) in enumerate(self._choices(prompt, body)):
-                if server.reasoning_content:
+                if not thinks:
+                    content, finish = _cut(answer, body, max_tokens)
+                    message = {"role": "assistant", "content": content}
+                    total += len(content.split())
+                elif server.reasoning_content:
                     content, finish = _cut(answer, body, max_tokens)
                     message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
                     total += len(content.split()) + len(reasoning.split())

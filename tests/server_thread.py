@@ -11,8 +11,13 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, grace_s: float = 5.0):
         import uvicorn
 
+        kw = {}
+        srv = getattr(getattr(app, "state", None), "srv", None)
+        if srv is not None:   # openzaya serve's app: its HTTP protocol (read timeouts), as `openzaya serve` runs it
+            from openzaya.http_guard import http_protocol
+            kw["http"] = http_protocol(srv.cfg, srv.metrics)
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    timeout_graceful_shutdown=grace_s, lifespan="on"))
+                                                    timeout_graceful_shutdown=grace_s, lifespan="on", **kw))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.host = host
 

@@ -142,7 +142,8 @@ def test_engine_greedy_tokens_identical_and_budget_never_exceeded(ckpt, monkeypa
             for a, b in zip(got, want[continuous]):
                 torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
         s = model.offload.stats.summary()
-        assert s["tokens"] > 0 and s["misses"] > 0 and 0 <= s["hit_rate"] <= 1
+        assert s["tokens"] > 0 and s["misses"] > 0 and 0 <= s["demand_hit_rate"] <= 1
+        assert 0 <= s["prefetch_hit_rate"] <= 1 and s["demand_hits"] + s["prefetch_hits"] + s["misses"] == s["uses"]
         if slots == E:
             assert s["loads"] <= E * cfg.num_hidden_layers       # everything fits: each expert loaded once
         model.offload.close()
@@ -242,3 +243,131 @@ def test_process_rss_stays_within_budget(tmp_path):
     assert full["peak_delta"] - off["peak_delta"] > 0.9 * (experts - s["budget_bytes"]), (full, off)
     print(f"peak RSS growth: resident {full['peak_delta'] / 2**20:.0f} MiB, offloaded (12.5%) "
           f"{off['peak_delta'] / 2**20:.0f} MiB, experts {experts / 2**20:.0f} MiB")
+
+
+# -----------------------------------------------------------------------------
+# statistics that tell the truth: demand vs prefetch hits, decode vs prefill, the effective budget, the dtypes
+
+
+class _CountingSource:
+    """A slower tier that fills a slot with the expert's number (no files): enough for the cache's bookkeeping."""
+
+    def read_into(self, layer, e, gate_up, down):
+        gate_up.fill_(e)
+        down.fill_(e)
+
+
+def test_cache_counts_demand_hits_prefetch_hits_and_misses_apart():
+    from openzaya.offload import OffloadStats, _Loader
+
+    cfg = tiny_config(num_experts=E)
+    stats = OffloadStats()
+    loader = _Loader(_CountingSource(), torch.device("cpu"), threads=1)
+    cache = LayerCache(0, 2, cfg, "cpu", torch.float32, loader, stats)
+    seen = []
+    run = lambda needed: cache.run(needed, lambda e, gu, dn: seen.append((e, int(gu[0, 0]))))   # noqa: E731
+    run([0])                    # miss
+    run([0])                    # demand hit
+    cache.prefetch([1])         # loaded ahead
+    run([1])                    # prefetch hit (its first use) ...
+    run([1, 0])                 # ... then demand hits
+    cache.prefetch([2, 3])      # evicts 1 then 0 (least recently used first)
+    run([2, 5])                 # 2: prefetch hit; 5: miss (evicts 3, prefetched and never used)
+    d = stats.decode
+    assert (d.misses, d.demand_hits, d.prefetch_hits, d.prefetched, d.loads) == (2, 3, 2, 3, 5)
+    assert stats.prefill == type(stats.prefill)()     # nothing counted in the other phase
+    assert all(e == v for e, v in seen)                # each compute saw its own expert's weights
+    s = stats.summary()["decode"]
+    assert s["uses"] == 7 and s["prefetch_accuracy"] == 2 / 3 and s["loads_per_token"] == 5   # no tokens: per 1
+    assert (s["demand_hit_rate"], s["prefetch_hit_rate"], s["miss_rate"]) == (3 / 7, 2 / 7, 2 / 7)
+    loader.close()
+
+
+def _uses_per_phase(model, prompts, n_new):
+    """Every (layer, expert) use of a greedy generate, from the routes the resident model takes: prefill counts the
+    distinct experts of each layer over the admitted rows (one forward), decode those of each step."""
+    from openzaya.engine import Engine
+
+    eng = Engine(model, max_slots=len(prompts), max_len=64)
+    res = eng.generate(prompts, GenParams(temperature=0, max_new_tokens=n_new, eos_ids=[]), return_routes=True)
+    P = max(len(p) for p in prompts)
+    prefill = sum(len({int(x) for r, p in zip(res, prompts) for x in r.routes[layer, :len(p)] if x >= 0})
+                  for layer in range(model.config.num_hidden_layers))
+    decode = sum(len({int(r.routes[layer, len(p) + t]) for r, p in zip(res, prompts)} - {-1})
+                 for layer in range(model.config.num_hidden_layers) for t in range(n_new - 1))
+    return prefill, decode, [r.tokens for r in res], P
+
+
+def test_decode_and_prefill_counted_apart(ckpt):
+    cfg = ZayaConfig.load(ckpt)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 7)]
+    n_new = 6
+    want_prefill, want_decode, want_tokens, _ = _uses_per_phase(resident(ckpt), prompts, n_new)
+    for prefetch in (False, True):
+        model = load_offloaded(ckpt, fraction=1 / E, prefetch=prefetch)   # one slot: decode loads, prefetch acts
+        got = Engine(model, max_slots=3, max_len=64).generate(prompts, GenParams(temperature=0, max_new_tokens=n_new,
+                                                                                 eos_ids=[]))
+        assert [r.tokens for r in got] == want_tokens
+        s = model.offload.stats.summary()
+        pre, dec = s["prefill"], s["decode"]
+        assert pre["tokens"] == sum(len(p) for p in prompts) and dec["tokens"] == 3 * (n_new - 1)
+        assert (pre["uses"], dec["uses"]) == (want_prefill, want_decode)
+        for ph in (pre, dec):
+            assert ph["demand_hits"] + ph["prefetch_hits"] + ph["misses"] == ph["uses"]
+            assert ph["loads"] == ph["misses"] + ph["prefetched"]
+            assert ph["loads_per_token"] == ph["loads"] / ph["tokens"]
+            assert ph["prefetch_hits"] <= ph["prefetched"]
+        assert s["tokens"] == pre["tokens"] + dec["tokens"] and s["uses"] == pre["uses"] + dec["uses"]
+        if not prefetch:
+            assert s["prefetch_hits"] == s["prefetched"] == 0
+        else:
+            assert dec["prefetched"] > 0
+        assert "decode: demand hits" in model.offload.stats.line()
+        model.offload.close()
+
+
+def test_effective_budget_is_stated_when_it_differs(ckpt):
+    import warnings
+
+    cfg = ZayaConfig.load(ckpt)
+    with pytest.warns(UserWarning, match=f"2 of {E} experts per layer"):
+        model = load_offloaded(ckpt, fraction=0.3)             # 2.4 experts per layer: 2 (25%)
+    st = model.offload.stats
+    assert st.slots == 2 and st.budget_bytes == 2 * cfg.num_hidden_layers * expert_nbytes(cfg)
+    assert st.requested_budget_bytes == round(0.3 * all_expert_nbytes(cfg)) > st.budget_bytes
+    s = st.summary()
+    assert (s["budget_fraction"], s["requested_budget_bytes"]) == (0.25, st.requested_budget_bytes)
+    assert "asked 30.0%" in st.line() and "25.0% of float32 experts" in st.line()
+    model.offload.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # an exact budget: nothing to say
+        model = load_offloaded(ckpt, fraction=0.25)
+    assert model.offload.stats.budget_note() is None
+    model.offload.close()
+
+
+def test_compute_dtype_apart_from_expert_storage_dtype(ckpt, tmp_path):
+    """A bf16 checkpoint computed in float32: the experts stay bf16 in the cache (the budget buys bf16 experts, as
+    many as its bytes hold), are cast when used, and the logits equal the resident float32 model's; asking for
+    float32 storage doubles the bytes of each expert."""
+    save_pretrained(from_pretrained(ckpt), tmp_path / "bf16", dtype=torch.bfloat16)
+    cfg = ZayaConfig.load(tmp_path / "bf16")
+    ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    ref = from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    for layer in ref.model.layers:
+        layer.mlp.experts.use_grouped_mm = False
+    with torch.no_grad():
+        want = ref(ids)
+    budget = 4 * cfg.num_hidden_layers * expert_nbytes(cfg, torch.bfloat16)
+    for expert_dtype, slots in ((None, 4), (torch.float32, 2)):
+        model = load_offloaded(tmp_path / "bf16", budget, dtype=torch.float32, expert_dtype=expert_dtype)
+        st = model.offload.stats
+        stored = expert_dtype or torch.bfloat16
+        assert model.offload.caches[0].gate_up_SKD.dtype == stored and st.slots == slots
+        assert st.expert_bytes == expert_nbytes(cfg, stored) and st.budget_bytes == budget
+        assert (st.compute_dtype, st.expert_dtype) == ("float32", str(stored).replace("torch.", ""))
+        assert model.model.embed_tokens.weight.dtype == torch.float32
+        with torch.no_grad():
+            assert torch.equal(model(ids), want)
+        model.offload.close()

@@ -7,6 +7,7 @@ Run: .venv/bin/python -m pytest tests/test_serve.py
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -32,7 +33,7 @@ def ckpt(tmp_path_factory):
 def server(ckpt):
     app = load_app(ckpt, ServeConfig(max_slots=8, max_len=1024, max_queue=64, api_key=KEY, request_timeout_s=60))
     with ServerThread(app) as s:
-        s.name = app.state.srv.model_name
+        s.name, s.srv = app.state.srv.model_name, app.state.srv
         yield s
 
 
@@ -80,6 +81,80 @@ def test_engine_step_interface_matches_generate():
     assert done == set(handles[1:4]) and not eng.cancel(handles[0])
     with pytest.raises(ValueError):
         eng.submit([], params[0])
+
+
+def test_a_request_the_engine_cannot_start_fails_alone():
+    """Isolation below the schema: sequences whose sampling values would break their batch (a top_k beyond int64, a
+    seed torch refuses, a non-finite temperature, a token id outside the vocabulary) or whose start raises anything
+    else are refused one by one at submit (400 / 500), while the sequences decoding next to them finish with the
+    tokens they have alone."""
+    from openzaya.scheduler import Job, Metrics, Scheduler, SchedulerError, collect
+
+    eng = Engine(random_model(tiny_config()), max_slots=4, max_len=64)
+    prompts = [[1, 5, 6, 7], [1, 9], [1, 4, 4, 4]]
+    params = [GenParams(temperature=t, max_new_tokens=12, eos_ids=[], seed=i) for i, t in enumerate([0, 1.0, 0.7])]
+    want = [r.tokens for r in eng.generate(prompts, params)]
+    poisons = [GenParams(temperature=1.0, top_k=2**70, eos_ids=[]), GenParams(seed=2**64, eos_ids=[]),
+               GenParams(temperature=float("nan"), eos_ids=[]), GenParams(temperature=float("inf"), eos_ids=[]),
+               GenParams(top_k=-2**70, eos_ids=[])]
+    real_submit = eng.submit
+
+    def submit(prompt, p):   # an unexpected failure while one request's state is prepared
+        if prompt == [1, 3, 3]:
+            raise RuntimeError("broken request state")
+        return real_submit(prompt, p)
+
+    eng.submit = submit
+    sched = Scheduler(eng, max_queue=16, metrics=Metrics())
+    sched.start()
+
+    async def run():
+        deadline = time.monotonic() + 60
+        good = [[Job(i, p, q, False, deadline)] for i, (p, q) in enumerate(zip(prompts, params))]
+        bad = [[Job(0, [1, 2], q, False, deadline)] for q in poisons]
+        bad += [[Job(0, [1, 200], GenParams(eos_ids=[]), False, deadline)],   # vocab is 128
+                [Job(0, [1, 3, 3], GenParams(eos_ids=[]), False, deadline)]]
+        first = [collect(sched, jobs, sched.submit(jobs), None, deadline) for jobs in good[:1]]
+        await asyncio.sleep(0.05)   # one sequence already decoding, then the rest and the poisons together
+        rest = [collect(sched, jobs, sched.submit(jobs), None, deadline) for jobs in good[1:] + bad]
+        return await asyncio.gather(*first, *rest, return_exceptions=True)
+
+    try:
+        out = asyncio.run(run())
+    finally:
+        sched.shutdown(1.0)
+    assert [r[0].tokens for r in out[:3]] == want
+    errors = out[3:]
+    assert all(isinstance(e, SchedulerError) for e in errors), errors
+    assert [e.status for e in errors] == [400] * 6 + [500]
+    assert sched.in_system == 0 and eng.num_running == 0
+
+
+def test_poisoned_http_request_among_in_flight_ones(server):
+    """Over HTTP: numeric extremes are refused at the schema (400) while the requests in flight finish with the
+    output they give alone."""
+    import threading
+
+    body = {"model": server.name, "max_tokens": 24, "temperature": 0}
+    want = [client(server).completions.create(**body, prompt=f"{i} plus 2 is").choices[0].text for i in range(3)]
+    got = {}
+
+    def one(i):
+        got[i] = httpx.post(server.url + "/v1/completions", json={**body, "prompt": f"{i} plus 2 is"},
+                            headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    poisons = [{"top_k": 10**30}, {"top_k": 2**63}, {"seed": 2**64}, {"n": 10**30}, {"max_tokens": 10**30},
+               {"logprobs": 2**63}, {"ttc": {"tau": 10**30}}, {"prompt": [1, 10**30]}]
+    codes = [httpx.post(server.url + "/v1/completions", json={**body, "prompt": "1 plus 2 is", **p},
+                        headers={"Authorization": f"Bearer {KEY}"}, timeout=60).status_code for p in poisons]
+    for t in threads:
+        t.join()
+    assert codes == [400] * len(poisons)
+    assert [got[i].status_code for i in range(3)] == [200] * 3
+    assert [got[i].json()["choices"][0]["text"] for i in range(3)] == want
 
 
 # -----------------------------------------------------------------------------
@@ -200,13 +275,73 @@ def test_load_32_concurrent_streaming_clients(server):
     assert "openzaya_request_latency_seconds_bucket" in metrics and "openzaya_queue_depth 0" in metrics
 
 
-def test_schemathesis_fuzz_no_5xx(ckpt):
+def _numeric_fields(spec: dict, schema: dict, path: tuple = ()):
+    """(path, schema) of every integer / number in a request schema of the OpenAPI spec, following $ref, anyOf and
+    arrays (an array's element is index 0 of the path)."""
+    if "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].split("/")[-1]]
+    for alt in schema.get("anyOf", []):
+        yield from _numeric_fields(spec, alt, path)
+    if schema.get("type") in ("integer", "number"):
+        yield path, schema
+    elif schema.get("type") == "array":
+        yield from _numeric_fields(spec, schema["items"], path + (0,))
+    for key, sub in schema.get("properties", {}).items():
+        yield from _numeric_fields(spec, sub, path + (key,))
+
+
+RAW = {"NaN": "NaN", "Infinity": "Infinity", "-Infinity": "-Infinity"}   # JSON literals Python's parser accepts
+ALWAYS = [2**63, -10**30, "NaN", "Infinity"]                               # beyond int64, non-finite
+EXTREMES = [0, -1, 2**31, 2**64, 10**30, 1e308, -1e308, 5e-324, -0.0, 0.5, "-Infinity", "7", True, None, [], {}]
+
+
+def _extreme_bodies(spec: dict, route: str, base: dict, rng) -> list[tuple[str, bytes]]:
+    """For every numeric field of the route's body (nested ones too): just outside its range on both sides, a value
+    beyond int64 each way, NaN and Infinity, and two random others (wrong types among them), as raw JSON."""
+    schema = spec["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    out = []
+    for path, field in dict(_numeric_fields(spec, schema)).items():
+        lo = field.get("minimum", field.get("exclusiveMinimum"))
+        hi = field.get("maximum")
+        edges = ([] if lo is None else [int(lo) - 1 if "minimum" in field else lo]) + ([] if hi is None else
+                                                                                        [int(hi) + 1])
+        for v in edges + ALWAYS + rng.sample(EXTREMES, 2):
+            body = json.loads(json.dumps(base))
+            if path[0] == "ttc":
+                body["ttc"] = {"method": "markovian_rsa", "n": 2, "c": 1, "t": 1, "tau": 2, "beta": 4}
+            value = RAW.get(v, v) if isinstance(v, str) else v
+            for key in reversed(path[1:]):   # the value nested along the path (index 0 = a one-element list)
+                value = [value] if key == 0 else {key: value}
+            target = body["ttc"] if path[0] == "ttc" else body
+            if path[0] == "ttc":
+                target.update(value)
+            else:
+                body[path[0]] = value
+            text = json.dumps(body)
+            for literal in RAW:   # the non-finite literals go in unquoted
+                text = text.replace(f'"{literal}"', literal)
+            out.append((route, text.encode()))
+    return out
+
+
+def test_fuzz_no_5xx_and_greedy_output_unchanged(ckpt):
+    """schemathesis over the OpenAPI spec, then numeric extremes in every numeric field of both bodies (beyond
+    int64, non-finite, wrong types, just outside each range): no 5xx, every error in the OpenAI shape, and a greedy
+    request answers the same text after the barrage as before it."""
+    import random
+
     import schemathesis
     from hypothesis import HealthCheck, given, settings
 
     app = load_app(ckpt, ServeConfig(max_slots=4, max_len=48, max_queue=4, max_n=4, api_key=KEY,
                                      request_timeout_s=20))
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     with ServerThread(app) as s:
+        name = app.state.srv.model_name
+        greedy = [("/v1/completions", {"model": name, "prompt": "1 plus 2 is", "max_tokens": 8, "temperature": 0}),
+                  ("/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": "1 plus 2?"}],
+                                            "max_tokens": 8, "temperature": 0})]
+        before = [httpx.post(s.url + path, json=body, headers=h, timeout=30).json()["choices"] for path, body in greedy]
         schema = schemathesis.openapi.from_url(s.url + "/openapi.json")
         failures = []
         for op in schema.get_all_operations():
@@ -224,6 +359,17 @@ def test_schemathesis_fuzz_no_5xx(ckpt):
 
             check()
         assert not failures, failures[:3]
+        spec, rng = httpx.get(s.url + "/openapi.json").json(), random.Random(0)
+        bodies = [b for path, base in greedy for b in _extreme_bodies(spec, path, {**base, "max_tokens": 2}, rng)]
+        with httpx.Client(base_url=s.url, headers=h, timeout=30) as c:
+            for path, content in bodies:
+                resp = c.post(path, content=content)
+                if resp.status_code >= 500 or (resp.status_code >= 400 and
+                                               set(resp.json()["error"]) != {"message", "type", "param", "code"}):
+                    failures.append((path, content[:300], resp.status_code, resp.text[:300]))
+        assert len(bodies) > 200 and not failures, (len(bodies), failures[:3])
+        after = [httpx.post(s.url + path, json=body, headers=h, timeout=30).json()["choices"] for path, body in greedy]
+        assert after == before
         assert httpx.get(s.url + "/health").json()["running"] == 0
 
 
@@ -257,6 +403,121 @@ def test_auth_and_bad_input(server):
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = httpx.post(url + "/v1/chat/completions", json=good, headers=h, timeout=30)   # no slot got stuck
     assert r.status_code == 200 and httpx.get(url + "/health").json()["running"] == 0
+
+
+def test_unencodable_text_is_400_on_every_route(server):
+    """A lone surrogate (JSON can carry one as an escape) in any text field of any route is a 400, never a 500 from
+    the tokenizer or the JSON writer."""
+    sur = "a\ud800b"
+    base = {"model": server.name, "prompt": "1 plus 2 is", "max_tokens": 4}
+    chat = {"model": server.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    ttc = {"n": 2, "c": 1, "t": 1, "tau": 4, "beta": 8}
+    cases = [("/v1/completions", {**base, "prompt": sur}), ("/v1/completions", {**base, "prompt": ["x", sur]}),
+             ("/v1/completions", {**base, "stop": [sur]}), ("/v1/completions", {**base, "model": sur}),
+             ("/v1/completions", {**base, "prompt": sur, "ttc": ttc}),
+             ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": sur}]}),
+             ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": [{"type": "text",
+                                                                                           "text": sur}]}]}),
+             ("/v1/chat/completions", {**chat, "messages": [{"role": "assistant", "content": "x",
+                                                             "reasoning_content": sur}, chat["messages"][0]]}),
+             ("/v1/chat/completions", {**chat, "stop": sur}), ("/v1/chat/completions", {**chat, "model": sur}),
+             ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": sur}], "ttc": ttc}),
+             ("/update_weights_from_disk", {"model_path": sur})]
+    for path, body in cases:
+        r = httpx.post(server.url + path, content=json.dumps(body).encode(), timeout=30,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        assert r.status_code == 400 and "valid Unicode" in r.json()["error"]["message"], (path, body, r.text[:300])
+    assert httpx.get(server.url + "/health").json()["running"] == 0
+
+
+def _metric(url, endpoint, code) -> int:
+    line = f'openzaya_requests_total{{endpoint="{endpoint}",code="{code}"}} '
+    text = httpx.get(url + "/metrics").text
+    return next((int(x[len(line):]) for x in text.splitlines() if x.startswith(line)), 0)
+
+
+def test_chunked_oversized_body_413_and_metrics_count_the_status_sent(server):
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+    def chunks():   # no Content-Length: the cap is enforced on the bytes as they come
+        yield b'{"model": "m", "prompt": "'
+        for _ in range(40):
+            yield b"a" * 65536
+        yield b'"}'
+
+    before = _metric(server.url, "/v1/completions", 413)
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers=h, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert _metric(server.url, "/v1/completions", 413) == before + 1
+    # an unexpected error: a 500 in the OpenAI shape, counted as 500 (it was counted as 499, "client closed")
+    srv = server.srv
+    counts = [_metric(server.url, "/v1/completions", c) for c in (500, 499)]
+
+    def boom(body):
+        raise RuntimeError("boom")
+
+    srv.completion_prompts, real = boom, srv.completion_prompts
+    try:
+        r = httpx.post(server.url + "/v1/completions", json={"model": server.name, "prompt": "x"}, headers=h)
+    finally:
+        srv.completion_prompts = real
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert [_metric(server.url, "/v1/completions", c) for c in (500, 499)] == [counts[0] + 1, counts[1]]
+
+
+def test_slow_clients_are_cut_after_the_read_timeout(server):
+    """Connections that send nothing, trickle a request head, trickle a body, or trickle the next request after a
+    normal one (keep-alive) are all closed once the read timeout has passed, with a 408 where a request was begun;
+    meanwhile normal requests are served. (uvicorn alone held every one of them open for as long as bytes came.)"""
+    import socket
+
+    cfg = server.srv.cfg
+    cfg.read_timeout_s, timeout = 0.5, cfg.read_timeout_s
+    host, port = server.url[7:].split(":")
+    auth = f"Authorization: Bearer {KEY}\r\n".encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 100\r\n\r\n"
+    body = json.dumps({"model": server.name, "prompt": "1 plus 1 is", "max_tokens": 2}).encode()
+    whole = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + auth
+             + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    kinds = ["idle", "head", "body", "keepalive"] * 4
+    socks = [socket.create_connection((host, int(port))) for _ in kinds]
+    got, closed = [b""] * len(kinds), set()
+    t0 = time.monotonic()
+    try:
+        for kind, sk in zip(kinds, socks):
+            sk.settimeout(0.001)
+            sk.sendall({"body": head, "keepalive": whole}.get(kind, b""))
+        step = 0
+        while time.monotonic() < t0 + 5 and len(closed) < len(kinds):
+            for k, (kind, sk) in enumerate(zip(kinds, socks)):
+                if k in closed:
+                    continue
+                try:
+                    sk.sendall(head[step:step + 1] if kind in ("head", "keepalive") else b"{" if kind == "body"
+                               else b"")
+                    data = sk.recv(65536)
+                    got[k] += data
+                    if not data:
+                        closed.add(k)
+                except socket.timeout:
+                    pass
+                except OSError:
+                    closed.add(k)
+            step += 1
+            time.sleep(0.05)
+        r = httpx.post(server.url + "/v1/completions", content=body, timeout=30,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    finally:
+        cfg.read_timeout_s = timeout
+        for sk in socks:
+            sk.close()
+    assert r.status_code == 200
+    assert len(closed) == len(kinds), f"{len(kinds) - len(closed)} of {len(kinds)} slow connections still open"
+    assert time.monotonic() - t0 < 5
+    for kind, data in zip(kinds, got):
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", data)
+        assert statuses == {"idle": [], "head": [b"408"], "body": [b"408"], "keepalive": [b"200", b"408"]}[kind], \
+            (kind, data[:300])
 
 
 def _wait_idle(s, timeout=10.0):

@@ -90,6 +90,30 @@ def test_resume_after_sigkill_matches(corpus, tmp_path):
         assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
 
 
+def test_resume_with_changed_settings_is_refused(corpus, tmp_path):
+    """--resume with another sequence length, learning rate or seed is refused with the differences listed; the
+    output-only settings may change; --allow-config-change resumes anyway."""
+    from openzaya import cli
+    from openzaya.train import config_from_args
+
+    torch.set_num_threads(1)
+    base = dict(stage="sft", data=str(corpus / "corpus"), tokenizer=str(corpus / "tok"), out=str(tmp_path),
+                seq_len=96, tokens_per_step=8 * 96, device_batch_size=8, steps=2, warmup_steps=1, lr=3e-3,
+                save_every=1)
+    run(TrainConfig(**base))
+    changed = {**base, "resume": True, "seq_len": 128, "tokens_per_step": 8 * 128, "lr": 1e-3, "seed": 5}
+    with pytest.raises(ValueError, match="allow-config-change") as e:
+        run(TrainConfig(**changed))
+    assert [line.strip() for line in str(e.value).splitlines()[1:]] == [
+        "lr: 0.003 -> 0.001", "seed: 0 -> 5", "seq_len: 96 -> 128", "tokens_per_step: 768 -> 1024"]
+    run(TrainConfig(**{**base, "resume": True, "save_every": 5, "threads": 1}))   # output-only changes resume
+    assert run(TrainConfig(**changed, allow_config_change=True))["steps"] == 2
+    a = cli.build_parser().parse_args(["sft", *flags(corpus, tmp_path, 2), "--resume", "--allow-config-change"])
+    assert config_from_args(a, "sft").allow_config_change
+    a = cli.build_parser().parse_args(["sft", *flags(corpus, tmp_path, 2), "--resume"])
+    assert not config_from_args(a, "sft").allow_config_change
+
+
 def test_two_process_gloo_matches_one_process(corpus, tmp_path):
     one = cli(["pretrain", *flags(corpus, tmp_path / "one", 4, ["--save-every", "-1"])])
     assert one.returncode == 0, one.stderr[-2000:]

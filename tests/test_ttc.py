@@ -41,9 +41,15 @@ def expected_tail(tok, reasoning, tau):
     return tail
 
 
+def source_of_tail(call) -> str:
+    """A rollout's reasoning, or its whole text when it has none (thinking off, a model that never thinks)."""
+    return call["reasoning"] if call["reasoning"].strip() else call["text"]
+
+
 def check_aggregation(calls, cfg, tok, question_of):
     """Every aggregation prompt = the template over exactly C tails from the previous round, each exactly the last
-    tau tokens of that rollout's reasoning (re-tokenized here), within the bound."""
+    tau tokens of that rollout's reasoning (or whole text, without reasoning; re-tokenized here), none empty where
+    the rollout's text is not, within the bound."""
     by_key = {c["key"]: c for c in calls}
     n_agg = 0
     for c in calls:
@@ -54,7 +60,8 @@ def check_aggregation(calls, cfg, tok, question_of):
         ids = c["candidate_ids"]
         assert len(ids) == cfg.candidates == len(set(ids))
         assert all(by_key[i]["round"] == c["round"] - 1 and by_key[i]["problem"] == c["problem"] for i in ids)
-        tails = [expected_tail(tok, by_key[i]["reasoning"], cfg.tail_tokens) for i in ids]
+        tails = [expected_tail(tok, source_of_tail(by_key[i]), cfg.tail_tokens) for i in ids]
+        assert all(t.strip() for t, i in zip(tails, ids) if by_key[i]["text"].strip())
         content = c["prompt"] if isinstance(c["prompt"], str) else c["prompt"][0]["content"]
         assert content == build_aggregation_prompt(question_of[c["problem"]], tails)
         assert content.count("---- Candidate ") == cfg.candidates
@@ -237,3 +244,98 @@ def test_gemma_hf_backend_markovian_rsa(gemma_dir, tmp_path):
     calls = read_calls(tmp_path / "g.jsonl")
     assert len(calls) == totals["calls"] == 4 * 2
     assert check_aggregation(calls, cfg, backend.tokenizer, {"g": problems[0].question}) == 4
+
+
+# -----------------------------------------------------------------------------
+# never aggregate nothing: thinking on and off, over every backend
+
+
+def check_thinking(calls, thinking: bool, cfg, tok, question_of):
+    """The rollouts have reasoning exactly when thinking is on and the model thinks; either way every aggregation
+    prompt carries non-empty tails of the right source (`check_aggregation`)."""
+    first = [c for c in calls if c["round"] == 0]
+    assert first and all(c["text"].strip() for c in first)
+    assert check_aggregation(calls, cfg, tok, question_of) == cfg.population * cfg.rounds
+    return {bool(c["reasoning"]) for c in first}
+
+
+def test_tails_never_empty_local_thinking_on_and_off(local, tmp_path):
+    cfg_kw = dict(population=4, candidates=2, rounds=1, tail_tokens=8, budget_tokens=16)
+    for thinking in (True, False):
+        cfg = TTCConfig(**cfg_kw, enable_thinking=thinking)
+        solve([PROBLEMS[0]], local, cfg, trace_path=tmp_path / f"{thinking}.jsonl")
+        has_reasoning = check_thinking(read_calls(tmp_path / f"{thinking}.jsonl"), thinking, cfg, local.tokenizer,
+                                       {"p0": PROBLEMS[0].question})
+        assert has_reasoning == {thinking}   # off: no reasoning at all, the tails come from the whole texts
+
+
+def test_tails_never_empty_hf_thinking_on_and_off(gemma_dir, tmp_path):
+    """HFBackend on a tiny random model with Gemma's tokenizer (a base model: no chat template, never thinks)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from openzaya.backends import HFBackend
+
+    config = AutoConfig.from_pretrained(gemma_dir[0])
+    for k, v in dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1,
+                     num_key_value_heads=1, head_dim=16, layer_types=["full_attention"]).items():
+        setattr(config, k, v)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tiny")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(gemma_dir[0] / name, tmp_path / "tiny" / name)
+    backend = HFBackend(tmp_path / "tiny")
+    cfg_kw = dict(population=2, candidates=2, rounds=1, tail_tokens=8, budget_tokens=16)
+    question = "What is 7 times 8?"
+    for thinking in (True, False):
+        cfg = TTCConfig(**cfg_kw, enable_thinking=thinking)
+        solve([TTCProblem("g", question)], backend, cfg, trace_path=tmp_path / f"{thinking}.jsonl")
+        has_reasoning = check_thinking(read_calls(tmp_path / f"{thinking}.jsonl"), thinking, cfg, backend.tokenizer,
+                                       {"g": question})
+        assert has_reasoning == {thinking}   # on: no </think>, all reasoning; off: all answer
+
+
+@pytest.mark.parametrize("reasoning_content,never_thinks", [(True, False), (False, False), (False, True)])
+def test_tails_never_empty_openai_thinking_on_and_off(reasoning_content, never_thinks, tmp_path):
+    """A server that returns `reasoning_content`, one that returns the think block in `content`, and one whose model
+    never thinks; thinking on and off (chat_template_kwargs). The stub's reasoning is "thinking about: ...", its
+    answer "answer i w w ...": a tail shows which one it came from."""
+    cfg_kw = dict(population=4, candidates=2, rounds=1, tail_tokens=4, budget_tokens=16)
+    with StubServer(reasoning_content=reasoning_content, never_thinks=never_thinks, n_words=30) as server:
+        backend = OpenAIBackend(server.url, "stub", max_concurrency=4)
+        for thinking in (True, False):
+            cfg = TTCConfig(**cfg_kw, enable_thinking=thinking)
+            solve([TTCProblem("q", "what is 2+2?")], backend, cfg, trace_path=tmp_path / f"{thinking}.jsonl")
+            calls = read_calls(tmp_path / f"{thinking}.jsonl")
+            by_key = {c["key"]: c for c in calls}
+            agg = [c for c in calls if c["round"] == 1]
+            assert len(agg) == cfg.population
+            thinks = thinking and not never_thinks
+            for c in agg:
+                content = c["prompt"][0]["content"]
+                blocks = content.split("---- Candidate ")[1:]
+                assert len(blocks) == cfg.candidates
+                for i, block in zip(c["candidate_ids"], blocks):
+                    tail = source_of_tail(by_key[i])[-4 * cfg.tail_tokens:]   # no tokenizer: 4 characters a token
+                    assert tail.strip() and tail in block
+                    # a model that thinks: its reasoning ("thinking about ..."); otherwise the answer's words
+                    assert ("thinking about" in by_key[i]["reasoning"]) == thinks
+                    assert ("answer" in tail or "w w" in tail) != thinks
+
+
+def test_an_aggregation_of_empty_candidates_is_a_bug_not_a_call(local):
+    """Candidates cut to nothing from rollouts with text raise before any call; rollouts that really were empty
+    are passed on as they are."""
+    from openzaya.backends import Completion
+
+    run = Run(local, TTCConfig(**SMALL))
+    prev = [Completion(text=f"text {i}", reasoning="", answer=f"text {i}", finish_reason="stop", prompt_tokens=1,
+                       completion_tokens=2, latency_s=0.0) for i in range(4)]
+    with pytest.raises(RuntimeError, match="every candidate of an aggregation prompt is empty"):
+        run.aggregation_prompts(PROBLEMS[0], 1, prev, lambda c: c.reasoning)
+    contents, _ = run.aggregation_prompts(PROBLEMS[0], 1, prev, lambda c: c.text)
+    assert all("text " in x for x in contents)
+    empty = [Completion(text="", reasoning="", answer="", finish_reason="stop", prompt_tokens=1, completion_tokens=0,
+                        latency_s=0.0) for _ in range(4)]
+    assert len(run.aggregation_prompts(PROBLEMS[0], 1, empty, lambda c: c.reasoning)[0]) == SMALL["population"]
