@@ -1,39 +1,41 @@
 """Run untrusted Python in a child process (spec: environments.md §9).
 
-One process tree per run. The parent writes the code into a fresh directory and starts a *bootstrap* interpreter;
-the bootstrap builds the sandbox and forks an *init*, and init forks the *candidate*, which execs the interpreter on
-the code. Three modes, picked by `mode=` ("auto" takes the strongest this machine allows):
+One process tree per run. The parent writes the code into a fresh directory and starts a *bootstrap* interpreter
+(`-S -s -P`, an environment of ours with PYTHONHASHSEED=0: standard library only, a fixed hash seed); the bootstrap
+builds the sandbox and forks *init*; init forks the *candidate*, which sets its limits, drops its identity and
+runs the code in that same interpreter (no exec). Three modes, `mode=` ("auto" takes the strongest available):
 
-- "root" (we are root, as on our machines): the bootstrap enters new mount, PID, network, IPC and UTS namespaces.
-  The candidate sees a minimal read-only filesystem built on an empty tmpfs and entered with pivot_root (the old
-  root is detached, not hidden): the interpreter, its standard library (site-packages covered by an empty tmpfs),
-  the shared libraries the interpreter maps, /dev/{null,zero,random,urandom}, a /proc of its own PID namespace
-  (hidepid=invisible), and /box, its working directory: a tmpfs of `Limits.disk_bytes`, the cap on all it writes.
-  No project source, no data, no other run's files exist in that view. The network namespace has no interface up.
-  The candidate runs as a per-run uid from a pool (`UID_POOL` uids from `UID_BASE`): a uid is claimed with an
-  flock shared by every process on the machine and only when no process of that uid is alive (`_uid_alive`), so
-  concurrent runs never share an identity; with more runs than uids, a run waits for a free one.
-- "userns" (not root, unprivileged user namespaces allowed): the same namespaces and view inside a new user
-  namespace; the candidate is uid 1000 in it, mapped to the caller's uid outside, with no capabilities after exec.
-  Runs are told apart by their namespaces instead of by uids.
-- "none" (no namespaces): the candidate runs as the caller's uid in a fresh directory of the real filesystem, sees
-  whatever that uid may read, the network is refused by an audit hook (best effort, not a security boundary), there
-  is no process-count limit and no total-disk cap (only RLIMIT_FSIZE per file); init is a child subreaper that kills
-  what the candidate left behind. A warning is logged once. As root, "userns" and "none" first drop to a pool uid,
-  so they behave as they would for an unprivileged user.
+- "root" (we are root, as on our machines): new mount, PID, network, IPC and UTS namespaces. The candidate sees a
+  minimal read-only filesystem on an empty tmpfs entered with pivot_root (the old root is detached, not hidden):
+  the interpreter, its standard library (site-packages covered by an empty tmpfs), the directories of the shared
+  libraries it maps, /dev/{null,zero,random,urandom}, a /proc of its own PID namespace (hidepid=invisible), and
+  /box, its working directory: a tmpfs of `Limits.disk_bytes`, the cap on everything it writes. No project source
+  or data and no other run's files exist there; the network namespace has no interface up. The candidate runs as
+  a per-run uid from a pool (`UID_POOL` uids from `UID_BASE`), claimed with an flock that every process on the
+  machine honours and only while no process has that uid (`_uid_alive`): concurrent runs never share an identity,
+  and with more runs than uids a run waits for a free one.
+- "userns" (not root; unprivileged user namespaces allowed): the same namespaces and view inside a new user
+  namespace; the candidate is uid 1000 there (mapped to the caller's uid) with no capabilities. Runs are told
+  apart by their namespaces, not by uids.
+- "none" (no namespaces): the candidate runs as the caller's uid in a fresh directory of the real filesystem and
+  sees what that uid may read; the network is refused by an audit hook (best effort, not a security boundary); no
+  process-count limit and no total-disk cap (only RLIMIT_FSIZE per file); the same uid can signal or ptrace the
+  caller. init is a child subreaper and kills what the candidate left behind. A warning is logged once.
+  As root, "userns" and "none" first drop to a pool uid, so they behave as they would for an unprivileged user.
 
-In every mode: rlimits on CPU time, address space, file size, open files and core files (and processes except in
-"none"); PR_SET_NO_NEW_PRIVS; a scrubbed environment (PATH, HOME, TMPDIR, LANG, PYTHONHASHSEED); `-I -S` (standard
-library only); stdout/stderr read by the parent up to a cap; a wall-clock deadline after which the parent kills the
-process tree (and with it the PID namespace). Cleanup is by namespace: init is PID 1, so when it exits the kernel
-kills everything left in the namespace, and nothing outside it; no kill(-1) and no signal by uid is ever sent.
+In every mode: rlimits on CPU time, address space, file size, open files and core files (and process count except
+in "none"), PR_SET_NO_NEW_PRIVS, a scrubbed environment (PATH, HOME, TMPDIR, LANG, PYTHONHASHSEED), stdout and
+stderr read by the parent up to a cap, a wall-clock deadline after which the parent kills the process tree.
+Cleanup is by namespace: init is PID 1, and when it exits the kernel kills everything left in its namespace and
+nothing outside it; no kill(-1) or kill by uid is ever sent from outside. Every process of a run dies with the
+parent (PR_SET_PDEATHSIG along the chain).
 
-Results cannot be forged. init (root in "root" mode; PID 1, not dumpable, in the namespace modes) holds the only
-descriptor to the parent's result pipe, and closes it in the candidate before exec. For `call_function` the
-candidate's harness writes one JSON line per call to its own pipe to init; init checks there is exactly one
-well-formed ["ok", value] / ["error", message] line per input and forwards the list. The candidate's code can only
-choose the values its function returns (which it can anyway), never the verdict: callers compare the values with
-ones they computed themselves. Exit codes and files the candidate writes are never trusted.
+Results: init (root in mode "root"; PID 1 and not dumpable in the namespace modes) alone holds the parent's result
+pipe; the candidate never has it. For `call_function` the candidate writes one JSON line per call on its own pipe
+to init, which forwards them only when there is exactly one well-formed ["ok", value] / ["error", message] line
+per input. What the candidate writes there is its answer for each input (as if its function had returned it);
+the verdict is never the candidate's: callers compare the values with ones they computed themselves, and exit
+codes, stdout and files the candidate writes are not trusted.
 """
 
 from __future__ import annotations
@@ -226,13 +228,15 @@ def enter_view():
     os.chdir("/box")
 
 
-def child(wfd, errfd, body):
-    # a fork of init: limits and identity first (nothing of the candidate has run yet), then `body`
+def candidate(wfd, errfd):
+    # a fork of init: descriptors, limits and identity first (nothing of the candidate has run yet), then its code
     wfd, errfd = fcntl.fcntl(wfd, fcntl.F_DUPFD, 1000), fcntl.fcntl(errfd, fcntl.F_DUPFD, 1000)
     try:
-        os.dup2(wfd, 3)   # the child's end of its own result pipe to init
+        os.dup2(wfd, 3)   # the candidate's end of its result pipe to init
         errfd = os.dup2(errfd, 4, inheritable=False)
         os.closerange(5, 1 << 16)
+        if CALL is None:
+            os.close(3)
         for res, val in ((resource.RLIMIT_CPU, (LIM["cpu_s"], LIM["cpu_s"] + 1)), (resource.RLIMIT_CORE, (0, 0)),
                          (resource.RLIMIT_AS, (LIM["memory_bytes"],) * 2),
                          (resource.RLIMIT_FSIZE, (LIM["file_bytes"],) * 2),
@@ -247,52 +251,50 @@ def child(wfd, errfd, body):
             header = (ctypes.c_uint32 * 2)(0x20080522, 0)   # _LINUX_CAPABILITY_VERSION_3, this thread
             check(libc.capset(header, (ctypes.c_uint32 * 6)()) == 0, "capset")   # none left in our user namespace
         libc.prctl(NO_NEW_PRIVS, 1, 0, 0, 0)
-        body(errfd)
+        run_code(errfd)
     except BaseException as e:
         os.write(errfd, f"sandbox child: {type(e).__name__}: {e}".encode())
     os._exit(126)
 
 
-def exec_runner(errfd):
-    os.close(3)
-    py = cfg["python"]
-    os.execve(py, [py, "-I", "-S", "-c", cfg["runner"], "netns" if MODE != "none" else "hook"], cfg["env"])
-
-
-def call_one(args):
-    # one call in a fresh child: run main.py, call the function once, write one JSON line; no exec, no harness
-    # state shared with other calls, and no descriptor other than its own result pipe
-    def body(errfd):
-        os.close(errfd)
-        import builtins, traceback
-        if MODE == "none":
-            sys.addaudithook(no_net)
-        builtins.exit = builtins.quit = sys.exit
-        sys.argv = ["main.py"]
-        os.environ.clear()
-        os.environ.update(cfg["env"])
-        code = 0
-        try:
-            g = {"__name__": "__main__", "__builtins__": builtins}
-            exec(compile(SOURCE, "main.py", "exec"), g)
-            try:
-                line = json.dumps(["ok", g[FUNC](*args)])
-            except BaseException as e:
-                line = json.dumps(["error", describe(e)])
+def run_code(errfd):
+    # no exec (the same interpreter, hash seed 0, standard library only): main.py runs as __main__; for
+    # call_function the function is then called on each input, one JSON line per call on fd 3
+    os.close(errfd)
+    import builtins, types
+    if MODE == "none":
+        sys.addaudithook(no_net)
+    builtins.exit = builtins.quit = sys.exit   # -S skips site, which defines them
+    sys.argv = ["main.py"]
+    os.environ.clear()
+    os.environ.update(cfg["env"])
+    main = types.ModuleType("__main__")
+    sys.modules["__main__"] = main
+    code = 0
+    try:
+        exec(compile(SOURCE, "main.py", "exec"), main.__dict__)
+        if CALL is not None:
+            func, inputs = CALL
             with os.fdopen(3, "w") as out:
-                out.write(line + "\n")
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                for args in inputs:
+                    try:
+                        line = json.dumps(["ok", getattr(main, func)(*args)])
+                    except BaseException as e:
+                        line = json.dumps(["error", describe(e)])
+                    out.write(line + "\n")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
         except BaseException:
-            traceback.print_exc()
-            code = 1
-        for f in (sys.stdout, sys.stderr):
-            try:
-                f.flush()
-            except BaseException:
-                pass
-        os._exit(code)
-    return body
+            pass
+    os._exit(code & 0xFF)
 
 
 def no_net(event, args):
@@ -307,12 +309,12 @@ def describe(e):
         return type(e).__name__
 
 
-def spawn(body):
+def spawn():
     rfd, wfd = os.pipe()
-    err_r, err_w = os.pipe()   # close-on-exec: EOF once the child's setup succeeded
+    err_r, err_w = os.pipe()   # EOF once the candidate's setup succeeded and it closed its end
     cpid = os.fork()
     if cpid == 0:
-        child(wfd, err_w, body)
+        candidate(wfd, err_w)
     os.close(wfd)
     os.close(err_w)
     err = os.read(err_r, 4096)
@@ -361,61 +363,41 @@ def drain(rfd, buf, cpid, live, why):
     return False, why
 
 
-def one_result(raw):
-    # exactly one ["ok", value] or ["error", message] line, else None
+def parse(raw, why):
+    # exactly one ["ok", value] or ["error", message] line per input, else no results at all
+    if why or CALL is None:
+        return None, why
     lines = raw.decode("utf-8", "replace").splitlines()
-    if len(lines) != 1:
-        return None
+    if len(lines) != len(CALL[1]):
+        return None, f"{len(lines)} result lines for {len(CALL[1])} calls"
     try:
-        r = json.loads(lines[0])
+        results = [json.loads(s) for s in lines]
     except ValueError:
-        return None
-    ok = isinstance(r, list) and len(r) == 2 and (r[0] == "ok" or r[0] == "error" and isinstance(r[1], str))
-    return r if ok else None
-
-
-def clear_leftovers():
-    # nothing a call left running may touch the next call
-    if MODE == "none":
-        kill_descendants()
-    else:
-        try:
-            os.kill(-1, signal.SIGKILL)   # as PID 1: everything else in this PID namespace
-        except ProcessLookupError:
-            pass
-        while True:
-            try:
-                os.waitpid(-1, 0)
-            except ChildProcessError:
-                break
+        return None, "malformed result line"
+    if not all(isinstance(r, list) and len(r) == 2 and (r[0] == "ok" or r[0] == "error" and isinstance(r[1], str))
+               for r in results):
+        return None, "malformed result"
+    return results, ""
 
 
 def kill_descendants():
-    # mode none: init is a child subreaper, so whatever the candidate left behind is now our child
-    me = os.getpid()
-    for _ in range(50):
+    # mode none: init is a child subreaper, so whatever the candidate left behind is (or becomes) our child
+    while True:
         kids = []
         for d in os.listdir("/proc"):
             if d.isdigit():
                 try:
                     with open(f"/proc/{d}/stat") as f:
-                        if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
                             kids.append(int(d))
                 except (OSError, ValueError, IndexError):
                     pass
         if not kids:
             return
         for k in kids:
-            try:
-                os.kill(k, signal.SIGKILL)
-            except OSError:
-                pass
-        while True:
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
-            except ChildProcessError:
-                break
+            os.kill(k, signal.SIGKILL)
+        for k in kids:   # once reaped, their own children are ours: the next round gets them
+            os.waitpid(k, 0)
 
 
 def init():
@@ -427,20 +409,10 @@ def init():
         enter_view()
         os.setsid()   # the candidate's process group is ours, not the bootstrap's
     libc.prctl(DUMPABLE, 0)   # no ptrace, no /proc/<init>/fd or mem, even for the same uid
-    results, why = None, ""
-    if CALL is None:
-        raw, status, why = spawn(exec_runner)
-    else:
-        results = []
-        for args in CALL[1]:
-            raw, status, why = spawn(call_one(args))
-            clear_leftovers()
-            results.append(one_result(raw))
-            if why or results[-1] is None:
-                results = None
-                break
+    raw, status, why = spawn()
     if MODE == "none":
         kill_descendants()
+    results, why = parse(raw, why)
     send({"status": status, "results": results, "why": why})
     os._exit(0)
 
@@ -449,14 +421,13 @@ libc.prctl(PDEATHSIG, signal.SIGKILL)
 if os.getppid() != cfg["parent"]:
     os._exit(125)
 os.umask(0o022)
-CALL = SOURCE = FUNC = None
-if cfg["call"]:   # read by us, never by the candidate: the inputs and the source of each call's child
+CALL = None
+if cfg["call"]:   # [function name, inputs]: read before anything of the candidate exists
     with open(os.path.join(cfg["work"], ".oz-call.json")) as f:
         CALL = json.load(f)
     os.unlink(os.path.join(cfg["work"], ".oz-call.json"))
-    with open(os.path.join(cfg["work"], "main.py")) as f:
-        SOURCE = f.read()
-    FUNC = CALL[0]
+with open(os.path.join(cfg["work"], "main.py")) as f:
+    SOURCE = f.read()
 try:
     if MODE == "none" and cfg["drop"]:
         drop_to(UID)
@@ -476,24 +447,6 @@ os.close(cfg["result_fd"])   # only init writes the record
 libc.prctl(DUMPABLE, 0)
 os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) & 0xFF)
 """
-
-# The runner (run_python's interpreter): blocks sockets with an audit hook when there is no network namespace and
-# runs main.py as __main__.
-_RUNNER = r"""
-import sys
-if sys.argv[1] != "netns":
-    def _no_net(event, args):
-        if event.startswith("socket.") or event in ("_socket.socket", "socket.__new__"):
-            raise PermissionError("network disabled in sandbox")
-    sys.addaudithook(_no_net)
-import builtins
-builtins.exit = builtins.quit = sys.exit   # -S skips site, which defines them
-sys.argv = ["main.py"]
-with open("main.py") as f:
-    src = f.read()
-exec(compile(src, "main.py", "exec"), {"__name__": "__main__", "__builtins__": builtins})
-"""
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # the view: what the candidate's filesystem holds (computed once per process from a probe of the interpreter)
@@ -755,14 +708,17 @@ def _run(code: str, stdin: str, lim: Limits, files: dict[str, str] | None, mode:
         home = "/box" if mode != "none" else work
         rfd, wfd = os.pipe()
         cfg = {"mode": mode, "uid": uid, "drop": drop, "inside_uid": INSIDE_UID, "root": os.path.join(base, "root"),
-               "work": work, "plan": plan, "binds": binds, "python": PYTHON, "runner": _RUNNER, "parent": os.getpid(),
+               "work": work, "plan": plan, "binds": binds, "python": PYTHON, "parent": os.getpid(),
                "result_fd": wfd, "call": call is not None,
                "limits": lim.__dict__,
                "env": {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}}
         t0 = time.monotonic()
         with open(stdin_path, "rb") as stdin_f:
-            proc = subprocess.Popen([PYTHON, "-I", "-S", "-c", _BOOT, json.dumps(cfg)], cwd=base,
-                                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, stdin=stdin_f,
+            # -S -s -P and an environment of our own, not -I: -I would ignore PYTHONHASHSEED (set iteration order)
+            flags = ["-S", "-s"] + (["-P"] if sys.version_info >= (3, 11) else [])   # -P: no cwd on sys.path
+            proc = subprocess.Popen([PYTHON, *flags, "-c", _BOOT, json.dumps(cfg)], cwd=base,
+                                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"},
+                                    stdin=stdin_f,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(wfd,),
                                     start_new_session=True, close_fds=True)
         os.close(wfd)

@@ -111,6 +111,13 @@ def test_sleeping_process_hits_wall_clock(mode):
     assert r.timed_out and r.killed_reason == "timeout" and r.wall_s < 3
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_hash_seed_is_fixed(mode):
+    runs = [run_python("print(hash('openzaya'), list({'a', 'b', 'c', 'd', 'e'}))", limits=FAST, mode=mode)
+            for _ in range(2)]
+    assert runs[0].ok and runs[0].stdout == runs[1].stdout
+
+
 @pytest.mark.parametrize("mode", ISOLATED)
 def test_fork_bomb_is_contained(mode):
     code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
@@ -384,26 +391,25 @@ def test_forged_reward_and_exit_code_do_not_pass(mode):
     assert run.exit_code == 0 and results is None   # exit code 0, but no verdict: parent-side comparison fails
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ISOLATED)
 def test_result_channel_cannot_be_forged(mode):
+    """Only init writes to the parent's result pipe; the candidate's one pipe to init takes exactly one line per call."""
     fake = '[\\"ok\\", 1000000]'
-    attacks = [
-        # today's attack: the marker was in main.py; now there is none, and stdout is not the channel
-        'import re, sys\nm = re.findall(r"@@OZ-RESULT-[0-9a-f]+@@", open("main.py").read())\n'
-        f'print((m or ["@@OZ-RESULT-0@@"])[0] + "[{fake}, {fake}]", flush=True)\n',
-        # write fake results to every descriptor and to every /proc/<pid>/fd this uid can open, then exit 0
-        'import os\nfor fd in range(3, 1024):\n    try:\n'
-        f'        os.write(fd, b"{fake}\\n{fake}\\n")\n    except OSError:\n        pass\n'
-        'for d in [d for d in os.listdir("/proc") if d.isdigit()] if os.path.isdir("/proc") else []:\n'
-        '    for fd in (os.listdir(f"/proc/{d}/fd") if os.access(f"/proc/{d}/fd", os.R_OK) else []):\n'
-        '        try:\n            with open(f"/proc/{d}/fd/{fd}", "w") as f:\n'
-        f'                f.write("{fake}\\n{fake}\\n")\n        except OSError:\n            pass\n'
-        'os._exit(0)\n',
-    ]
-    for attack in attacks:
-        results, run = call_function(attack + "def f(x):\n    return x\n", "f", [[1], [2]], limits=FAST, mode=mode)
-        assert results is None or results == [["ok", 1], ["ok", 2]], (results, run.stderr)
-        assert "1000000" not in json.dumps(results)
+    # today's attack: the marker was in main.py; now there is none, and stdout is not the channel
+    marker = ('import re\nm = re.findall(r"@@OZ-RESULT-[0-9a-f]+@@", open("main.py").read())\n'
+              f'print((m or ["@@OZ-RESULT-0@@"])[0] + "[{fake}, {fake}]", flush=True)\n')
+    # write fake results to every descriptor but its own result pipe (3), and to every /proc/<pid>/fd it can open
+    other_fds = ('import os\nfor fd in range(4, 1024):\n    try:\n'
+                 f'        os.write(fd, b"{fake}\\n{fake}\\n")\n    except OSError:\n        pass\n'
+                 'for d in [d for d in os.listdir("/proc") if d.isdigit() and int(d) != os.getpid()]:\n'
+                 '    for fd in range(64):\n        try:\n'
+                 '            with open(f"/proc/{d}/fd/{fd}", "w") as f:\n'
+                 f'                f.write("{fake}\\n{fake}\\n")\n        except OSError:\n            pass\n'
+                 'os._exit(0)\n')
+    results, run = call_function(marker + "def f(x):\n    return x\n", "f", [[1], [2]], limits=FAST, mode=mode)
+    assert results == [["ok", 1], ["ok", 2]] and "@@OZ-RESULT-0@@" in run.stdout
+    results, run = call_function(other_fds + "def f(x):\n    return x\n", "f", [[1], [2]], limits=FAST, mode=mode)
+    assert results is None and run.exit_code == 0, (results, run.stderr)
     # lines written ahead of the harness's own make the count wrong: no results rather than forged ones
     results, run = call_function(f'import os\nos.write(3, b"{fake}\\n{fake}\\n")\ndef f(x):\n    return x\n', "f",
                                  [[1], [2]], limits=FAST, mode=mode)
