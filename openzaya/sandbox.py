@@ -635,8 +635,10 @@ def resolve_mode(mode: str = "auto") -> str:
                     log.warning("sandbox: user namespaces unavailable (%s)", e)
                     _userns_ok = False
         mode = "userns" if _userns_ok else "none"
-    assert mode in MODES, f"sandbox mode must be auto or one of {MODES}, not {mode!r}"
-    assert mode != "root" or IS_ROOT, "sandbox mode 'root' needs root; use 'auto', 'userns' or 'none'"
+    if mode not in MODES:
+        raise ValueError(f"sandbox mode must be auto or one of {MODES}, not {mode!r}")
+    if mode == "root" and not IS_ROOT:
+        raise ValueError("sandbox mode 'root' needs root; use 'auto', 'userns' or 'none'")
     if mode in WEAKER and mode not in _warned:
         _warned.add(mode)
         log.warning("sandbox mode %s: %s", mode, WEAKER[mode])
@@ -683,80 +685,85 @@ def run_python(code: str, stdin: str = "", limits: Limits | None = None, files: 
 
 def _run(code: str, stdin: str, lim: Limits, files: dict[str, str] | None, mode: str,
          call: tuple[str, list] | None) -> tuple[RunResult, list | None]:
+    """One sandboxed run: (its result, the call results or None). Raises only when the sandbox cannot be built."""
     if mode == "none" and IS_ROOT and not _reachable_by_others(PYTHON):
         raise RuntimeError(f"sandbox mode 'none' as root runs the candidate as a pool uid, which cannot reach "
                            f"{PYTHON}; use mode 'root' or an interpreter outside untraversable directories")
     uid = claim_uid() if IS_ROOT else os.getuid()
+    drop = IS_ROOT and mode != "root"   # root standing in for an unprivileged user
     base = tempfile.mkdtemp(prefix="oz-sandbox-")
-    rfd = wfd = -1
     try:
-        work = os.path.join(base, "work")
-        os.mkdir(work, 0o700)
-        os.mkdir(os.path.join(base, "root"), 0o700)
-        for name, text in [("main.py", code)] + list((files or {}).items()) + (
-                [(".oz-call.json", json.dumps(list(call)))] if call else []):
-            with open(os.path.join(work, os.path.basename(name)), "w") as f:
-                f.write(text)
-        stdin_path = os.path.join(base, "stdin")
-        with open(stdin_path, "w") as f:
+        work = _write_files(base, {"main.py": code, **(files or {}), **(
+            {".oz-call.json": json.dumps(list(call))} if call else {})}, uid if drop else None)
+        with open(os.path.join(base, "stdin"), "w") as f:
             f.write(stdin)
-        drop = IS_ROOT and mode != "root"   # root standing in for an unprivileged user
-        if drop:
-            for p in [base, work] + [os.path.join(work, n) for n in os.listdir(work)]:
-                os.chown(p, uid, uid)
         plan, binds = view_plan() if mode != "none" else ([], [])
         home = "/box" if mode != "none" else work
         rfd, wfd = os.pipe()
         cfg = {"mode": mode, "uid": uid, "drop": drop, "inside_uid": INSIDE_UID, "root": os.path.join(base, "root"),
-               "work": work, "plan": plan, "binds": binds, "python": PYTHON, "parent": os.getpid(),
-               "result_fd": wfd, "call": call is not None,
-               "limits": lim.__dict__,
+               "work": work, "plan": plan, "binds": binds, "parent": os.getpid(), "result_fd": wfd,
+               "call": call is not None, "limits": lim.__dict__,
                "env": {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}}
+        # -S -s -P and an environment of our own, not -I, which would ignore PYTHONHASHSEED (set iteration order)
+        flags = ["-S", "-s"] + (["-P"] if sys.version_info >= (3, 11) else [])   # -P: no cwd on sys.path
         t0 = time.monotonic()
-        with open(stdin_path, "rb") as stdin_f:
-            # -S -s -P and an environment of our own, not -I: -I would ignore PYTHONHASHSEED (set iteration order)
-            flags = ["-S", "-s"] + (["-P"] if sys.version_info >= (3, 11) else [])   # -P: no cwd on sys.path
-            proc = subprocess.Popen([PYTHON, *flags, "-c", _BOOT, json.dumps(cfg)], cwd=base,
-                                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"},
-                                    stdin=stdin_f,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(wfd,),
-                                    start_new_session=True, close_fds=True)
-        os.close(wfd)
-        wfd = -1
-        out, err, rec, reason = _collect(proc, rfd, t0 + lim.wall_s, lim.output_bytes)
+        with open(os.path.join(base, "stdin"), "rb") as stdin_f, os.fdopen(rfd, "rb", buffering=0) as rec_f:
+            try:
+                proc = subprocess.Popen([PYTHON, *flags, "-c", _BOOT, json.dumps(cfg)], cwd=base, stdin=stdin_f,
+                                        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"},
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(wfd,),
+                                        start_new_session=True, close_fds=True)
+            finally:
+                os.close(wfd)
+            out, err, rec, reason = _collect(proc, rec_f, t0 + lim.wall_s, lim.output_bytes)
         if reason:
             _kill_tree(proc.pid)
         proc.wait()
-        wall = time.monotonic() - t0
-        try:
-            record = json.loads(rec) if rec.strip() else {}
-        except ValueError:
-            record = {}
-        if "setup_error" in record:
-            raise RuntimeError(f"sandbox setup failed (mode {mode}): {record['setup_error']}")
-        code_ = os.waitstatus_to_exitcode(record["status"]) if record.get("status") is not None else proc.returncode
-        if not reason and code_ in (-signal.SIGXCPU, -signal.SIGKILL) and wall < lim.wall_s:
-            reason = "cpu limit" if code_ == -signal.SIGXCPU else "signal 9"
-        elif not reason and code_ < 0:
-            reason = f"signal {-code_}"
-        elif not reason and record.get("why") == "result limit":
-            reason = "output limit"
-        run = RunResult(ok=code_ == 0 and not reason, stdout=out.decode("utf-8", "replace"),
-                        stderr=err.decode("utf-8", "replace"), exit_code=code_, timed_out=reason == "timeout",
-                        killed_reason=reason, wall_s=wall, mode=mode)
-        return run, record.get("results")
+        return _result(proc, out, err, rec, reason, time.monotonic() - t0, lim, mode)
     finally:
-        for fd in (rfd, wfd):
-            if fd >= 0:
-                os.close(fd)
         shutil.rmtree(base, ignore_errors=True)
         if IS_ROOT:
             release_uid(uid)
 
 
-def _collect(proc: subprocess.Popen, rfd: int, deadline: float, cap: int) -> tuple[bytes, bytes, bytes, str]:
-    """Read stdout, stderr and the result pipe until EOF, the deadline, or a stream passing its cap."""
-    rec_f = os.fdopen(os.dup(rfd), "rb", buffering=0)
+def _write_files(base: str, files: dict[str, str], owner: int | None) -> str:
+    """base/work with the files (base/root: where the view is mounted); owned by `owner` when one is given."""
+    work = os.path.join(base, "work")
+    os.mkdir(work, 0o700)
+    os.mkdir(os.path.join(base, "root"), 0o700)
+    for name, text in files.items():
+        with open(os.path.join(work, os.path.basename(name)), "w") as f:
+            f.write(text)
+    if owner is not None:
+        for p in [base, work] + [os.path.join(work, n) for n in os.listdir(work)]:
+            os.chown(p, owner, owner)
+    return work
+
+
+def _result(proc: subprocess.Popen, out: bytes, err: bytes, rec: bytes, reason: str, wall: float, lim: Limits,
+            mode: str) -> tuple[RunResult, list | None]:
+    """The RunResult from init's record (the candidate's exit status, the call results) and what the parent saw."""
+    try:
+        record = json.loads(rec) if rec.strip() else {}
+    except ValueError:
+        record = {}
+    if "setup_error" in record:
+        raise RuntimeError(f"sandbox setup failed (mode {mode}): {record['setup_error']}")
+    code = os.waitstatus_to_exitcode(record["status"]) if record.get("status") is not None else proc.returncode
+    if not reason and code in (-signal.SIGXCPU, -signal.SIGKILL) and wall < lim.wall_s:
+        reason = "cpu limit" if code == -signal.SIGXCPU else "signal 9"
+    elif not reason and code < 0:
+        reason = f"signal {-code}"
+    elif not reason and record.get("why") == "result limit":
+        reason = "output limit"
+    run = RunResult(ok=code == 0 and not reason, stdout=out.decode("utf-8", "replace"),
+                    stderr=err.decode("utf-8", "replace"), exit_code=code, timed_out=reason == "timeout",
+                    killed_reason=reason, wall_s=wall, mode=mode)
+    return run, record.get("results")
+
+
+def _collect(proc: subprocess.Popen, rec_f, deadline: float, cap: int) -> tuple[bytes, bytes, bytes, str]:
+    """Read stdout, stderr and init's record until EOF, the deadline, or a stream passing its cap."""
     bufs = {proc.stdout: bytearray(), proc.stderr: bytearray(), rec_f: bytearray()}
     caps = {proc.stdout: cap, proc.stderr: cap, rec_f: 2 * cap + 4096}
     sel = selectors.DefaultSelector()
@@ -782,7 +789,6 @@ def _collect(proc: subprocess.Popen, rfd: int, deadline: float, cap: int) -> tup
             break
     sel.close()
     out, err, rec = bytes(bufs[proc.stdout][:cap]), bytes(bufs[proc.stderr][:cap]), bytes(bufs[rec_f])
-    rec_f.close()
     if not reason:   # streams closed; the process may still be running (closed its fds): bound the wait too
         try:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))

@@ -439,6 +439,18 @@ def test_isolation_report():
     assert sandbox.isolation("userns" if ROOT else iso["mode"])["mode"] in ("userns", "none")
 
 
+@pytest.mark.skipif(not ROOT, reason="root's refusal")
+def test_root_never_runs_a_candidate_as_root():
+    """Mode none as root must drop to a pool uid; where that uid cannot reach the interpreter it refuses, loudly."""
+    if sandbox._reachable_by_others(sandbox.PYTHON):
+        assert run_python("import os; print(os.getuid())", limits=FAST, mode="none").stdout.strip() != "0"
+    else:
+        with pytest.raises(RuntimeError, match="cannot reach"):
+            run_python("print(1)", limits=FAST, mode="none")
+    with pytest.raises(ValueError, match="mode must be"):
+        run_python("print(1)", mode="chroot")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # an unprivileged user: auto mode (user namespaces here) and the no-namespace fallback
 
