@@ -662,11 +662,11 @@ def isolation(mode: str = "auto") -> dict:
     seen = json.loads(probe.stdout) if probe.ok else {}
     ns = mode != "none"
     return {"mode": mode, "root": IS_ROOT,
-            "unprivileged_uid": seen.get("uid", 0) != 0 and (mode == "root" or not IS_ROOT or seen.get("uid") != 0),
+            "unprivileged_uid": seen.get("uid", 0) != 0,
             "network": "network namespace" if "Errno" in net.stdout else "audit hook" if "blocked" in net.stdout
             else "NOT BLOCKED",
             "filesystem": "minimal read-only view" if ns and not seen.get("sees_tmp", True) else "whole filesystem",
-            "processes": "own PID namespace" if ns else "all of the uid's processes visible",
+            "processes": "own PID namespace" if seen.get("pids", 99) <= 2 else "others visible",
             "identity": {"root": "per-run uid from a pool", "userns": "per-run user namespace",
                          "none": "the caller's uid"}[mode],
             "process_limit": "RLIMIT_NPROC" if ns else "none", "disk_quota": "tmpfs" if ns else "per file only",

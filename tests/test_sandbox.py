@@ -30,9 +30,9 @@ ISOLATED = [m for m in MODES if m != "none"]   # the namespace modes: the guaran
 libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _descendants() -> set[int]:
-    """Live (not zombie) descendants of this process."""
-    children, zombies = {}, set()
+def _processes() -> dict[int, tuple[str, int]]:
+    """pid -> (state, parent pid) for every process."""
+    out = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
@@ -40,15 +40,26 @@ def _descendants() -> set[int]:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            children.setdefault(int(fields[1]), []).append(int(d))
-            if fields[0] == "Z":
-                zombies.add(int(d))
+            out[int(d)] = (fields[0], int(fields[1]))
+    return out
+
+
+def _descendants() -> set[int]:
+    """Live (not zombie) descendants of this process."""
+    children = {}
+    procs = _processes()
+    for pid, (_, ppid) in procs.items():
+        children.setdefault(ppid, []).append(pid)
     out, frontier = set(), [os.getpid()]
     while frontier:
         for c in children.get(frontier.pop(), []):
             out.add(c)
             frontier.append(c)
-    return out - zombies
+    return {p for p in out if procs[p][0] != "Z"}
+
+
+def _zombie_children() -> set[int]:
+    return {pid for pid, (state, ppid) in _processes().items() if state == "Z" and ppid == os.getpid()}
 
 
 def _reap_orphans(keep: set[int]) -> None:
@@ -57,20 +68,6 @@ def _reap_orphans(keep: set[int]) -> None:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
-
-
-def _zombie_children() -> set[int]:
-    out = set()
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] == "Z" and int(fields[1]) == os.getpid():
-                out.add(int(d))
-    return out
 
 
 @pytest.fixture(autouse=True)
