@@ -3,11 +3,23 @@
 math-verify's own timeouts use SIGALRM, so they only work on a main thread, and a big-integer computation inside
 sympy (`9^9^9^9`) holds the GIL where no signal handler can run. We therefore run every check in a small pool of
 worker processes (plain `python -c` children talking JSON lines over pipes; each sends "ready" once math_verify is
-imported) and give each call a wall-clock deadline; a worker that misses it is SIGKILLed and replaced. A timeout, a crash or a parser
-error counts as wrong, with a reason. Nothing here raises on model output, and nothing hangs.
+imported) and give each call a wall-clock deadline; a worker that misses it is SIGKILLed and replaced. A timeout, a
+crash or a parser error counts as wrong, with a reason. Nothing here raises on any string, and nothing hangs.
+Workers die with their parent: each forks a small watchdog that blocks on a pipe only the parent process can hold
+open and SIGKILLs the worker at EOF (the kernel closes it when the parent dies, SIGKILL included). Not
+PR_SET_PDEATHSIG: it fires when the parent *thread* that started the worker exits, and pools are started from
+worker threads.
 
-Before a check reaches the pool, a fast path settles the easy cases in the parent: equal normalised strings
-(bold `**73**`, `$...$`, `\\text{}`, spaces) and plain integers (`1,000` == `1000`).
+In the parent, each answer is first prepared (linear time, answers over `MAX_INPUT_CHARS` refused):
+- wrappers that never change the value are stripped: surrounding `$` and bold, `\\boxed{}` / `\\text{}`, a final
+  period, whitespace, except whitespace between two digits, which makes the answer unparsable ("1 2" is not 12);
+- a trailing percent sign is a unit and is dropped: `50\\%` == `50%` == `50`, and `50%` != `0.5` (math-verify
+  alone says 50% == 0.5 and 50% == 50);
+- a chain of powers is right-associative: `2^3^2` is rewritten `2^{3^{2}}` (512; math-verify reads (2^3)^2);
+- a prediction with unbalanced brackets (`7}`, `(1,2`) or with words between two numbers (`7 apples but also 8`)
+  is unparsable rather than read as its first number.
+Then a fast path settles equal prepared strings and plain integers (`1,000` == `1000`, compared as digit strings:
+no int conversion, no digit limit); everything else goes to math-verify.
 
 `verify(gold, pred)` is not symmetric (spec §8.2): the gold answer always goes first.
 """
@@ -18,6 +30,7 @@ import atexit
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -35,6 +48,7 @@ class Verdict:
 
 
 MAX_ANSWER_CHARS = 2000       # longer answers are refused without parsing (no sympy on megabyte strings)
+MAX_INPUT_CHARS = 100_000     # longer answers are refused before any work at all (the fast path included)
 WORKER_MEMORY_BYTES = 4 << 30   # RLIMIT_AS of a worker: a huge power fails with MemoryError instead of swapping
 MAX_NESTING = 24               # bracket depth; deeper answers are refused (sympy recursion, slow parses)
 MAX_POWERS = 12                # '^' count; power towers are refused
@@ -42,21 +56,46 @@ STARTUP_TIMEOUT_S = 60.0        # a worker importing math_verify on a loaded mac
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# fast path
+# preparing answers, and the fast path
 
 
-_INT_RE = re.compile(r"[+-]?(\d+|\d{1,3}(,\d{3})+)")
+_INT_RE = re.compile(r"([+-]?)(\d+|\d{1,3}(?:,\d{3})+)")
+_PERCENTS = ("\\%", "%", "\\text{%}", "\\text{\\%}", "\\text{ percent}", "\\text{percent}", "percent")
+_DIGIT_SPACE_DIGIT = re.compile(r"\d\s+(?=\d)")
+_COMMANDS = re.compile(r"\\(?:text|mathrm|textbf|operatorname)\s*\{[^{}]*\}|\\[A-Za-z]+|\b(?:sin|cos|tan|log|ln|exp|"
+                       r"sqrt|pi|mod)\b")
+_NUMBER_OR_WORD = re.compile(r"[\^_]\s*\d+|\d+|\s[A-Za-z]{2,}(?![A-Za-z])")   # an exponent, a number, a word
 
 
 def _clean(ans: str) -> str:
-    """Strip what never changes the value: surrounding $ and bold, \\text{}/\\mathrm{} wrappers, spaces, a final period."""
+    """Strip what never changes the value: surrounding $ and bold, \\boxed{}/\\text{}/\\mathrm{} wrappers, a final
+    period, a trailing percent sign, whitespace (one space stays between two digits)."""
     a = ans.strip()
     for _ in range(3):
         a = a.strip().strip("$").strip()
         a = re.sub(r"^\*\*(.*)\*\*$", r"\1", a, flags=re.DOTALL)
         a = re.sub(r"^\\(?:boxed|text|mathrm|textbf)\{(.*)\}$", r"\1", a, flags=re.DOTALL)
-    a = a.rstrip(".").strip()
-    return re.sub(r"\s+", "", a)
+    a = _drop_percent(a.rstrip(".").strip())
+    a = _DIGIT_SPACE_DIGIT.sub(lambda m: m.group()[0] + "\x00", a)   # keep those spaces (as NUL while we strip)
+    return re.sub(r"\s+", "", a).replace("\x00", " ")
+
+
+def _drop_percent(a: str) -> str:
+    """A trailing percent sign is a unit: dropped (50% == 50, and so 50% != 0.5)."""
+    a = a.rstrip()
+    for suffix in _PERCENTS:
+        if a.endswith(suffix):
+            return a[:-len(suffix)].rstrip()
+    return a
+
+
+def _int_key(a: str) -> str | None:
+    """A canonical digit string for a plain integer ('-0012' -> '-12', '1,000' -> '1000'), None otherwise."""
+    m = _INT_RE.fullmatch(a)
+    if m is None:
+        return None
+    digits = m.group(2).replace(",", "").lstrip("0") or "0"
+    return ("-" if m.group(1) == "-" and digits != "0" else "") + digits
 
 
 def fast_check(gold: str, pred: str) -> Verdict | None:
@@ -64,10 +103,91 @@ def fast_check(gold: str, pred: str) -> Verdict | None:
     g, p = _clean(gold), _clean(pred)
     if g == p and g:
         return Verdict(True, "fast: equal strings")
-    if _INT_RE.fullmatch(g) and _INT_RE.fullmatch(p):
-        ok = int(g.replace(",", "")) == int(p.replace(",", ""))
-        return Verdict(ok, "fast: integers" + ("" if ok else f" {g} != {p}"))
+    gk, pk = _int_key(g), _int_key(p)
+    if gk is not None and pk is not None:
+        ok = gk == pk
+        return Verdict(ok, "fast: integers" + ("" if ok else f" {g[:40]} != {p[:40]}"))
     return None
+
+
+def _balanced(a: str) -> bool:
+    """Unescaped braces, escaped braces, and ( [ against ) ] (so that [1,2) is fine) each close what they opened."""
+    depth = {"{": 0, "\\{": 0, "(": 0}
+    for m in re.finditer(r"\\[{}]|[{}()\[\]]", a):
+        t = m.group()
+        key = {"}": "{", "\\}": "\\{", ")": "(", "]": "(", "[": "("}.get(t, t)
+        depth[key] += 1 if t in ("{", "\\{", "(", "[") else -1
+        if depth[key] < 0:
+            return False
+    return not any(depth.values())
+
+
+def _unparsable(pred: str) -> str:
+    """Why a prediction is ambiguous rather than a number (checked before math-verify reads its first number), or ''."""
+    if " " in pred and _DIGIT_SPACE_DIGIT.search(pred):
+        return "unparsable: a space inside a number"
+    if not _balanced(pred):
+        return "unparsable: unbalanced brackets"
+    number = word = False
+    for m in _NUMBER_OR_WORD.finditer(_COMMANDS.sub(" ", pred)):
+        t = m.group()
+        if t[0].isdigit():
+            if word:
+                return "unparsable: words between numbers"
+            number = True
+        elif t[0].isspace():
+            word = number
+    return ""
+
+
+def _right_assoc(a: str) -> str:
+    """Powers are right-associative: `2^3^2` -> `2^{3^{2}}` (math-verify would read (2^3)^2)."""
+    out, i = [], 0
+    while i < len(a):
+        if a[i] != "^":
+            out.append(a[i])
+            i += 1
+            continue
+        ops, j = [], i
+        while j < len(a) and a[j] == "^":   # the chain ^o1^o2...
+            k = _operand_end(a, j + 1)
+            ops.append(a[j + 1:k].strip())
+            j = k
+            while j < len(a) and a[j] == " ":
+                j += 1
+        if len(ops) == 1:
+            out.append(a[i:j])
+        else:
+            inner = ops[-1]
+            for o in reversed(ops[:-1]):
+                inner = f"{o}^{{{inner}}}"
+            out.append(f"^{{{inner}}}")
+        i = j
+    return "".join(out)
+
+
+def _operand_end(a: str, i: int) -> int:
+    """End of the power operand that starts at i: a {group}, a \\command (with its {groups}), a number, one char."""
+    while i < len(a) and a[i] == " ":
+        i += 1
+    if i >= len(a):
+        return i
+    if a[i] == "{":
+        depth = 0
+        for k in range(i, len(a)):
+            depth += (a[k] == "{") - (a[k] == "}")
+            if depth == 0:
+                return k + 1
+        return len(a)
+    if a[i] == "\\":
+        k = i + 1
+        while k < len(a) and a[k].isalpha():
+            k += 1
+        while k < len(a) and a[k] == "{":
+            k = _operand_end(a, k)
+        return max(k, i + 2)
+    m = re.match(r"\d+(?:\.\d+)?", a[i:])
+    return i + (m.end() if m else 1)
 
 
 def _refuse(ans: str) -> str:
@@ -83,6 +203,23 @@ def _refuse(ans: str) -> str:
     if ans.count("^") > MAX_POWERS:
         return f"more than {MAX_POWERS} powers"
     return ""
+
+
+def prepare(gold: str, pred: str) -> tuple[Verdict | None, tuple[str, str]]:
+    """(a verdict settled in the parent, or None) and the pair math-verify should see. Never raises."""
+    try:
+        if not isinstance(gold, str) or not isinstance(pred, str):
+            return Verdict(False, "non-string answer"), ("", "")
+        if len(gold) > MAX_INPUT_CHARS or len(pred) > MAX_INPUT_CHARS:
+            return Verdict(False, f"answer longer than {MAX_INPUT_CHARS} chars"), ("", "")
+        if (v := fast_check(gold, pred)) is not None:
+            return v, ("", "")
+        if (why := _refuse(pred) or _refuse(gold) or _unparsable(pred)):
+            return Verdict(False, why), ("", "")
+        return None, (_right_assoc(_drop_percent(gold.strip().rstrip("."))),
+                      _right_assoc(_drop_percent(pred.strip().rstrip("."))))
+    except Exception as e:   # noqa: BLE001  a bug of ours on some string must still give a verdict, not raise
+        return Verdict(False, f"unparsable: {type(e).__name__}"), ("", "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,8 +240,32 @@ def _verify_in_worker(gold: str, pred: str, timeout_s: float) -> tuple[bool, str
     return bool(ok), "math-verify" + ("" if ok else f": {gold_parsed[0]} != {pred_parsed[0]}")
 
 
-def _worker_main() -> None:
+def _watch_parent(lifeline: int, parent: int) -> None:
+    """Fork a watchdog that SIGKILLs this worker once the parent process is gone.
+
+    The watchdog blocks reading `lifeline`, a pipe whose write end only the parent holds: the kernel closes it when
+    the parent dies, however it dies, and the read returns EOF. A thread would not do: a big-integer computation in
+    sympy holds the GIL. The watchdog itself dies with the worker (PR_SET_PDEATHSIG; the worker is one thread).
+    """
+    import ctypes
+    worker = os.getpid()
+    if os.fork() == 0:
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+            if os.getppid() == worker:
+                while os.read(lifeline, 1):
+                    pass
+                os.kill(worker, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.close(lifeline)
+    if os.getppid() != parent:   # the parent died before we were ready to notice
+        os._exit(0)
+
+
+def _worker_main(lifeline: int, parent: int) -> None:
     """Serve JSON lines [gold, pred, timeout_s] -> [ok, reason] on stdin/stdout until EOF."""
+    _watch_parent(lifeline, parent)
     import resource
     resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
     proto = os.fdopen(os.dup(1), "w")
@@ -126,15 +287,27 @@ def _worker_main() -> None:
 # parent side: a pool of killable workers
 
 
+_LIFELINE: tuple[int, int, int] | None = None   # (read end, write end, pid of the process that holds the write end)
+
+
+def _lifeline() -> int:
+    """The read end of this process's lifeline pipe (see _watch_parent); a forked child makes its own."""
+    global _LIFELINE
+    if _LIFELINE is None or _LIFELINE[2] != os.getpid():
+        _LIFELINE = (*os.pipe(), os.getpid())
+    return _LIFELINE[0]
+
+
 class _Worker:
     """One `python -c ...` child. Not multiprocessing: spawn/forkserver re-import the caller's __main__, which breaks
     flat scripts without an `if __name__ == '__main__'` guard."""
 
     def __init__(self):
+        life = _lifeline()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from openzaya.verify import _worker_main; _worker_main()"],
+            [sys.executable, "-c", f"from openzaya.verify import _worker_main; _worker_main({life}, {os.getpid()})"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
-            start_new_session=True)
+            start_new_session=True, pass_fds=(life,))
         self.ready = False
         self.started = time.monotonic()
 
@@ -189,14 +362,10 @@ class MathPool:
     def check_many(self, pairs: list[tuple[str, str]], timeout_s: float = 5.0) -> list[Verdict]:
         out: list[Verdict | None] = [None] * len(pairs)
         todo = []
+        pairs = list(pairs)
         for i, (gold, pred) in enumerate(pairs):
-            if not isinstance(gold, str) or not isinstance(pred, str):
-                out[i] = Verdict(False, "non-string answer")
-            elif (v := fast_check(gold, pred)) is not None:
-                out[i] = v
-            elif (why := _refuse(pred) or _refuse(gold)):
-                out[i] = Verdict(False, why)
-            else:
+            out[i], pairs[i] = prepare(gold, pred)
+            if out[i] is None:
                 todo.append(i)
         if not todo:
             return out
@@ -293,7 +462,7 @@ def check_math(gold: str, pred: str, timeout_s: float = 5.0) -> Verdict:
 
 def math_score(problem: Problem, response: str) -> Score:
     """An Env score_fn: the extracted answer (last \\boxed{} / <answer>) checked against problem.answer."""
-    pred = extract_answer(response)
+    pred = extract_answer(response) if isinstance(response, str) else None
     if pred is None or not pred.strip():
         return Score(0.0, 0.0, False, "no answer found")
     v = check_math(problem.answer, pred)

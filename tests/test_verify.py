@@ -1,4 +1,6 @@
-"""openzaya.verify: math-verify equivalences, negatives, a 10,000-string fuzz in bounded time, and hard timeouts.
+"""openzaya.verify: math-verify equivalences, negatives, a 10,000-string fuzz in bounded time, hard timeouts, and the
+hardening of issue 22 (no exception on any string, linear extraction, workers die with their parent, no false
+"equal" from spaces, power chains, trailing words or unbalanced brackets; the percent rule).
 
 Run: .venv/bin/python -m pytest tests/test_verify.py
 """
@@ -124,3 +126,116 @@ def test_fuzz_10000_strings_in_bounded_time():
     assert len(verdicts) == len(pairs)
     assert all(isinstance(v.correct, bool) for v in verdicts)
     assert elapsed < 150, f"fuzz took {elapsed:.1f}s"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hardening (issue 22): never raise, linear extraction, workers die with their parent, no false "equal"
+
+BIG = "1" + "0" * 5000   # beyond Python's int-to-str digit limit (4300)
+
+
+def test_huge_integers_give_verdicts_not_exceptions():
+    from openzaya.evaluate import math_scorer
+    assert check_math(BIG, BIG).correct
+    assert not check_math("5", BIG).correct and not check_math(BIG, "5").correct
+    assert not check_math(BIG, BIG[:-1] + "1").correct
+    assert check_math(BIG, "100" + ",000" * 1666).correct   # the same 5000 zeros, grouped by commas
+    p = Problem(env="t", prompt="?", answer="5", difficulty=0, seed=0)
+    assert math_score(p, "\\boxed{" + BIG + "}").accuracy == 0.0
+    assert math_score(Problem(env="t", prompt="?", answer=BIG, difficulty=0, seed=0), f"\\boxed{{{BIG}}}").accuracy == 1
+    assert math_scorer("5")("\\boxed{" + BIG + "}") == 0.0 and math_scorer(BIG)("\\boxed{" + BIG + "}") == 1.0
+    assert math_score(p, None).format_ok is False
+
+
+def test_extraction_is_linear():
+    from openzaya.envs.base import extract_answer, normalize
+    for text in ["\\boxed{" * 8000,                       # 56 KB: 30 s of CPU before
+                 "\\boxed{" * 150_000,                     # 1 MB
+                 "<answer>" * 130_000,
+                 "{" * 500_000 + "\\boxed{7}",
+                 "\\text{" * 100_000 + "</think>" * 1000]:
+        t = time.process_time()
+        extract_answer(text)
+        normalize(text)
+        assert time.process_time() - t < 0.5, len(text)
+    assert extract_answer("x" * 2_000_000 + "\\boxed{42}") == "42"       # only the tail is read, the end included
+    assert extract_answer("<answer>1</answer> <answer>2</answer>") == "2"
+    assert extract_answer("\\boxed{a} \\boxed{b \\boxed{c} d} \\boxed{e") == "c"   # the last box that closes
+
+
+def test_no_false_equal_from_the_fast_path():
+    assert fast_check("12", "1 2") is None and fast_check("1000", "1 000") is None   # not plain integers any more
+    cases = [("12", "1 2", False), ("1000", "1 000", False), ("512", "2^3^2", True), ("64", "2^3^2", False),
+             ("7", "7 apples but also 8", False), ("5", "5 or 7", False), ("7", "7}", False), ("7", "{7", False),
+             ("(1,2)", "(1,2", False), ("12", "12", True), ("1 2", "1 2", True), ("[1,2)", "[1, 2)", True),
+             ("2^{3^2}", "512", True), ("-0", "0", True), ("007", "7", True)]
+    verdicts = check_many([(g, p) for g, p, _ in cases])
+    bad = [(c, v) for c, v in zip(cases, verdicts) if v.correct != c[2]]
+    assert not bad, bad
+    assert "unparsable" in verdicts[0].reason and "unparsable" in verdicts[4].reason
+
+
+def test_percent_is_a_unit():
+    """The rule: a trailing percent sign is dropped like a unit. 50% == 50 == 50\\%, and therefore 50% != 0.5."""
+    equal = [("50", "50%"), ("50", "50\\%"), ("50\\%", "50"), ("25", "25 percent"), ("12.5\\%", "12.5%"),
+             ("\\frac{25}{2}", "12.5\\%")]
+    unequal = [("0.5", "50%"), ("50%", "0.5"), ("\\frac{1}{2}", "50\\%"), ("50", "5%")]
+    assert all(v.correct for v in check_many(equal)), check_many(equal)
+    assert not any(v.correct for v in check_many(unequal)), check_many(unequal)
+
+
+def test_workers_die_with_their_parent():
+    """A parent SIGKILLed while its worker grinds on a huge power takes the worker (and its watchdog) along."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    code = ("from openzaya.verify import MathPool\npool = MathPool(workers=1)\npool.check_many([('1', '1/1')])\n"
+            "print(pool.workers[0].proc.pid, flush=True)\npool.check_many([('1', '9^{9^{9^{9}}}')], timeout_s=600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    time.sleep(0.5)   # busy on the power
+    assert os.path.exists(f"/proc/{worker}")
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(worker):
+        time.sleep(0.05)
+    assert not _alive(worker), "the worker outlived its parent"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _hostile(rng: random.Random) -> str:
+    pieces = ["\\boxed{", "}", "{", "<answer>", "</answer>", "</think>", "\\frac{", "^", "9", "1" * 5000, " ",
+              "\ud800", "\x00", "%", "\\%", "١٢٣", "(", "]", "\\text{", "apples", ",000", "-", "e", "\\sqrt{",
+              "$", "**", "\\left(", "\\infty", "x", ".", "\n"]
+    return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 400)))
+
+
+def test_fuzz_hostile_strings_never_raise_in_bounded_time():
+    from openzaya.envs.base import extract_answer, normalize
+    from openzaya.evaluate import math_scorer
+    rng = random.Random(22)
+    texts = [_hostile(rng) for _ in range(300)] + ["\\boxed{" * 20_000, "9^" * 5000 + "9", "(" * 100_000, BIG * 30]
+    golds = ["7", "\\frac{1}{2}", BIG, "50\\%", "2^3^2"]
+    t = time.monotonic()
+    for text in texts:
+        t1 = time.process_time()
+        extract_answer(text)
+        normalize(text)
+        assert time.process_time() - t1 < 0.5
+    pairs = [(rng.choice(golds), text) for text in texts] + [(text, "7") for text in texts[:50]]
+    verdicts = check_many(pairs, timeout_s=2.0)
+    assert len(verdicts) == len(pairs) and all(isinstance(v.correct, bool) and v.reason for v in verdicts)
+    scores = [math_score(Problem(env="t", prompt="?", answer=g, difficulty=0, seed=0), "\\boxed{" + x + "}")
+              for g, x in pairs[:60]]
+    assert all(s.accuracy in (0.0, 1.0) for s in scores)
+    assert all(math_scorer(g)(x) in (0.0, 1.0) for g, x in pairs[:60])
+    assert time.monotonic() - t < 120

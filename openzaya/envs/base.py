@@ -3,7 +3,9 @@
 An environment generates a problem for a (difficulty, seed) pair, deterministically and without touching any
 global RNG, and scores a model response against it. Answers are taken from the response after any `</think>`:
 the last `\\boxed{...}` (nested braces handled), else the last `<answer>...</answer>`. A response without an
-answer scores `format_ok=False`; scoring never raises on model output.
+answer scores `format_ok=False`; scoring never raises on model output. Extraction reads at most the last
+`MAX_RESPONSE_CHARS` characters after `</think>`, in one linear pass (a response of a thousand unclosed
+`\\boxed{` is no slower than any other).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+MAX_RESPONSE_CHARS = 1 << 18   # of the text after </think>: a final answer sits in its last 256K characters
 
 @dataclass
 class Problem:
@@ -61,34 +64,45 @@ def strip_thinking(response: str) -> str:
     return response if i < 0 else response[i + len("</think>"):]
 
 
+_BOX_OR_BRACE = re.compile(r"\\(?:boxed|fbox)\s*\{|[{}]")
+
+
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} or \\fbox{...}, with nested braces; None if there is none."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    for start in reversed(starts):
-        depth, i = 1, start
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start:i - 1].strip()
-    return None
+    """Content of the last \\boxed{...} or \\fbox{...}, with nested braces; None if there is none.
+
+    One pass over the braces with a stack: a box's content ends at the brace that closes its own `{` (as counting
+    depth from its start would find), and the box that opens last among those that close wins.
+    """
+    stack: list[int] = []   # content start of an open box, or -1 for a plain brace
+    best = None
+    for m in _BOX_OR_BRACE.finditer(text):
+        tok = m.group()
+        if tok == "}":
+            if stack:
+                start = stack.pop()
+                if start >= 0 and (best is None or start > best[0]):
+                    best = (start, m.start())
+        else:
+            stack.append(m.end() if tok != "{" else -1)
+    return None if best is None else text[best[0]:best[1]].strip()
 
 
 def extract_answer(response: str) -> str | None:
     """Last \\boxed{} after any </think>, else the last <answer>...</answer>; None when neither exists."""
-    tail = strip_thinking(response)
+    tail = strip_thinking(response)[-MAX_RESPONSE_CHARS:]
     boxed = last_boxed(tail)
     if boxed is not None:
         return boxed
-    answers = re.findall(r"<answer>(.*?)</answer>", tail, flags=re.DOTALL)
-    return answers[-1].strip() if answers else None
+    end = tail.rfind("</answer>")
+    start = tail.rfind("<answer>", 0, end) if end >= 0 else -1
+    return tail[start + len("<answer>"):end].strip() if start >= 0 else None
 
 
 def normalize(ans: str) -> str:
     """Light normalisation for exact-match answers: strip spaces, surrounding $ and bold, trailing period."""
     a = ans.strip().strip("$").strip()
     a = re.sub(r"^\*\*(.*)\*\*$", r"\1", a)
-    a = re.sub(r"\\text\{(.*?)\}", r"\1", a)
+    a = re.sub(r"\\text\{([^{}]*)\}", r"\1", a)   # [^{}]: each try stops at the next brace (linear)
     a = a.rstrip(".").strip()
     return re.sub(r"\s+", " ", a).lower()
 
