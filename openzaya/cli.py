@@ -251,6 +251,18 @@ def _train_flags(p, stage: str):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-to", choices=["", "tensorboard", "wandb"], default=None,
                    help="also log per-step metrics to TensorBoard or W&B (optional packages)")
+    # Parallelism (under torchrun; with no flags: FSDP2 over all ranks; see README "Training at scale")
+    p.add_argument("--dp-shard", type=int, default=None,
+                   help="FSDP2 shard degree (default: world size / --dp-replicate; 1 = plain data parallel)")
+    p.add_argument("--dp-replicate", type=int, default=None, help="HSDP: replicas of the sharded model (default 1)")
+    p.add_argument("--ep", type=int, default=None,
+                   help="expert-parallel degree: each rank owns experts/EP of every layer (divides --dp-shard)")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute each decoder layer in backward")
+    p.add_argument("--offload-optimizer", action="store_true", default=None,
+                   help="keep sharded params, grads and optimizer state on the CPU (FSDP2 CPU offload)")
+    p.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32"], default=None,
+                   help="auto: bf16 compute on CUDA (fp32 master weights and reduction), fp32 on CPU")
     p.set_defaults(func=lambda a: __import__("openzaya.train", fromlist=["main"]).main(a, stage))
 
 

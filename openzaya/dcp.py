@@ -18,8 +18,10 @@ Simplified: rank 0's RNG state is restored on every rank (nothing in the trainer
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +41,14 @@ def _barrier():
         dist.barrier()
 
 
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns at every call in one process that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        yield
+
+
 def _state(model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     reshard(model)
@@ -55,7 +65,8 @@ def save(path: str | Path, model, optimizer, trainer_state: dict):
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
+    with _quiet():
+        dcp.save(_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     if _rank() == 0:
         with open(tmp / TRAINER_STATE, "wb") as f:
             torch.save(trainer_state, f)
@@ -87,7 +98,8 @@ def load(path: str | Path, model, optimizer) -> dict:
     if found is None:
         raise FileNotFoundError(f"{path}: no checkpoint (nor {Path(path).name}.old)")
     state = _state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(found))
+    with _quiet():
+        dcp.load(state, checkpoint_id=str(found), no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     return torch.load(found / TRAINER_STATE, map_location="cpu", weights_only=False)

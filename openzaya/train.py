@@ -8,15 +8,16 @@ best-fit-decreasing into `seq_len`-token windows whose documents are kept apart 
   router bias balancing after every optimizer step (all-reduced over ranks inside the model).
 - Batch named by unit: `tokens_per_step` (global, a multiple of seq_len) and `device_batch_size` (sequences per
   micro-batch per rank); the accumulation count is derived, and a batch that does not divide is an error.
-- Data parallel under torchrun: gradients are all-reduced by hand (one flat buffer, SUM) after the local
-  accumulation. We do not wrap the model in DistributedDataParallel: MoE experts that get no token in a micro-batch
-  leave unused parameters, which DDP handles only with find_unused_parameters; the arithmetic is the same.
-  Each step's loss is (sum of token losses) / (global target tokens of the step), so any world size and accumulation
-  split gives the single-process gradient.
-- Checkpoints (model, optimizer, router-balancing state, step = data position, RNG, curriculum placeholder) are
-  written atomically every `save_every` steps and at the end; `resume=True` continues bit-for-bit on CPU.
+- Under torchrun the model is parallelized by parallel.py: by default FSDP2 over all ranks; `dp_shard`, `ep`
+  (expert parallelism) and `dp_replicate` (HSDP; `dp_shard=1` = plain data parallel, the flat all-reduce) choose
+  another layout, plus activation checkpointing, bf16 mixed precision and CPU offload of the optimizer state. One
+  process stays unwrapped. Each step's loss is (sum of token losses) / (global target tokens of the step) and
+  gradients are summed over ranks, so any layout and accumulation split gives the single-process gradient.
+- Checkpoints (DCP shards of model and optimizer, plus step = data position, router-balancing state, RNG; dcp.py)
+  are written atomically every `save_every` steps and at the end; `resume=True` continues bit-for-bit on CPU at the
+  same layout, and to float tolerance at another world size or layout.
 - One dense log line per step and metrics.jsonl; the final model is saved in the HF layout with its tokenizer.
-Simplified: no FSDP, no context parallelism, no TensorBoard/W&B hook, the data of a run is tokenized up front.
+Simplified: no context or pipeline parallelism, the data of a run is tokenized up front.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint"         # a DCP directory (dcp.py)
 
 
 @dataclass
@@ -67,6 +68,13 @@ class TrainConfig:
     max_memory_gb: float = -1          # -1 = the machine's memory
     threads: int = 0                   # torch CPU threads; 0 = leave torch's default
     log_to: str = ""                   # "" | tensorboard | wandb (optional packages; a clear error if missing)
+    # Parallelism (torchrun; parallel.py)
+    dp_replicate: int = 1              # HSDP replicas
+    dp_shard: int = -1                 # FSDP2 shard degree; -1 = world size / dp_replicate; 1 = plain data parallel
+    ep: int = 1                        # expert-parallel degree (divides dp_shard and the expert count)
+    activation_checkpointing: bool = False
+    offload_optimizer: bool = False    # sharded params, grads and optimizer state on the CPU (FSDP2)
+    mixed_precision: str = "auto"      # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
 
 
 def _external_logger(cfg: TrainConfig, out: Path):
@@ -160,14 +168,15 @@ def step_indices(step: int, n_windows: int, seqs: int, seed: int) -> list[int]:
     return out
 
 
-def estimate_memory_bytes(model_cfg, cfg: TrainConfig) -> int:
-    """Rough training memory: fp32 weights + grads + two optimizer moments, plus activations of one micro-batch
-    (per layer ~24 D-wide fp32 tensors per token, and the fp32 logits with their gradient)."""
+def estimate_memory_bytes(model_cfg, cfg: TrainConfig, shards: int = 1) -> int:
+    """Rough training memory of one rank: fp32 weights + grads + two optimizer moments (divided over `shards` FSDP2
+    ranks), plus activations of one micro-batch (per layer ~24 D-wide fp32 tensors per token, and the fp32 logits
+    with their gradient). `openzaya plan` gives the exact per-rank state bytes of a layout."""
     from .model import count_params
     n = count_params(model_cfg)["total"]
     tokens = cfg.device_batch_size * cfg.seq_len
     acts = tokens * (model_cfg.num_hidden_layers * 24 * model_cfg.hidden_size + 3 * model_cfg.vocab_size) * 4
-    return n * 16 + acts
+    return n * 16 // shards + acts
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -225,27 +234,10 @@ def _set_rng_state(s: dict):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(path: Path, model, opt, step: int, cfg: TrainConfig, curriculum=None):
-    """Atomic: write a temporary file, fsync, rename over the old checkpoint."""
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-             "bias_optim": [r.bias_optim_state for r in model.routers()], "rng": _rng_state(),
-             "config": asdict(cfg), "model_config": model.config.to_dict(), "curriculum": curriculum}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, model, opt) -> dict:
-    state = torch.load(path, map_location=model.device, weights_only=False)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    for r, b in zip(model.routers(), state["bias_optim"]):
-        r.bias_optim_state = b
-    _set_rng_state(state["rng"])
-    return state
+def trainer_state(model, step: int, cfg: TrainConfig) -> dict:
+    """What a checkpoint holds besides the model and optimizer shards (dcp.py)."""
+    return {"step": step, "bias_optim": [r.bias_optim_state for r in model.routers()], "rng": _rng_state(),
+            "config": asdict(cfg), "model_config": model.config.to_dict(), "curriculum": None}
 
 
 # -----------------------------------------------------------------------------
@@ -275,12 +267,23 @@ def model_config(cfg: TrainConfig, tokenizer):
 
 
 def build_model(cfg: TrainConfig, mc, device):
+    """fp32 master weights (a bf16 checkpoint is for serving; mixed precision casts for compute)."""
     from .checkpoint import from_pretrained
     from .model import ZayaForCausalLM
     if cfg.init_from:
-        return from_pretrained(cfg.init_from, device=str(device))
+        return from_pretrained(cfg.init_from, dtype=torch.float32, device=str(device))
     torch.manual_seed(cfg.seed)
     return ZayaForCausalLM(mc).to(device)
+
+
+def parallel_config(cfg: TrainConfig, device: torch.device):
+    from .parallel import ParallelConfig
+    if cfg.mixed_precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"mixed_precision must be auto, bf16 or fp32, got {cfg.mixed_precision!r}")
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+    return ParallelConfig(dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard, ep=cfg.ep,
+                          activation_checkpointing=cfg.activation_checkpointing,
+                          offload_optimizer=cfg.offload_optimizer, mixed_precision="bf16" if bf16 else "fp32")
 
 
 def resolve_device(name: str) -> str:
@@ -293,16 +296,15 @@ def resolve_device(name: str) -> str:
 
 def run(cfg: TrainConfig) -> dict:
     """Train; returns {"final_loss", "steps", "out", "model_dir", "params"}."""
-    from .checkpoint import save_pretrained
+    from . import dcp, parallel
     from .optim import build_optimizer
     from .tokenizer import Tokenizer
 
-    # ---- init: distributed, device, threads
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # ---- init: distributed, device, layout, threads
     device = torch.device(resolve_device(cfg.device))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world = parallel.init_distributed(device)
+    pcfg = parallel_config(cfg, device)
+    layout = parallel.resolve_layout(pcfg, world)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if cfg.stage not in ("pretrain", "sft"):
@@ -316,29 +318,36 @@ def run(cfg: TrainConfig) -> dict:
         raise FileNotFoundError(f"tokenizer directory {cfg.tokenizer!r} not found")
     tokenizer = Tokenizer.load(cfg.tokenizer)
     mc = model_config(cfg, tokenizer)
-    need = estimate_memory_bytes(mc, cfg)
+    need = estimate_memory_bytes(mc, cfg, layout.dp_shard)
     have = cfg.max_memory_gb * 2**30 if cfg.max_memory_gb > 0 else available_memory_bytes(device)
     if need > 0.9 * have:
         raise MemoryError(f"estimated training memory {need / 2**30:.1f} GiB exceeds 90% of the "
-                          f"{have / 2**30:.1f} GiB available: reduce device_batch_size, seq_len or the model")
-    model = build_model(cfg, mc, device).train()
+                          f"{have / 2**30:.1f} GiB available: reduce device_batch_size, seq_len or the model, or "
+                          f"shard it over more ranks (torchrun; `openzaya plan` shows a layout that fits)")
+    # FSDP2 moves each rank's shards to the device itself: the whole model stays on the CPU until then
+    model = build_model(cfg, mc, torch.device("cpu") if layout.fsdp else device).train()
     model.balance_lr = cfg.balance_lr
+    s = parallel.setup(model, pcfg, device, lambda m: build_optimizer(m, cfg.lr, weight_decay=cfg.weight_decay))
+    model, opt = s.model, s.optimizer
 
     # ---- data
     ids_W, seg_W, labels_W, actions = prepare_windows(cfg, tokenizer)
     n_windows = ids_W.shape[0]
     print0(f"{cfg.stage}: {n_windows} windows of {cfg.seq_len} tokens ({actions}), {seqs} sequences/step = "
            f"{world} ranks x {cfg.device_batch_size} x {accum} micro-batches, model "
-           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
+           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {layout}")
 
-    # ---- optimizer, resume
-    opt = build_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
+    # ---- resume
     ckpt_path = out / CHECKPOINT
     metrics_path = out / "metrics.jsonl"
     start = 0
-    if cfg.resume and ckpt_path.exists():
-        start = load_checkpoint(ckpt_path, model, opt)["step"]
-        print0(f"resumed from {ckpt_path} at step {start}")
+    if cfg.resume and dcp.find(ckpt_path):
+        state = dcp.load(ckpt_path, model, opt)
+        for r, b in zip(model.routers(), state["bias_optim"]):
+            r.bias_optim_state = b
+        _set_rng_state(state["rng"])
+        start = state["step"]
+        print0(f"resumed from {dcp.find(ckpt_path)} at step {start}")
     elif cfg.resume:
         print0(f"--resume: no checkpoint at {ckpt_path}, starting fresh")
     else:
@@ -348,8 +357,7 @@ def run(cfg: TrainConfig) -> dict:
         metrics_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start))
 
     log_scalars = _external_logger(cfg, out) if rank == 0 else (lambda rec: None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=pcfg.mixed_precision == "bf16")
     params = [p for p in model.parameters() if p.requires_grad]
     loss_val = float("nan")
     t_start = time.time()
@@ -368,17 +376,10 @@ def run(cfg: TrainConfig) -> dict:
             loss = -logp_BT.sum() / max(n_targets, 1)
             loss.backward()
             loss_sum += loss.detach()
+        parallel.reduce_gradients(params, layout)
         if world > 1:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
             dist.all_reduce(loss_sum)
-            off = 0
-            for p in params:
-                p.grad = flat[off:off + p.numel()].view_as(p).clone()
-                off += p.numel()
-        gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
-                 else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        gnorm = parallel.clip_grad_norm_(params, cfg.grad_clip)   # grad_clip <= 0: the norm only
         mult = lr_multiplier(step, cfg)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
@@ -401,19 +402,13 @@ def run(cfg: TrainConfig) -> dict:
                f"{rec['grad_norm']:.3f} | tok/s {rec['tok_s']:.0f} | load max/mean {load:.2f} | skip {skip:.2f}")
         last = step + 1 == cfg.steps
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last:
-            if rank == 0:
-                save_checkpoint(ckpt_path, model, opt, step + 1, cfg)
-            if dist.is_initialized():
-                dist.barrier()
+            dcp.save(ckpt_path, model, opt, trainer_state(model, step + 1, cfg))
 
-    # ---- final model in the HF layout, with its tokenizer
+    # ---- final model in the HF layout (gathered from the shards), with its tokenizer
     model_dir = out / "model"
-    if rank == 0:
-        tok_files = {n: (Path(cfg.tokenizer) / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")
-                     if (Path(cfg.tokenizer) / n).exists()}
-        save_pretrained(model, model_dir, extra_files=tok_files)
-    if dist.is_initialized():
-        dist.barrier()
+    tok_files = {n: (Path(cfg.tokenizer) / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")
+                 if (Path(cfg.tokenizer) / n).exists()}
+    dcp.export_hf(model, model_dir, extra_files=tok_files)
     return {"final_loss": loss_val, "steps": cfg.steps, "out": str(out), "model_dir": str(model_dir),
             "params": sum(p.numel() for p in model.parameters())}
 

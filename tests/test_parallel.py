@@ -15,9 +15,12 @@ Run: .venv/bin/python -m pytest tests/test_parallel.py"""
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,7 @@ if str(ROOT) not in sys.path:        # run as a script (the spawned ranks)
 
 from openzaya import dcp, parallel                         # noqa: E402
 from openzaya.optim import MuonAdamW, build_optimizer      # noqa: E402
+from tests.test_train import corpus                         # noqa: E402,F401  (fixture: a tiny corpus + tokenizer)
 from tests.zaya_ref import random_model, tiny_config       # noqa: E402
 
 GLOBAL_ROWS, T = 8, 12
@@ -189,14 +193,12 @@ def _worker(case: str, out: str, kw: dict):
         counted.append(x.shape[0])
         return plain_exchange(x, out_splits, in_splits, group)
     parallel.exchange = counting_exchange
-    if case == "train":
-        res = {opt: train_case(kw["layout"], opt) for opt in kw["opts"]}
-        if kw.get("forward"):
-            res["forward"] = forward_case(kw["layout"], counted)
-    elif case == "options":
-        res = {name: train_case({**kw["layout"], **extra}, "muon") for name, extra in kw["variants"].items()}
-    elif case == "checkpoints":
-        res = checkpoints_case(kw["layout"], Path(out))
+    if case == "all":         # one process group for every check (spawning costs more than the tiny runs)
+        res = {name: {opt: train_case(layout, opt) for opt in ("adamw", "muon")} for name, layout in LAYOUTS.items()}
+        res["forward"] = forward_case(LAYOUTS["fsdp2_ep2"], counted)
+        res["options"] = {name: train_case({**LAYOUTS["fsdp2_ep2"], **extra}, "muon")
+                          for name, extra in OPTIONS.items()}
+        res["checkpoints"] = checkpoints_case(LAYOUTS["fsdp2_ep2"], Path(out))
     else:
         raise ValueError(case)
     torch.save(res, Path(out) / f"{case}.rank{dist.get_rank()}.pt")
@@ -228,27 +230,40 @@ def _assert_same_training(got: dict, ref: dict, param_tol: float):
 
 PARAM_TOL = {"adamw": 5e-5, "muon": 2e-5}
 LAYOUTS = {"fsdp2": {}, "fsdp2_ep2": {"ep": 2}, "ddp": {"dp_shard": 1, "dp_replicate": 2}}
+OPTIONS = {"ac": {"activation_checkpointing": True}, "offload": {"offload_optimizer": True},
+           "bf16": {"mixed_precision": "bf16"}}
 
 
 @pytest.fixture(scope="module")
-def single():
-    """The one-process references."""
+def runs(tmp_path_factory):
+    """The one-process references, then every 2-rank run in one spawned job; one process writes checkpoint B
+    (after 2 steps) first, for the ranks to load."""
     torch.set_num_threads(1)
-    return {opt: train_case({}, opt) for opt in ("adamw", "muon")}
+    out = tmp_path_factory.mktemp("parallel")
+    single = {opt: train_case({}, opt) for opt in ("adamw", "muon")}
+    s = build({}, "muon")
+    train_steps(s, range(2))
+    dcp.save(out / "B", s.model, s.optimizer, {"step": 2})
+    single_B, single_cont_B = snapshot(s), train_steps(s, range(2, 3))
+    ranks = spawn("all", 2, out)
+    return {"single": single, "ranks": ranks, "out": out, "single_B": single_B, "single_cont_B": single_cont_B}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_two_ranks_match_one_process(name, single, tmp_path):
+def test_two_ranks_match_one_process(name, runs):
     """AdamW alone and Muon + AdamW: 3 steps on 2 ranks (FSDP2, FSDP2 + EP, DDP) = 3 steps in one process, and the
-    balancing biases (all-reduced counts) agree; for EP also logits, gradients and the all-to-all payload."""
-    ranks = spawn("train", 2, tmp_path, layout=LAYOUTS[name], opts=["adamw", "muon"], forward=name == "fsdp2_ep2")
+    balancing biases (all-reduced counts) agree."""
     start = [r.balancing_biases.clone() for r in build({}).model.routers()]
     for opt in ("adamw", "muon"):
-        for r in ranks:
-            _assert_same_training(r[opt], single[opt], PARAM_TOL[opt])
-        assert any((a - b).abs().max() > 1e-4 for a, b in zip(single[opt]["biases"], start)), "biases never moved"
-    if name == "fsdp2_ep2":
-        _check_ep_forward([r["forward"] for r in ranks])
+        for r in runs["ranks"]:
+            _assert_same_training(r[name][opt], runs["single"][opt], PARAM_TOL[opt])
+        assert any((a - b).abs().max() > 1e-4 for a, b in zip(runs["single"][opt]["biases"], start)), "biases still"
+
+
+def test_expert_parallel_forward_backward_and_payload(runs):
+    """EP = 2 vs one process: logits, routes and every parameter's gradient, replayed routes; each rank's
+    all-to-all carries exactly its routed tokens (skip-class and padding tokens are never sent)."""
+    _check_ep_forward([r["forward"] for r in runs["ranks"]])
 
 
 def _check_ep_forward(ranks: list[dict]):
@@ -272,16 +287,15 @@ def _check_ep_forward(ranks: list[dict]):
     assert skipped > 0 and padded > 0, "the batch must contain skip and padding tokens for this check to mean much"
 
 
-def test_activation_checkpointing_bf16_and_offload(single, tmp_path):
+def test_activation_checkpointing_bf16_and_offload(runs):
     """FSDP2 + EP with activation checkpointing, or CPU offload of the optimizer state, trains exactly like one
     process (balancing counts are not doubled by the recomputation); bf16 mixed precision stays close."""
-    variants = {"ac": {"activation_checkpointing": True}, "offload": {"offload_optimizer": True},
-                "bf16": {"mixed_precision": "bf16"}}
-    (r0, _) = spawn("options", 2, tmp_path, layout={"ep": 2}, variants=variants)
-    _assert_same_training(r0["ac"], single["muon"], PARAM_TOL["muon"])
-    _assert_same_training(r0["offload"], single["muon"], PARAM_TOL["muon"])
-    for a, b in zip(r0["bf16"]["losses"], single["muon"]["losses"]):
-        assert abs(a - b) < 2e-2 * abs(b), (a, b)
+    ref = runs["single"]["muon"]
+    for r in runs["ranks"]:
+        _assert_same_training(r["options"]["ac"], ref, PARAM_TOL["muon"])
+        _assert_same_training(r["options"]["offload"], ref, PARAM_TOL["muon"])
+        for a, b in zip(r["options"]["bf16"]["losses"], ref["losses"]):
+            assert abs(a - b) < 2e-2 * abs(b), (a, b)
 
 
 def test_residual_stream_stays_fp32_under_bf16():
@@ -330,45 +344,31 @@ def _assert_same_state(a: dict, b: dict, tol: float):
             _close(a["optim"][k][n].float(), b["optim"][k][n].float(), tol, f"optimizer {k}.{n}")
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """One process writes B after 2 steps; 2 ranks (FSDP2 + EP) write A and the HF export, and load B."""
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("dcp")
-    s = build({}, "muon")
-    train_steps(s, range(2))
-    dcp.save(out / "B", s.model, s.optimizer, {"step": 2})
-    single_B = snapshot(s)
-    single_cont_B = train_steps(s, range(2, 3))
-    (r0, r1) = spawn("checkpoints", 2, out, layout={"ep": 2})
-    return {"out": out, "ranks": (r0, r1), "single_B": single_B, "single_cont_B": single_cont_B}
-
-
-def test_dcp_two_ranks_to_one_process(checkpoints):
+def test_dcp_two_ranks_to_one_process(runs):
     """Saved by FSDP2 + EP on 2 ranks, loaded in one process: same parameters, biases, optimizer state; the next
     step gives the loss the 2 ranks got."""
-    r0 = checkpoints["ranks"][0]
+    r0 = runs["ranks"][0]["checkpoints"]
     s = build({}, "muon", seed=5)
-    assert dcp.load(checkpoints["out"] / "A", s.model, s.optimizer) == {"step": 2}
+    assert dcp.load(runs["out"] / "A", s.model, s.optimizer) == {"step": 2}
     _assert_same_state(snapshot(s), r0["saved_A"], 0)
     cont = train_steps(s, range(2, 3))
     assert abs(cont["losses"][0] - r0["cont_A"]["losses"][0]) <= 1e-6 * abs(r0["cont_A"]["losses"][0])
 
 
-def test_dcp_one_process_to_two_ranks(checkpoints):
+def test_dcp_one_process_to_two_ranks(runs):
     """Saved by one process, loaded by FSDP2 + EP on 2 ranks: same state, same next loss."""
-    for r in checkpoints["ranks"]:
-        _assert_same_state(r["loaded_B"], checkpoints["single_B"], 0)
-        a, b = r["cont_B"]["losses"][0], checkpoints["single_cont_B"]["losses"][0]
+    for r in runs["ranks"]:
+        _assert_same_state(r["checkpoints"]["loaded_B"], runs["single_B"], 0)
+        a, b = r["checkpoints"]["cont_B"]["losses"][0], runs["single_cont_B"]["losses"][0]
         assert abs(a - b) <= 1e-5 * abs(b), (a, b)
 
 
-def test_hf_export_from_sharded_run_loads_in_transformers(checkpoints):
+def test_hf_export_from_sharded_run_loads_in_transformers(runs):
     import transformers
     from safetensors import safe_open
 
     from openzaya.checkpoint import from_pretrained
-    hf = checkpoints["out"] / "hf"
+    hf = runs["out"] / "hf"
     ref = transformers.ZayaForCausalLM.from_pretrained(hf).eval()
     # NOTE: transformers re-initialises balancing_biases on load (spec §10.1 item 9): put the stored ones back
     with safe_open(hf / "model.safetensors", framework="pt") as f, torch.no_grad():
@@ -376,13 +376,76 @@ def test_hf_export_from_sharded_run_loads_in_transformers(checkpoints):
             layer.mlp.gate.balancing_biases.copy_(f.get_tensor(f"model.layers.{i}.mlp.gate.balancing_biases"))
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 128, (2, T), generator=g)
-    sharded = checkpoints["ranks"][0]["logits"]
+    sharded = runs["ranks"][0]["checkpoints"]["logits"]
     with torch.no_grad():
         _close(ref(ids).logits, sharded, 1e-4, "transformers vs the sharded run")
         _close(from_pretrained(hf)(ids), sharded, 1e-5, "openzaya vs the sharded run")
     with safe_open(hf / "model.safetensors", framework="pt") as f:   # the trained biases, not the initial ones
-        for i, b in enumerate(checkpoints["ranks"][0]["saved_A"]["biases"]):
+        for i, b in enumerate(runs["ranks"][0]["checkpoints"]["saved_A"]["biases"]):
             assert torch.equal(f.get_tensor(f"model.layers.{i}.mlp.gate.balancing_biases"), b)
+
+
+# -----------------------------------------------------------------------------
+# The trainer under torchrun: SIGKILL of one rank, resume at 2 ranks and at 1
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.slow
+def test_sigkill_one_rank_then_resume_at_two_and_one(corpus, tmp_path):
+    """`openzaya sft` on 2 ranks with FSDP2 + EP, checkpoint every 2 steps; one rank is SIGKILLed mid-run. Resumed
+    on 2 ranks the run continues exactly (every step's loss equal to 1e-6 of an uninterrupted run); resumed in one
+    process from a copy of the same checkpoint, it continues to float tolerance (1e-5)."""
+    from tests.test_train import ENV, VENV, flags, losses
+    steps, extra = 8, ["--save-every", "2"]
+    torchrun = [str(VENV / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "openzaya.cli", "sft"]
+
+    def launch(out, more=(), **kw):
+        return subprocess.run([*torchrun, *flags(corpus, out, steps, [*extra, "--ep", "2", *more])], env=ENV,
+                              capture_output=True, text=True, timeout=300, **kw)
+    full = launch(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*torchrun, *flags(corpus, out, steps, [*extra, "--ep", "2"])], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        m = out / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 5 and dcp.find(out / "checkpoint"):
+            break
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    killed_at = max(losses(out))
+    assert killed_at < steps, "the run finished before it was killed"
+    resumed_at = torch.load(dcp.find(out / "checkpoint") / dcp.TRAINER_STATE, weights_only=False)["step"]
+    shutil.copytree(out, tmp_path / "one")
+    res = launch(out, ["--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"at step {resumed_at}" in res.stdout
+    a, b = losses(tmp_path / "full"), losses(out)
+    assert sorted(b) == list(range(1, steps + 1))
+    for s in range(1, steps + 1):
+        assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
+    one = subprocess.run([str(VENV / "openzaya"), "sft", *flags(corpus, tmp_path / "one", steps, [*extra, "--resume"])],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    c = losses(tmp_path / "one")
+    assert sorted(c) == list(range(1, steps + 1))
+    for s in range(resumed_at + 1, steps + 1):
+        assert abs(a[s] - c[s]) <= 1e-5 * abs(a[s]), (s, a[s], c[s])
 
 
 if __name__ == "__main__":
