@@ -276,6 +276,27 @@ def add_sft(sub):
     _train_flags(p, "sft")
 
 
+def add_plan(sub):
+    p = sub.add_parser("plan", help="per-GPU training memory of a parallel layout, from the real sharding; the "
+                                    "smallest layout that fits (openzaya/plan.py)")
+    p.add_argument("--preset", default="zaya1_8b", help="model preset (nano, micro, zaya1_8b)")
+    p.add_argument("--config", default=None, help="a config.json (model directory) instead of --preset")
+    p.add_argument("--world-size", type=int, required=True, help="GPUs (torchrun ranks)")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU")
+    # Parallelism (as on `pretrain` / `sft`)
+    p.add_argument("--dp-shard", type=int, default=-1, help="FSDP2 shard degree (-1 = world size / --dp-replicate)")
+    p.add_argument("--dp-replicate", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--offload-optimizer", action="store_true")
+    p.add_argument("--mixed-precision", choices=["bf16", "fp32"], default="bf16")
+    # Batch
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch per GPU")
+    p.add_argument("--json", default=None, help="also write the table to this JSON file")
+    p.set_defaults(func=lambda a: __import__("openzaya.plan", fromlist=["main"]).main(a))
+
+
 def add_speedrun(sub):
     p = sub.add_parser("speedrun", help="corpus, tokenizer, pretrain, SFT, four RL stages, held-out eval and report, end to end")
     p.add_argument("--preset", default="nano", choices=["nano", "smoke", "small"],
@@ -298,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openzaya", description="ZAYA1 MoE++ models, training and Markovian RSA")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in [add_envs, add_solve, add_eval, add_serve, add_rl, add_pretrain, add_sft,
-                add_speedrun]:
+                add_speedrun, add_plan]:
         add(sub)
     return parser
 

@@ -100,15 +100,30 @@ class MuonAdamW(torch.optim.Optimizer):
             else:
                 raise ValueError(f"unknown param group kind {group['kind']!r}")
 
+    def _state_of(self, p, kind: str) -> dict:
+        """p's state, created on first use (zeros shaped and sharded like p)."""
+        state = self.state[p]
+        if not state and kind == "muon":
+            state["momentum_buffer"] = torch.zeros_like(p)
+        elif not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        return state
+
+    def init_state(self):
+        """Create every parameter's state without a step (the memory planner reads its size)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state_of(p, group["kind"])
+
     def _muon(self, group):
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
         for p in group["params"]:
             if p.grad is None:
                 continue
             g = _local(p.grad)
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
+            state = self._state_of(p, "muon")
             buf = _local(state["momentum_buffer"])
             buf.mul_(mom).add_(g)
             u = g.add(buf, alpha=mom) if group["nesterov"] else buf
@@ -125,11 +140,7 @@ class MuonAdamW(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             g = _local(p.grad)
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
+            state = self._state_of(p, "adamw")
             state["step"] += 1
             t = float(state["step"])
             m, v, w = _local(state["exp_avg"]), _local(state["exp_avg_sq"]), _local(p)

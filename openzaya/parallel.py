@@ -94,6 +94,8 @@ def resolve_layout(pcfg: ParallelConfig, world: int, num_experts: int | None = N
         raise ValueError(f"--ep {pcfg.ep} must divide --dp-shard {S} (expert parallelism borrows the shard ranks)")
     if num_experts is not None and num_experts % pcfg.ep:
         raise ValueError(f"--ep {pcfg.ep} must divide the number of experts {num_experts}")
+    if pcfg.offload_optimizer and S == 1:
+        raise ValueError("--offload-optimizer needs FSDP2 (--dp-shard > 1 under torchrun)")
     return Layout(world=world, dp_replicate=R, dp_shard=S, ep=pcfg.ep)
 
 

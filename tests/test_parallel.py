@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:        # run as a script (the spawned ranks)
     sys.path.insert(0, str(ROOT))
 
-from openzaya import dcp, parallel                         # noqa: E402
+from openzaya import dcp, parallel, plan                   # noqa: E402
 from openzaya.optim import MuonAdamW, build_optimizer      # noqa: E402
 from tests.test_train import corpus                         # noqa: E402,F401  (fixture: a tiny corpus + tokenizer)
+from openzaya.model import ZayaForCausalLM                 # noqa: E402
 from tests.zaya_ref import random_model, tiny_config       # noqa: E402
 
 GLOBAL_ROWS, T = 8, 12
@@ -83,7 +84,8 @@ def full(t):
 
 
 def train_steps(s: parallel.Setup, steps: range, accum: int = 2) -> dict:
-    """The trainer's step (train.run), on rows of the global batch split over ranks and micro-batches."""
+    """The trainer's step (train.run), on rows of the global batch split over ranks and micro-batches; also what
+    this rank holds after the first optimizer step (gradients not yet freed)."""
     W, rank = s.layout.world, s.rank
     params = list(s.model.parameters())
     losses, gnorms = [], []
@@ -104,10 +106,11 @@ def train_steps(s: parallel.Setup, steps: range, accum: int = 2) -> dict:
             dist.all_reduce(loss_sum)
         gnorms.append(float(parallel.clip_grad_norm_(params, 0.5)))
         s.optimizer.step()
+        held = held if losses else plan.state_bytes(s.model, s.optimizer)
         s.optimizer.zero_grad(set_to_none=True)
         s.model.update_balancing_biases()
         losses.append(float(loss_sum))
-    return {"losses": losses, "gnorms": gnorms}
+    return {"losses": losses, "gnorms": gnorms, "bytes": held}
 
 
 def snapshot(s: parallel.Setup) -> dict:
@@ -307,6 +310,59 @@ def test_residual_stream_stays_fp32_under_bf16():
         layer.register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out[0].dtype)))
     model(torch.randint(0, 128, (2, 8)))
     assert seen and all(a == b == torch.float32 for a, b in seen), seen
+
+
+# -----------------------------------------------------------------------------
+# The memory planner
+
+
+def test_planner_bytes_equal_a_real_two_rank_run(runs, tmp_path):
+    """`openzaya plan` (meta model, fake process group, the real sharding) predicts to the byte what rank 0 of
+    2 gloo ranks held after an optimizer step (parameters, gradients, optimizer state), and rank 1's optimizer state
+    to 0.1% (its shards of odd-sized dimensions are smaller; parameters and gradients are padded to rank 0's)."""
+    from tests.test_train import VENV, ENV
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    tiny_config().save(cfg_dir / "config.json")
+    res = subprocess.run([str(VENV / "openzaya"), "plan", "--config", str(cfg_dir), "--world-size", "2",
+                          "--mixed-precision", "fp32", "--seq-len", "64", "--json", str(tmp_path / "p.json")],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    planned = json.loads((tmp_path / "p.json").read_text())
+    rows = {(r["dp_replicate"], r["dp_shard"], r["ep"]): r for r in planned["rows"]}   # every layout of 2 ranks
+    for name, layout in LAYOUTS.items():
+        asked = rows[(layout.get("dp_replicate", 1), layout.get("dp_shard", 2), layout.get("ep", 1))]
+        held = [r[name]["muon"]["bytes"] for r in runs["ranks"]]
+        assert {k: asked[k] for k in held[0]} == held[0], (name, asked, held[0])
+        # rank 1: FSDP2 pads its parameter and gradient shards to rank 0's size, optimizer state is unpadded
+        assert held[1]["params"] == asked["params"] and held[1]["grads"] == asked["grads"], (name, held[1])
+        assert 0.999 * asked["optimizer"] <= held[1]["optimizer"] <= asked["optimizer"], (name, held[1])
+    smallest = planned["smallest"]                      # one GPU suffices: the unwrapped model
+    assert smallest["world"] == 1, res.stdout
+    held = runs["single"]["muon"]["bytes"]
+    assert {k: smallest[k] for k in held} == held, (smallest, held)
+
+
+def test_planner_activation_estimate_against_saved_tensors():
+    """The activation estimate (per-layer bytes measured at 16/32 tokens and 1/2 experts, extrapolated) against
+    what autograd really saves for a whole model at another batch, length and expert count: within 10%."""
+    cfg = tiny_config(layer_types=["hybrid"] * 4, num_hidden_layers=4, sliding_window=None, num_experts=6,
+                      vocab_size=256)
+    torch.manual_seed(0)
+    model = ZayaForCausalLM(cfg).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    ids = torch.randint(0, 256, (3, 81))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.token_logprobs(ids[:, :-1], ids[:, 1:])
+    real = sum(seen.values())
+    est = plan.activation_bytes(cfg, 3, 80, bf16=False, checkpointing=False, packed=False)
+    assert abs(est - real) <= 0.1 * real, (est, real)
 
 
 # -----------------------------------------------------------------------------
