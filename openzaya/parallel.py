@@ -299,6 +299,8 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     the norm only."""
     from torch.distributed.tensor import DTensor
     grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
     groups: dict = {}
     for g in grads:
         key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None

@@ -6,7 +6,8 @@ same small training function as the pytest process runs alone (world 1, no wrapp
   balancing biases after 3 optimizer steps of 2 micro-batches, for AdamW alone and for Muon + AdamW;
 - EP = 2 vs one process: logits and the gradient of every parameter, with left padding, skip-class tokens and router
   replay; the all-to-all payload equals the routed tokens (skip and padding are never sent);
-- activation checkpointing, bf16 mixed precision (fp32 residual stream), CPU offload of the optimizer state;
+- activation checkpointing, bf16 mixed precision (fp32 residual stream), CPU offload of the optimizer state (on a
+  CPU-only machine the offload policy runs but moves nothing);
 - DCP written at 2 ranks loads at 1 and the reverse (parameters and optimizer state), continuing identically;
 - the HF export of a sharded run loads in transformers' ZayaForCausalLM with the same logits.
 Tolerances: fp32 losses 1e-5 relative; parameters after 3 steps 2e-6 (AdamW) / 5e-5 (Muon: Newton-Schulz in fp32
@@ -124,10 +125,16 @@ def snapshot(s: parallel.Setup) -> dict:
             "optim": {k: {n: full(v) for n, v in st.items()} for k, st in osd["state"].items()}}
 
 
-def train_case(layout: dict, opt: str, steps: int = 3, **kw) -> dict:
+def train_case(layout: dict, opt: str, steps: int = 3) -> dict:
+    """Train; also note the dtypes at every decoder layer's boundary: (residual in, residual out, the dtype the
+    attention's output projection computes in)."""
     s = build(layout, opt)
-    out = train_steps(s, range(steps), **kw)
-    return {**out, **snapshot(s)}
+    dtypes = set()
+    for layer in s.model.model.layers:
+        layer.register_forward_hook(lambda mod, args, out: dtypes.add(
+            (args[0].dtype, out[0].dtype, mod.self_attn.o_proj.weight.dtype)))
+    out = train_steps(s, range(steps))
+    return {**out, **snapshot(s), "dtypes": dtypes}
 
 
 def forward_case(layout: dict, counted: list) -> dict:
@@ -202,6 +209,8 @@ def _worker(case: str, out: str, kw: dict):
         res["options"] = {name: train_case({**LAYOUTS["fsdp2_ep2"], **extra}, "muon")
                           for name, extra in OPTIONS.items()}
         res["checkpoints"] = checkpoints_case(LAYOUTS["fsdp2_ep2"], Path(out))
+    elif case == "hsdp":
+        res = {opt: train_case(kw["layout"], opt) for opt in ("adamw", "muon")}
     else:
         raise ValueError(case)
     torch.save(res, Path(out) / f"{case}.rank{dist.get_rank()}.pt")
@@ -263,6 +272,15 @@ def test_two_ranks_match_one_process(name, runs):
         assert any((a - b).abs().max() > 1e-4 for a, b in zip(runs["single"][opt]["biases"], start)), "biases still"
 
 
+@pytest.mark.slow
+def test_four_ranks_hsdp_with_expert_parallelism_match_one_process(runs, tmp_path):
+    """HSDP (2 replicas x 2 shards) with EP = 2 inside each replica, 4 ranks on 2 cores: the same 3 steps."""
+    ranks = spawn("hsdp", 4, tmp_path, timeout=600, layout={"dp_replicate": 2, "ep": 2})
+    for opt in ("adamw", "muon"):
+        for r in ranks:
+            _assert_same_training(r[opt], runs["single"][opt], PARAM_TOL[opt])
+
+
 def test_expert_parallel_forward_backward_and_payload(runs):
     """EP = 2 vs one process: logits, routes and every parameter's gradient, replayed routes; each rank's
     all-to-all carries exactly its routed tokens (skip-class and padding tokens are never sent)."""
@@ -292,24 +310,17 @@ def _check_ep_forward(ranks: list[dict]):
 
 def test_activation_checkpointing_bf16_and_offload(runs):
     """FSDP2 + EP with activation checkpointing, or CPU offload of the optimizer state, trains exactly like one
-    process (balancing counts are not doubled by the recomputation); bf16 mixed precision stays close."""
+    process (balancing counts are not doubled by the recomputation); bf16 mixed precision stays close, computes in
+    bf16 inside the layers and keeps the residual stream fp32 between them."""
     ref = runs["single"]["muon"]
     for r in runs["ranks"]:
         _assert_same_training(r["options"]["ac"], ref, PARAM_TOL["muon"])
         _assert_same_training(r["options"]["offload"], ref, PARAM_TOL["muon"])
         for a, b in zip(r["options"]["bf16"]["losses"], ref["losses"]):
             assert abs(a - b) < 2e-2 * abs(b), (a, b)
-
-
-def test_residual_stream_stays_fp32_under_bf16():
-    """The block boundary carries the fp32 residual stream even when the parameters compute in bf16 (FSDP2 casts
-    no forward input); checked in one process with the same policy FSDP2 applies (bf16 parameters)."""
-    model = random_model(tiny_config()).to(torch.bfloat16)
-    seen = []
-    for layer in model.model.layers:
-        layer.register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out[0].dtype)))
-    model(torch.randint(0, 128, (2, 8)))
-    assert seen and all(a == b == torch.float32 for a, b in seen), seen
+        # bf16 weights inside the layers, the fp32 residual stream between them (FSDP2 casts no forward input)
+        assert r["options"]["bf16"]["dtypes"] == {(torch.float32, torch.float32, torch.bfloat16)}
+        assert r["options"]["ac"]["dtypes"] == {(torch.float32, torch.float32, torch.float32)}
 
 
 # -----------------------------------------------------------------------------
