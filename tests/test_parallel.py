@@ -129,10 +129,11 @@ def train_case(layout: dict, opt: str, steps: int = 3) -> dict:
     """Train; also note the dtypes at every decoder layer's boundary: (residual in, residual out, the dtype the
     attention's output projection computes in)."""
     s = build(layout, opt)
-    dtypes = set()
-    for layer in s.model.model.layers:
-        layer.register_forward_hook(lambda mod, args, out: dtypes.add(
-            (args[0].dtype, out[0].dtype, mod.self_attn.o_proj.weight.dtype)))
+    dtypes, seen = set(), {}
+    for layer in s.model.model.layers:   # inside the layer's forward FSDP2 has swapped in the gathered weights
+        layer.register_forward_pre_hook(lambda mod, args: seen.update(h_in=args[0].dtype))
+        layer.self_attn.o_proj.register_forward_hook(lambda mod, args, out: seen.update(w=mod.weight.dtype))
+        layer.register_forward_hook(lambda mod, args, out: dtypes.add((seen["h_in"], out[0].dtype, seen["w"])))
     out = train_steps(s, range(steps))
     return {**out, **snapshot(s), "dtypes": dtypes}
 
