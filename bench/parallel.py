@@ -5,6 +5,7 @@ each in a fresh `torchrun` job of `--nproc` ranks, all in one run, with the rati
   per rank, one micro-batch per step; packed documents as in the trainer) with Muon + AdamW: forward, backward,
   gradient reduction, clipping, optimizer step, bias balancing: the trainer's step. `--warmup` steps, then
   `--steps` timed ones; tokens/s counts every rank's tokens.
+- Time: seconds per step and, of those, in the optimizer step (Muon's Newton-Schulz dominates on a CPU).
 - Memory per rank: the state this rank holds (parameters, gradients, optimizer state: openzaya.plan.state_bytes,
   the same count the planner predicts) and the peak resident set over the timed steps (VmHWM after resetting it
   once the model is sharded, minus the resident set at that moment: activations, gathered parameters, buffers).
@@ -106,13 +107,17 @@ if args.worker:
     seg = (torch.arange(T + 1) * 4 // (T + 1)).expand(B, T + 1).to(device)     # four packed documents per row
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.device == "cuda")
 
+    opt_s = [0.0]
+
     def step():
         with autocast:
             loss = -model.token_logprobs(ids[:, :-1], ids[:, 1:], segment_ids_BT=seg[:, :-1]).sum() / (B * T * world)
         loss.backward()
         parallel.reduce_gradients(params, s.layout)
         parallel.clip_grad_norm_(params, 1.0)
+        t = time.perf_counter()
         opt.step()
+        opt_s[0] += time.perf_counter() - t
         held = state_bytes(model, opt)
         opt.zero_grad(set_to_none=True)
         model.update_balancing_biases()
@@ -127,6 +132,7 @@ if args.worker:
         f.write("5")
     rss0 = status_bytes("VmRSS:")
     dist.barrier()
+    opt_s[0] = 0.0
     t0 = time.perf_counter()
     for _ in range(args.steps):
         held = step()
@@ -136,7 +142,7 @@ if args.worker:
     dt = time.perf_counter() - t0
     tok_s = args.steps * B * T * world / dt
     res = {"layout": args.worker, "rank": rank, "world": world, "describe": str(s.layout), "tok_s": tok_s,
-           "step_s": dt / args.steps, "state_bytes": held, "peak_rss_over_start": status_bytes("VmHWM:") - rss0}
+           "step_s": dt / args.steps, "optimizer_step_s": opt_s[0] / args.steps, "state_bytes": held, "peak_rss_over_start": status_bytes("VmHWM:") - rss0}
     if device.type == "cuda":
         res["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
         res["mfu"] = flops_per_token(cfg, T) * tok_s / (world * args.peak_tflops * 1e12)
@@ -177,14 +183,15 @@ def ratio(a, b):
     return f"{a / b:7.2f}" if b else "      -"
 
 
-print(f"{'layout':10s} {'what':52s} {'tok/s':>8s} {'vs ddp':>7s} {'state MiB/rank':>15s} {'vs ddp':>7s} "
-      f"{'peak RSS+ MiB':>14s}" + ("  MFU  peak CUDA GiB" if args.device == "cuda" else ""))
+print(f"{'layout':10s} {'what':52s} {'tok/s':>8s} {'vs ddp':>7s} {'step s':>7s} {'opt s':>6s} "
+      f"{'state MiB/rank':>15s} {'vs ddp':>7s} {'peak RSS+ MiB':>14s}"
+      + ("  MFU  peak CUDA GiB" if args.device == "cuda" else ""))
 for name, ranks in results.items():
     r0 = ranks[0]
     state = sum(r0["state_bytes"].values())
     base_tok, base_state = (base[0]["tok_s"], sum(base[0]["state_bytes"].values())) if base else (0, 0)
     line = (f"{name:10s} {r0['describe']:52s} {r0['tok_s']:8.0f} {ratio(r0['tok_s'], base_tok)} "
-            f"{state / 2**20:15.1f} {ratio(state, base_state)} "
+            f"{r0['step_s']:7.2f} {r0['optimizer_step_s']:6.2f} {state / 2**20:15.1f} {ratio(state, base_state)} "
             f"{max(r['peak_rss_over_start'] for r in ranks) / 2**20:14.1f}")
     if args.device == "cuda":
         line += f"  {r0['mfu']:.3f}  {max(r['peak_cuda_bytes'] for r in ranks) / 2**30:.2f}"

@@ -268,8 +268,8 @@ def model_config(preset: str, config: str | None) -> ZayaConfig:
 def main(a):
     cfg = model_config(a.preset, a.config)
     gpu_bytes = int(a.gpu_memory_gb * GIB)
-    base = ParallelConfig(dp_replicate=a.dp_replicate, dp_shard=a.dp_shard, ep=a.ep,
-                          activation_checkpointing=a.activation_checkpointing,
+    degrees = {k: getattr(a, k) for k in ("dp_replicate", "dp_shard", "ep") if getattr(a, k) is not None}
+    base = ParallelConfig(**degrees, activation_checkpointing=a.activation_checkpointing,
                           offload_optimizer=a.offload_optimizer, mixed_precision=a.mixed_precision)
     print(f"{a.config or a.preset}: {count_params(cfg)['total'] / 1e9:.2f}B params, "
           f"micro-batch {a.micro_batch} x {a.seq_len} tokens, {a.mixed_precision} compute, {a.gpu_memory_gb:g} GB GPUs")

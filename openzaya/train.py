@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .parallel import ParallelConfig
+
 CHECKPOINT = "checkpoint"         # a DCP directory (dcp.py)
 
 
@@ -68,12 +70,12 @@ class TrainConfig:
     max_memory_gb: float = -1          # -1 = the machine's memory
     threads: int = 0                   # torch CPU threads; 0 = leave torch's default
     log_to: str = ""                   # "" | tensorboard | wandb (optional packages; a clear error if missing)
-    # Parallelism (torchrun; parallel.py)
-    dp_replicate: int = 1              # HSDP replicas
-    dp_shard: int = -1                 # FSDP2 shard degree; -1 = world size / dp_replicate; 1 = plain data parallel
-    ep: int = 1                        # expert-parallel degree (divides dp_shard and the expert count)
-    activation_checkpointing: bool = False
-    offload_optimizer: bool = False    # sharded params, grads and optimizer state on the CPU (FSDP2)
+    # Parallelism (torchrun; the knobs of parallel.ParallelConfig, whose defaults these are)
+    dp_replicate: int = ParallelConfig.dp_replicate
+    dp_shard: int = ParallelConfig.dp_shard
+    ep: int = ParallelConfig.ep
+    activation_checkpointing: bool = ParallelConfig.activation_checkpointing
+    offload_optimizer: bool = ParallelConfig.offload_optimizer
     mixed_precision: str = "auto"      # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
 
 
@@ -276,8 +278,7 @@ def build_model(cfg: TrainConfig, mc, device):
     return ZayaForCausalLM(mc).to(device)
 
 
-def parallel_config(cfg: TrainConfig, device: torch.device):
-    from .parallel import ParallelConfig
+def parallel_config(cfg: TrainConfig, device: torch.device) -> ParallelConfig:
     if cfg.mixed_precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"mixed_precision must be auto, bf16 or fp32, got {cfg.mixed_precision!r}")
     bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
