@@ -290,6 +290,18 @@ def _train_flags(p, stage: str):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-to", choices=["", "tensorboard", "wandb"], default=None,
                    help="also log per-step metrics to TensorBoard or W&B (optional packages)")
+    # Parallelism (under torchrun; with no flags: FSDP2 over all ranks; see README "Training at scale")
+    p.add_argument("--dp-shard", type=int, default=None,
+                   help="FSDP2 shard degree (default: world size / --dp-replicate; 1 = plain data parallel)")
+    p.add_argument("--dp-replicate", type=int, default=None, help="HSDP: replicas of the sharded model (default 1)")
+    p.add_argument("--ep", type=int, default=None,
+                   help="expert-parallel degree: each rank owns experts/EP of every layer (divides --dp-shard)")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute each decoder layer in backward")
+    p.add_argument("--offload-optimizer", action="store_true", default=None,
+                   help="keep sharded params, grads and optimizer state on the CPU (FSDP2 CPU offload)")
+    p.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32"], default=None,
+                   help="auto: bf16 compute on CUDA (fp32 master weights and reduction), fp32 on CPU")
     p.set_defaults(func=lambda a: _train(a, stage))
 
 
@@ -307,6 +319,33 @@ def _speedrun(a):
     from openzaya.speedrun import main
 
     return main(a)
+
+
+def _plan(a):
+    from openzaya.plan import main
+
+    return main(a)
+
+
+def add_plan(sub):
+    p = sub.add_parser("plan", help="per-GPU training memory of a parallel layout, from the real sharding; the "
+                                    "smallest layout that fits (openzaya/plan.py)")
+    p.add_argument("--preset", default="zaya1_8b", help="model preset (nano, micro, zaya1_8b)")
+    p.add_argument("--config", default=None, help="a config.json (model directory) instead of --preset")
+    p.add_argument("--world-size", type=int, required=True, help="GPUs (torchrun ranks)")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU")
+    # Parallelism (as on `pretrain` / `sft`)
+    p.add_argument("--dp-shard", type=int, default=None, help="FSDP2 shard degree (default: world size / --dp-replicate)")
+    p.add_argument("--dp-replicate", type=int, default=None, help="HSDP replicas (default 1)")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default 1)")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--offload-optimizer", action="store_true")
+    p.add_argument("--mixed-precision", choices=["bf16", "fp32"], default="bf16")
+    # Batch
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch per GPU")
+    p.add_argument("--json", default=None, help="also write the table to this JSON file")
+    p.set_defaults(func=_plan)
 
 
 def add_speedrun(sub):
@@ -331,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openzaya", description="ZAYA1 MoE++ models, training and Markovian RSA")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in [add_envs, add_solve, add_eval, add_serve, add_rl, add_pretrain, add_sft,
-                add_speedrun]:
+                add_speedrun, add_plan]:
         add(sub)
     return parser
 

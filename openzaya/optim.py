@@ -12,6 +12,13 @@ matching"; RL: Muon with momentum 0 for matrices, AdamW for embedding and LM hea
 (tied LM head), norms, biases, router output vectors, residual scales, key temperatures and 1D/conv parameters go
 to AdamW. The CCA convolution weights are 3D but tiny and not matrices in the Muon sense: AdamW.
 The iteration runs in fp32 on CPU (bitwise-reproducible resumes) and bf16 on CUDA.
+
+Sharded parameters (FSDP2 / expert parallelism, parallel.py: DTensors) work as they are: the elementwise math runs on
+each rank's local shard, and Muon orthogonalises the full matrix: a 3D expert tensor sharded only along the expert
+dimension holds whole experts on every rank, so its per-expert iteration is local; any other shard (2D matrices,
+experts split by rows) is all-gathered, orthogonalised on every rank, and the rank keeps its own shard (simple,
+redundant compute; those matrices are ~5% of ZAYA's parameters). State tensors are DTensors like their parameters,
+so distributed checkpoints reshard them.
 """
 
 from __future__ import annotations
@@ -38,6 +45,26 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     if transpose:
         X = X.mT
     return X.to(G.dtype)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (in-place ops on it update the DTensor), a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def orthogonalise(u_local: torch.Tensor, like: torch.Tensor, steps: int) -> torch.Tensor:
+    """`newton_schulz` of the update whose local shard is `u_local` and whose sharding is that of `like` (a parameter
+    or gradient, DTensor or not); returns this rank's shard of the result."""
+    if not hasattr(like, "device_mesh"):
+        return newton_schulz(u_local, steps)
+    from torch.distributed.tensor import DTensor, Replicate
+    mesh, placements = like.device_mesh, like.placements
+    if like.ndim == 3 and all(pl.is_replicate() or getattr(pl, "dim", None) == 0 for pl in placements):
+        return newton_schulz(u_local, steps)                            # whole experts on this rank
+    full = DTensor.from_local(u_local, mesh, placements, shape=like.shape, stride=like.stride(),
+                              run_check=False).full_tensor()
+    o = DTensor.from_local(newton_schulz(full, steps), mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return o.redistribute(mesh, placements).to_local()               # Replicate -> Shard: a local slice
 
 
 def split_params(model) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -73,45 +100,57 @@ class MuonAdamW(torch.optim.Optimizer):
             else:
                 raise ValueError(f"unknown param group kind {group['kind']!r}")
 
+    def _state_of(self, p, kind: str) -> dict:
+        """p's state, created on first use (zeros shaped and sharded like p)."""
+        state = self.state[p]
+        if not state and kind == "muon":
+            state["momentum_buffer"] = torch.zeros_like(p)
+        elif not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        return state
+
+    def init_state(self):
+        """Create every parameter's state without a step (the memory planner reads its size)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state_of(p, group["kind"])
+
     def _muon(self, group):
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
         for p in group["params"]:
             if p.grad is None:
                 continue
-            g = p.grad
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
+            g = _local(p.grad)
+            state = self._state_of(p, "muon")
+            buf = _local(state["momentum_buffer"])
             buf.mul_(mom).add_(g)
             u = g.add(buf, alpha=mom) if group["nesterov"] else buf
-            o = newton_schulz(u, group["ns_steps"])
-            scale = 0.2 * math.sqrt(max(p.shape[-2], p.shape[-1]))    # AdamW RMS matching
+            o = orthogonalise(u, p, group["ns_steps"])
+            scale = 0.2 * math.sqrt(max(p.shape[-2], p.shape[-1]))    # AdamW RMS matching (global shape)
+            w = _local(p)
             if wd:
-                p.mul_(1 - lr * wd)
-            p.add_(o, alpha=-lr * scale)
+                w.mul_(1 - lr * wd)
+            w.add_(o, alpha=-lr * scale)
 
     def _adamw(self, group):
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         for p in group["params"]:
             if p.grad is None:
                 continue
-            g = p.grad
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
+            g = _local(p.grad)
+            state = self._state_of(p, "adamw")
             state["step"] += 1
             t = float(state["step"])
-            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m, v, w = _local(state["exp_avg"]), _local(state["exp_avg_sq"]), _local(p)
             if wd:
-                p.mul_(1 - lr * wd)
+                w.mul_(1 - lr * wd)
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
             denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
-            p.addcdiv_(m, denom, value=-lr / bc1)
+            w.addcdiv_(m, denom, value=-lr / bc1)
 
 
 def build_optimizer(model, lr: float, weight_decay: float = 0.0, momentum: float = 0.95, betas=(0.9, 0.95),

@@ -8,16 +8,17 @@ best-fit-decreasing into `seq_len`-token windows whose documents are kept apart 
   router bias balancing after every optimizer step (all-reduced over ranks inside the model).
 - Batch named by unit: `tokens_per_step` (global, a multiple of seq_len) and `device_batch_size` (sequences per
   micro-batch per rank); the accumulation count is derived, and a batch that does not divide is an error.
-- Data parallel under torchrun: gradients are all-reduced by hand (one flat buffer, SUM) after the local
-  accumulation. We do not wrap the model in DistributedDataParallel: MoE experts that get no token in a micro-batch
-  leave unused parameters, which DDP handles only with find_unused_parameters; the arithmetic is the same.
-  Each step's loss is (sum of token losses) / (global target tokens of the step), so any world size and accumulation
-  split gives the single-process gradient.
-- Checkpoints (model, optimizer, router-balancing state, step = data position, RNG) are written atomically every
-  `save_every` steps and at the end; `resume=True` continues bit-for-bit on CPU.
-- One dense log line per step and metrics.jsonl (optionally also TensorBoard or W&B, `log_to`); the final model is
-  saved in the HF layout with its tokenizer.
-Simplified: no FSDP, no context parallelism, the data of a run is tokenized up front.
+- Under torchrun the model is parallelized by parallel.py: by default FSDP2 over all ranks; `dp_shard`, `ep`
+  (expert parallelism) and `dp_replicate` (HSDP; `dp_shard=1` = plain data parallel, the flat all-reduce) choose
+  another layout, plus activation checkpointing, bf16 mixed precision and CPU offload of the optimizer state. One
+  process stays unwrapped. Each step's loss is (sum of token losses) / (global target tokens of the step) and
+  gradients are summed over ranks, so any layout and accumulation split gives the single-process gradient.
+- Checkpoints (DCP shards of model and optimizer, plus step = data position, router-balancing state, RNG; dcp.py)
+  are written atomically every `save_every` steps and at the end; `resume=True` continues bit-for-bit on CPU at the
+  same layout, and to float tolerance at another world size or layout.
+- One dense log line per step and metrics.jsonl (optionally also TensorBoard or W&B, `log_to`); the final model
+  is saved in the HF layout (gathered from the shards) with its tokenizer.
+Simplified: no context or pipeline parallelism, the data of a run is tokenized up front.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-CHECKPOINT = "checkpoint.pt"
+from .parallel import ParallelConfig
+
+CHECKPOINT = "checkpoint"         # a DCP directory (dcp.py)
 
 
 @dataclass
@@ -69,6 +72,13 @@ class TrainConfig:
     max_memory_gb: float = -1          # -1 = the machine's memory
     threads: int = 0                   # torch CPU threads; 0 = leave torch's default
     log_to: str = ""                   # "" | tensorboard | wandb (optional packages; a clear error if missing)
+    # Parallelism (torchrun; the knobs of parallel.ParallelConfig, whose defaults these are)
+    dp_replicate: int = ParallelConfig.dp_replicate
+    dp_shard: int = ParallelConfig.dp_shard
+    ep: int = ParallelConfig.ep
+    activation_checkpointing: bool = ParallelConfig.activation_checkpointing
+    offload_optimizer: bool = ParallelConfig.offload_optimizer
+    mixed_precision: str = "auto"      # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
 
 
 def _external_logger(cfg: TrainConfig, out: Path):
@@ -162,14 +172,15 @@ def step_indices(step: int, n_windows: int, seqs: int, seed: int) -> list[int]:
     return out
 
 
-def estimate_memory_bytes(model_cfg, cfg: TrainConfig) -> int:
-    """Rough training memory: fp32 weights + grads + two optimizer moments, plus activations of one micro-batch
-    (per layer ~24 D-wide fp32 tensors per token, and the fp32 logits with their gradient)."""
+def estimate_memory_bytes(model_cfg, cfg: TrainConfig, shards: int = 1) -> int:
+    """Rough training memory of one rank: fp32 weights + grads + two optimizer moments (divided over `shards` FSDP2
+    ranks), plus activations of one micro-batch (per layer ~24 D-wide fp32 tensors per token, and the fp32 logits
+    with their gradient). `openzaya plan` gives the exact per-rank state bytes of a layout."""
     from .model import count_params
     n = count_params(model_cfg)["total"]
     tokens = cfg.device_batch_size * cfg.seq_len
     acts = tokens * (model_cfg.num_hidden_layers * 24 * model_cfg.hidden_size + 3 * model_cfg.vocab_size) * 4
-    return n * 16 + acts
+    return n * 16 // shards + acts
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -227,23 +238,10 @@ def _set_rng_state(s: dict):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(path: Path, model, opt, step: int, cfg: TrainConfig):
-    """Atomic and durable (`checkpoint.atomic_file`): a crash leaves the previous checkpoint."""
-    from .checkpoint import atomic_file
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-             "bias_optim": [r.bias_optim_state for r in model.routers()], "rng": _rng_state(),
-             "config": asdict(cfg), "model_config": model.config.to_dict()}
-    atomic_file(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: Path, model, opt) -> dict:
-    state = torch.load(path, map_location=model.device, weights_only=False)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    for r, b in zip(model.routers(), state["bias_optim"]):
-        r.bias_optim_state = b
-    _set_rng_state(state["rng"])
-    return state
+def trainer_state(model, step: int, cfg: TrainConfig) -> dict:
+    """What a checkpoint holds besides the model and optimizer shards (dcp.py)."""
+    return {"step": step, "bias_optim": [r.bias_optim_state for r in model.routers()], "rng": _rng_state(),
+            "config": asdict(cfg), "model_config": model.config.to_dict()}
 
 
 # -----------------------------------------------------------------------------
@@ -273,32 +271,33 @@ def model_config(cfg: TrainConfig, tokenizer):
 
 
 def build_model(cfg: TrainConfig, mc, device):
+    """fp32 master weights (a bf16 checkpoint is for serving; mixed precision casts for compute)."""
     from .checkpoint import from_pretrained
     from .model import ZayaForCausalLM
     if cfg.init_from:
-        return from_pretrained(cfg.init_from, device=str(device))
+        return from_pretrained(cfg.init_from, dtype=torch.float32, device=str(device))
     torch.manual_seed(cfg.seed)
     return ZayaForCausalLM(mc).to(device)
 
 
-def init_process(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """(world size, rank, device): joins the process group under torchrun (nccl on CUDA, else gloo), sets threads."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def init_process(cfg: TrainConfig):
+    """(world size, rank, device, parallel config, layout): joins the process group under torchrun (nccl on CUDA,
+    else gloo), resolves the parallel layout, sets threads."""
+    from . import parallel
     device = torch.device(resolve_device(cfg.device))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world = parallel.init_distributed(device)
+    pcfg = parallel_config(cfg, device)
+    layout = parallel.resolve_layout(pcfg, world)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    return world, rank, device
+    return world, rank, device, pcfg, layout
 
 
-def forward_backward(model, micro_batches, n_targets: int, device: torch.device) -> torch.Tensor:
+def forward_backward(model, micro_batches, n_targets: int, device: torch.device, bf16: bool) -> torch.Tensor:
     """Backward over this rank's micro-batches (ids, segment ids, labels) of one step, each loss = -(sum of its
     target log-probs) / (the step's global target tokens), so the gradients add up to the global mean. Returns the
-    summed loss (detached). bf16 autocast on CUDA; the chunked LM head makes no [B, T, V] logits."""
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    summed loss (detached). bf16 autocast when asked; the chunked LM head makes no [B, T, V] logits."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     loss_sum = torch.zeros((), device=device)
     for ids, seg, labels in micro_batches:
         ids, seg, labels = ids.to(device), seg.to(device), labels.to(device)
@@ -311,9 +310,10 @@ def forward_backward(model, micro_batches, n_targets: int, device: torch.device)
 
 
 def optimizer_step(opt, params: list, step: int, cfg: TrainConfig) -> tuple[torch.Tensor, float]:
-    """Clip (grad_clip > 0), set this step's learning rate, step, zero the gradients. Returns (grad norm, LR mult)."""
-    gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
-             else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    """Clip (grad_clip > 0; the norm over every rank's shards), set this step's learning rate, step, zero the
+    gradients. Returns (grad norm, LR multiplier)."""
+    from . import parallel
+    gnorm = parallel.clip_grad_norm_(params, cfg.grad_clip)   # grad_clip <= 0: the norm only
     mult = lr_multiplier(step, cfg)
     for g in opt.param_groups:
         g["lr"] = g["base_lr"] * mult
@@ -322,34 +322,39 @@ def optimizer_step(opt, params: list, step: int, cfg: TrainConfig) -> tuple[torc
     return gnorm, mult
 
 
-def check_memory(cfg: TrainConfig, model_cfg, device: torch.device):
+def check_memory(cfg: TrainConfig, model_cfg, device: torch.device, dp_shard: int):
     """Refuse a run whose estimated training memory exceeds 90% of what the device (or max_memory_gb) offers."""
-    need = estimate_memory_bytes(model_cfg, cfg)
+    need = estimate_memory_bytes(model_cfg, cfg, dp_shard)
     have = cfg.max_memory_gb * 2**30 if cfg.max_memory_gb > 0 else available_memory_bytes(device)
     if need > 0.9 * have:
         raise MemoryError(f"estimated training memory {need / 2**30:.1f} GiB exceeds 90% of the "
-                          f"{have / 2**30:.1f} GiB available: reduce device_batch_size, seq_len or the model")
+                          f"{have / 2**30:.1f} GiB available: reduce device_batch_size, seq_len or the model, or "
+                          f"shard it over more ranks (torchrun; `openzaya plan` shows a layout that fits)")
 
 
 # settings a resumed run may change without --allow-config-change: they do not change what is trained
 RESUME_MAY_CHANGE = ("out", "resume", "allow_config_change", "device", "threads", "max_memory_gb", "log_to",
-                     "save_every")
+                     "save_every", "dp_replicate", "dp_shard", "ep", "activation_checkpointing", "offload_optimizer")
 
 
 def restore(cfg: TrainConfig, ckpt_path: Path, metrics_path: Path, model, opt, rank: int) -> int:
-    """The step to start from: the checkpoint's with --resume (model, optimizer, RNG restored), else 0 (seeded).
-    A checkpoint saved with other settings is refused, the differences listed, unless --allow-config-change.
-    Rank 0 keeps metrics.jsonl up to that step only."""
+    """The step to start from: the checkpoint's with --resume (model and optimizer shards, balancing state, RNG
+    restored; any world size or layout), else 0 (seeded). A checkpoint saved with other settings is refused, the
+    differences listed, unless --allow-config-change. Rank 0 keeps metrics.jsonl up to that step only."""
+    from . import dcp
     from .checkpoint import config_changes
     start = 0
-    if cfg.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, model, opt)
+    if cfg.resume and dcp.find(ckpt_path):
+        state = dcp.load(ckpt_path, model, opt)
         changes = config_changes(state.get("config", {}), asdict(cfg), ignore=RESUME_MAY_CHANGE)
         if changes and not cfg.allow_config_change:
             raise ValueError(f"--resume: {ckpt_path} was saved with other settings (pass --allow-config-change to "
                              f"continue with the new ones):\n  " + "\n  ".join(changes))
+        for r, b in zip(model.routers(), state["bias_optim"]):
+            r.bias_optim_state = b
+        _set_rng_state(state["rng"])
         start = state["step"]
-        print0(f"resumed from {ckpt_path} at step {start}" + "".join(f"; {c}" for c in changes))
+        print0(f"resumed from {dcp.find(ckpt_path)} at step {start}" + "".join(f"; {c}" for c in changes))
     elif cfg.resume:
         print0(f"--resume: no checkpoint at {ckpt_path}, starting fresh")
     else:
@@ -360,24 +365,22 @@ def restore(cfg: TrainConfig, ckpt_path: Path, metrics_path: Path, model, opt, r
     return start
 
 
-def all_reduce_grads(params: list, loss_sum: torch.Tensor):
-    """Sum the gradients (one flat buffer; a parameter without a gradient counts as zeros) and the loss over ranks."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    dist.all_reduce(loss_sum)
-    off = 0
-    for p in params:
-        p.grad = flat[off:off + p.numel()].view_as(p).clone()
-        off += p.numel()
-
-
 def save_final_model(model, model_dir: Path, tokenizer_dir: str):
-    """The trained model in the HF layout with the run's tokenizer files, swapped in as one directory."""
-    from .checkpoint import save_pretrained
+    """The trained model in the HF layout (gathered from the shards on every rank, written by rank 0) with the run's
+    tokenizer files, swapped in as one directory."""
+    from .dcp import export_hf
     tok_files = {n: (Path(tokenizer_dir) / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")
                  if (Path(tokenizer_dir) / n).exists()}
-    save_pretrained(model, model_dir, extra_files=tok_files)
+    export_hf(model, model_dir, extra_files=tok_files)
+
+
+def parallel_config(cfg: TrainConfig, device: torch.device) -> ParallelConfig:
+    if cfg.mixed_precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"mixed_precision must be auto, bf16 or fp32, got {cfg.mixed_precision!r}")
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+    return ParallelConfig(dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard, ep=cfg.ep,
+                          activation_checkpointing=cfg.activation_checkpointing,
+                          offload_optimizer=cfg.offload_optimizer, mixed_precision="bf16" if bf16 else "fp32")
 
 
 def resolve_device(name: str) -> str:
@@ -390,11 +393,12 @@ def resolve_device(name: str) -> str:
 
 def run(cfg: TrainConfig) -> dict:
     """Train; returns {"final_loss", "steps", "out", "model_dir", "params"}."""
+    from . import dcp, parallel
     from .optim import build_optimizer
     from .tokenizer import Tokenizer
 
-    # ---- init: distributed, device, threads
-    world, rank, device = init_process(cfg)
+    # ---- init: distributed, device, layout, threads
+    world, rank, device, pcfg, layout = init_process(cfg)
     if cfg.stage not in ("pretrain", "sft"):
         raise ValueError(f"stage must be pretrain or sft, got {cfg.stage!r}")
     seqs, accum = batch_plan(cfg, world)
@@ -406,19 +410,21 @@ def run(cfg: TrainConfig) -> dict:
         raise FileNotFoundError(f"tokenizer directory {cfg.tokenizer!r} not found")
     tokenizer = Tokenizer.load(cfg.tokenizer)
     mc = model_config(cfg, tokenizer)
-    check_memory(cfg, mc, device)
-    model = build_model(cfg, mc, device).train()
+    check_memory(cfg, mc, device, layout.dp_shard)
+    # FSDP2 moves each rank's shards to the device itself: the whole model stays on the CPU until then
+    model = build_model(cfg, mc, torch.device("cpu") if layout.fsdp else device).train()
     model.balance_lr = cfg.balance_lr
+    par = parallel.setup(model, pcfg, device, lambda m: build_optimizer(m, cfg.lr, weight_decay=cfg.weight_decay))
+    model, opt = par.model, par.optimizer
 
     # ---- data
     ids_W, seg_W, labels_W, actions = prepare_windows(cfg, tokenizer)
     n_windows = ids_W.shape[0]
     print0(f"{cfg.stage}: {n_windows} windows of {cfg.seq_len} tokens ({actions}), {seqs} sequences/step = "
            f"{world} ranks x {cfg.device_batch_size} x {accum} micro-batches, model "
-           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
+           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {layout}")
 
-    # ---- optimizer, resume
-    opt = build_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
+    # ---- resume
     ckpt_path = out / CHECKPOINT
     metrics_path = out / "metrics.jsonl"
     start = restore(cfg, ckpt_path, metrics_path, model, opt, rank)
@@ -434,9 +440,11 @@ def run(cfg: TrainConfig) -> dict:
         n_targets = int((labels_W[idx] != -100).sum())
         mine = idx[rank * seqs // world:(rank + 1) * seqs // world]
         micro = [mine[m * cfg.device_batch_size:(m + 1) * cfg.device_batch_size] for m in range(accum)]
-        loss_sum = forward_backward(model, [(ids_W[b], seg_W[b], labels_W[b]) for b in micro], n_targets, device)
+        loss_sum = forward_backward(model, [(ids_W[b], seg_W[b], labels_W[b]) for b in micro], n_targets, device,
+                                    pcfg.mixed_precision == "bf16")
+        parallel.reduce_gradients(params, layout)
         if world > 1:
-            all_reduce_grads(params, loss_sum)
+            dist.all_reduce(loss_sum)
         gnorm, mult = optimizer_step(opt, params, step, cfg)
         stats = model.expert_load_stats()
         model.update_balancing_biases()
@@ -455,17 +463,11 @@ def run(cfg: TrainConfig) -> dict:
                f"{rec['grad_norm']:.3f} | tok/s {rec['tok_s']:.0f} | load max/mean {load:.2f} | skip {skip:.2f}")
         last = step + 1 == cfg.steps
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last:
-            if rank == 0:
-                save_checkpoint(ckpt_path, model, opt, step + 1, cfg)
-            if dist.is_initialized():
-                dist.barrier()
+            dcp.save(ckpt_path, model, opt, trainer_state(model, step + 1, cfg))
 
-    # ---- final model in the HF layout, with its tokenizer
+    # ---- final model in the HF layout (gathered from the shards), with its tokenizer
     model_dir = out / "model"
-    if rank == 0:
-        save_final_model(model, model_dir, cfg.tokenizer)
-    if dist.is_initialized():
-        dist.barrier()
+    save_final_model(model, model_dir, cfg.tokenizer)
     return {"final_loss": loss_val, "steps": cfg.steps, "out": str(out), "model_dir": str(model_dir),
             "params": sum(p.numel() for p in model.parameters())}
 

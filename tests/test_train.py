@@ -74,7 +74,7 @@ def test_resume_after_sigkill_matches(corpus, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline:
         m = out / "metrics.jsonl"
-        if m.exists() and len(m.read_text().splitlines()) >= 5 and (out / "checkpoint.pt").exists():
+        if m.exists() and len(m.read_text().splitlines()) >= 5 and (out / "checkpoint").exists():
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
