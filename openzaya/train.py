@@ -15,8 +15,8 @@ best-fit-decreasing into `seq_len`-token windows whose documents are kept apart 
   split gives the single-process gradient.
 - Checkpoints (model, optimizer, router-balancing state, step = data position, RNG) are written atomically every
   `save_every` steps and at the end; `resume=True` continues bit-for-bit on CPU.
-- One dense log line per step and metrics.jsonl (optionally also TensorBoard or W&B, `log_to`); the final model is
-  saved in the HF layout with its tokenizer.
+- One dense log line per step (with an ETA) and metrics.jsonl (optionally also TensorBoard or W&B, `log_to`); the
+  final model is saved in the HF layout with its tokenizer, the loss curve as loss.png (runlog.py).
 Simplified: no FSDP, no context parallelism, the data of a run is tokenized up front.
 """
 
@@ -68,33 +68,6 @@ class TrainConfig:
     max_memory_gb: float = -1          # -1 = the machine's memory
     threads: int = 0                   # torch CPU threads; 0 = leave torch's default
     log_to: str = ""                   # "" | tensorboard | wandb (optional packages; a clear error if missing)
-
-
-def _external_logger(cfg: TrainConfig, out: Path):
-    """Optional TensorBoard (out/tensorboard) or W&B sink for the per-step metrics; metrics.jsonl is always written."""
-    if not cfg.log_to:
-        return lambda rec: None
-    if cfg.log_to == "tensorboard":
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise SystemExit(f"--log-to tensorboard needs the tensorboard package (pip install tensorboard): {e}")
-        writer = SummaryWriter(str(out / "tensorboard"))
-
-        def log(rec):
-            for k, v in rec.items():
-                if k != "step":
-                    writer.add_scalar(f"{cfg.stage}/{k}", v, rec["step"])
-            writer.flush()
-        return log
-    if cfg.log_to == "wandb":
-        try:
-            import wandb
-        except ImportError as e:
-            raise SystemExit(f"--log-to wandb needs the wandb package (pip install wandb): {e}")
-        wandb.init(project="openzaya", name=f"{out.name}-{cfg.stage}", config=asdict(cfg), dir=str(out))
-        return lambda rec: wandb.log(rec, step=rec["step"])
-    raise SystemExit(f"--log-to must be '', 'tensorboard' or 'wandb', got {cfg.log_to!r}")
 
 
 # Presets are plain functions returning the dataclass.
@@ -378,6 +351,7 @@ def resolve_device(name: str) -> str:
 def run(cfg: TrainConfig) -> dict:
     """Train; returns {"final_loss", "steps", "out", "model_dir", "params"}."""
     from .optim import build_optimizer
+    from .runlog import external_logger, fmt_eta, plot_losses
     from .tokenizer import Tokenizer
 
     # ---- init: distributed, device, threads
@@ -410,7 +384,7 @@ def run(cfg: TrainConfig) -> dict:
     metrics_path = out / "metrics.jsonl"
     start = restore(cfg, ckpt_path, metrics_path, model, opt, rank)
 
-    log_scalars = _external_logger(cfg, out) if rank == 0 else (lambda rec: None)
+    log_scalars = external_logger(cfg.log_to, out, cfg.stage, asdict(cfg)) if rank == 0 else (lambda rec: None)
     params = [p for p in model.parameters() if p.requires_grad]
     loss_val = float("nan")
     t_start = time.time()
@@ -439,7 +413,8 @@ def run(cfg: TrainConfig) -> dict:
                 f.write(json.dumps(rec) + "\n")
             log_scalars(rec)
         print0(f"step {step + 1:05d}/{cfg.steps:05d} | loss {loss_val:.4f} | lr {rec['lr']:.2e} | gnorm "
-               f"{rec['grad_norm']:.3f} | tok/s {rec['tok_s']:.0f} | load max/mean {load:.2f} | skip {skip:.2f}")
+               f"{rec['grad_norm']:.3f} | tok/s {rec['tok_s']:.0f} | load max/mean {load:.2f} | skip {skip:.2f} | "
+               f"eta {fmt_eta(rec['time_s'], step + 1 - start, cfg.steps - step - 1)}")
         last = step + 1 == cfg.steps
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last:
             if rank == 0:
@@ -451,6 +426,7 @@ def run(cfg: TrainConfig) -> dict:
     model_dir = out / "model"
     if rank == 0:
         save_final_model(model, model_dir, cfg.tokenizer)
+        plot_losses({cfg.stage: metrics_path}, out / "loss.png")
     if dist.is_initialized():
         dist.barrier()
     return {"final_loss": loss_val, "steps": cfg.steps, "out": str(out), "model_dir": str(model_dir),
