@@ -44,6 +44,19 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse, but unknown flags are reported by the subcommand they were given to."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            leaf = self
+            while True:
+                subs = [a for a in leaf._actions if isinstance(a, argparse._SubParsersAction)]
+                if not subs or getattr(ns, subs[0].dest, None) is None:
+                    break
+                leaf = subs[0].choices[getattr(ns, subs[0].dest)]
+            leaf.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
 
 # -----------------------------------------------------------------------------
 # envs: list, sample and self-check the verifiable environments (logic in openzaya/envs/registry.py)
@@ -491,6 +504,9 @@ def main(argv=None):
     debug = getattr(args, "debug", False) or os.environ.get("OPENZAYA_DEBUG", "") not in ("", "0")
     try:
         return args.func(args) or 0
+    except BrokenPipeError:          # `openzaya envs list | head`: the reader left; no traceback, no error line
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         if debug:
             raise
