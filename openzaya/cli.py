@@ -35,10 +35,12 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with the house's help format and a one-line error (no usage dump)."""
+    """argparse with the house's help format, a one-line error (no usage dump) and no abbreviated flags (a prefix
+    such as --budget would silently change meaning when a flag that shares it is added)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message):

@@ -186,8 +186,12 @@ def test_hugging_face_datasets_folder_offline_id_and_missing_extra(tmp_path, mon
     items = load_benchmark(str(folder))
     assert [(i.id, i.question, i.answer) for i in items] == [("p0", "0+1?", "1"), ("p1", "1+1?", "2"),
                                                              ("p2", "2+1?", "3")]
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    import huggingface_hub.constants as hub
+
+    for module, name in [(hub, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+                         (datasets.config, "HF_DATASETS_OFFLINE")]:    # read at import time: patch the constants
+        monkeypatch.setattr(module, name, True)
     with pytest.raises(ValueError) as e:
         load_benchmark("openzaya-test/no-such-dataset")
     msg = str(e.value)

@@ -1,6 +1,7 @@
 """The speedrun's own pieces (aggregation SFT chats, standard errors, held-out items) and, slow, the smoke run with
 the RL stages."""
 
+import re
 import subprocess
 import sys
 
@@ -83,6 +84,14 @@ def test_small_preset_is_what_its_docstring_says():
     assert a.preset == "small" and a.device == "cpu"
 
 
+def test_stage_plan_names_the_stages_run_goes_through():
+    plan = speedrun.stage_plan(speedrun.smoke())
+    assert list(plan) == ["corpus", "tokenizer", "pretrain", "sft", "aggregation sft", "eval sft", "rl warmup", "eval warmup", "rl rlve",
+                          "eval rlve", "rl math-code-ttc", "eval math-code-ttc", "rl behavioral", "eval behavioral"]
+    assert list(speedrun.stage_plan(speedrun.smoke(rl=False, ablation_trim=True)))[-2:] == ["eval sft", "ablation"]
+    assert all(w > 0 for w in plan.values())
+
+
 def test_standard_errors():
     assert speedrun.mean_se([0.0, 1.0] * 50) == pytest.approx(0.5 / 99 ** 0.5)   # sample sd 0.5025, / sqrt(100)
     assert speedrun.mean_se([1.0] * 10) == 0.0
@@ -105,6 +114,12 @@ def test_speedrun_smoke_with_rl(tmp_path):
     cmd = [sys.executable, "-m", "openzaya.cli", "speedrun", "--preset", "smoke", "--root", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    # stage k/n with elapsed and ETA; a stage that stops for lack of signal drops its evaluation from the plan
+    stages = re.findall(r"^\[speedrun\] stage (\d+)/(\d+): (.+?) \| elapsed \S+ \| eta \S+$", r.stdout, flags=re.M)
+    assert stages[0][:2] == ("1", "14") and stages[0][2] == "corpus" and stages[-1][0] == stages[-1][1], stages
+    # the README's commands read these paths after `make run` (tests/test_readme.py fakes them)
+    from test_readme import SPEEDRUN_OUTPUTS
+    assert all((tmp_path / "smoke" / p.removeprefix("runs/nano/")).exists() for p in SPEEDRUN_OUTPUTS)
     report = (tmp_path / "smoke" / "report.md").read_text()
     assert "## RL stages" in report and "markovian_rsa" in report and "behavioral" in report
     assert "| after | calls | accuracy | random copy |" in report and "\n| sft | 16 | " in report   # 4 problems x N 4
