@@ -238,8 +238,9 @@ def _eval(a):
 
 def add_eval(sub):
     p = sub.add_parser("eval", help="evaluate methods on a benchmark file or suite; writes results, report, plot")
-    p.add_argument("--benchmark", required=True, help="a .jsonl/.parquet file, a suite (envs:tiny, envs:easy, envs:nano) or "
-                                                      "a Hugging Face dataset name (needs `datasets`, online)")
+    p.add_argument("--benchmark", required=True,
+                   help="a .jsonl/.json/.parquet file, a suite (envs:tiny, envs:easy, envs:nano), or a Hugging Face "
+                        "dataset id or folder (pip install 'openzaya[datasets]')")
     _add_backend_and_ttc_flags(p)
     # Evaluation
     p.add_argument("--samples", type=int, default=1, help="k: independent runs of each method per problem")

@@ -395,8 +395,10 @@ def fit_to_context(base: TTCConfig, methods: list[str], backend, questions: list
         changed = [f"{flag} {getattr(base, k)} -> {getattr(fitted, k)}" for k, flag in
                    (("budget_tokens", "--budget-tokens"), ("tail_tokens", "--tail-tokens"))
                    if k in knobs - set(given) and getattr(base, k) != getattr(fitted, k)]
+        approx = ("; token counts approximated at 4 characters per token, --tokenizer makes them exact"
+                  if backend.tail_approximation else "")
         return fitted, [f"the default TTC budget does not fit this model's context of {ctx} tokens: using "
-                        + ", ".join(changed) + " (give the flags to choose other values)"]
+                        + ", ".join(changed) + f" (give the flags to choose other values{approx})"]
     hint = ""
     anyfit = _clamp(base, methods, backend, question, ctx, knobs) if knobs & set(given) else None
     if anyfit is not None:

@@ -116,7 +116,9 @@ def test_speedrun_smoke_with_rl(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     # stage k/n with elapsed and ETA; a stage that stops for lack of signal drops its evaluation from the plan
     stages = re.findall(r"^\[speedrun\] stage (\d+)/(\d+): (.+?) \| elapsed \S+ \| eta \S+$", r.stdout, flags=re.M)
-    assert stages[0][:2] == ("1", "14") and stages[0][2] == "corpus" and stages[-1][0] == stages[-1][1], stages
+    assert stages[0] == ("1", "14", "corpus") and [int(k) for k, _, _ in stages] == list(range(1, len(stages) + 1))
+    assert stages[-1][2] == "rl behavioral" and [int(n) for _, n, _ in stages] == sorted(
+        (int(n) for _, n, _ in stages), reverse=True), stages        # n shrinks as stages stop; k counts up
     # the README's commands read these paths after `make run` (tests/test_readme.py fakes them)
     from test_readme import SPEEDRUN_OUTPUTS
     assert all((tmp_path / "smoke" / p.removeprefix("runs/nano/")).exists() for p in SPEEDRUN_OUTPUTS)
