@@ -16,7 +16,7 @@ best-fit-decreasing into `seq_len`-token windows whose documents are kept apart 
 - Checkpoints (model, optimizer, router-balancing state, step = data position, RNG) are written atomically every
   `save_every` steps and at the end; `resume=True` continues bit-for-bit on CPU.
 - One dense log line per step (with an ETA) and metrics.jsonl (optionally also TensorBoard or W&B, `log_to`); the
-  final model is saved in the HF layout with its tokenizer, the loss curve as loss.png (runlog.py).
+  final model is saved in the HF layout with its tokenizer; `openzaya pretrain/sft` also plot loss.png (runlog.py).
 Simplified: no FSDP, no context parallelism, the data of a run is tokenized up front.
 """
 
@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .runlog import external_logger, fmt_eta, plot_losses
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -351,7 +353,6 @@ def resolve_device(name: str) -> str:
 def run(cfg: TrainConfig) -> dict:
     """Train; returns {"final_loss", "steps", "out", "model_dir", "params"}."""
     from .optim import build_optimizer
-    from .runlog import external_logger, fmt_eta, plot_losses
     from .tokenizer import Tokenizer
 
     # ---- init: distributed, device, threads
@@ -415,8 +416,7 @@ def run(cfg: TrainConfig) -> dict:
         print0(f"step {step + 1:05d}/{cfg.steps:05d} | loss {loss_val:.4f} | lr {rec['lr']:.2e} | gnorm "
                f"{rec['grad_norm']:.3f} | tok/s {rec['tok_s']:.0f} | load max/mean {load:.2f} | skip {skip:.2f} | "
                f"eta {fmt_eta(rec['time_s'], step + 1 - start, cfg.steps - step - 1)}")
-        last = step + 1 == cfg.steps
-        if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last:
+        if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
             if rank == 0:
                 save_checkpoint(ckpt_path, model, opt, step + 1, cfg)
             if dist.is_initialized():
@@ -426,7 +426,6 @@ def run(cfg: TrainConfig) -> dict:
     model_dir = out / "model"
     if rank == 0:
         save_final_model(model, model_dir, cfg.tokenizer)
-        plot_losses({cfg.stage: metrics_path}, out / "loss.png")
     if dist.is_initialized():
         dist.barrier()
     return {"final_loss": loss_val, "steps": cfg.steps, "out": str(out), "model_dir": str(model_dir),
@@ -447,5 +446,7 @@ def config_from_args(a, stage: str) -> TrainConfig:
 def main(a, stage: str):
     result = run(config_from_args(a, stage))
     print0(f"done: final loss {result['final_loss']:.4f}, model at {result['model_dir']}")
+    if not dist.is_initialized() or dist.get_rank() == 0:   # a standalone run's loss curve, as the speedrun's
+        plot_losses({stage: Path(result["out"]) / "metrics.jsonl"}, Path(result["out"]) / "loss.png")
     if dist.is_initialized():
         dist.destroy_process_group()
