@@ -93,6 +93,19 @@ def test_stage_plan_names_the_stages_run_goes_through():
     assert all(w > 0 for w in plan.values())
 
 
+def test_log_to_reaches_every_training_and_rl_stage():
+    from dataclasses import replace
+
+    from openzaya.cli import build_parser
+
+    a = build_parser().parse_args(["speedrun", "--preset", "smoke", "--log-to", "tensorboard"])
+    assert a.log_to == "tensorboard"
+    cfg = replace(speedrun.smoke(), log_to=a.log_to)
+    assert speedrun.train_settings(cfg, Path("tok"), "cpu")["log_to"] == "tensorboard"
+    assert all(speedrun.rl_stage_config(cfg, Path("runs/x"), s).log_to == "tensorboard" for s in cfg.rl_stages)
+    assert build_parser().parse_args(["rl", "--log-to", "wandb"]).log_to == "wandb"
+
+
 def test_standard_errors():
     assert speedrun.mean_se([0.0, 1.0] * 50) == pytest.approx(0.5 / 99 ** 0.5)   # sample sd 0.5025, / sqrt(100)
     assert speedrun.mean_se([1.0] * 10) == 0.0
