@@ -121,6 +121,10 @@ class Backend:
         """The last n tokens of text, as a suffix of it (Markovian RSA tails): `tokenizer.tail_text`."""
         return tail_text(self.tokenizer, text, n)
 
+    def context_tokens(self) -> int | None:
+        """Positions one call may use (prompt + completion), None when unknown."""
+        return None
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # LocalBackend: our own engine on an openzaya checkpoint directory
@@ -196,6 +200,9 @@ class LocalBackend(Backend):
         self.engine = text_engine(model, tokenizer, max_slots, max_len, compile)
         self.eos_ids = eos_union(model.config.eos_ids, tokenizer)
 
+    def context_tokens(self) -> int:
+        return min(self.engine.max_len, self.model.config.max_position_embeddings)
+
     def generate(self, requests: list[Request]) -> list[list[Completion]]:
         requests = list(requests)
         prompts, params, owner = [], [], []
@@ -222,9 +229,11 @@ class HFBackend(Backend):
     """Batched `model.generate` over a transformers causal LM directory (or a GGUF in it, via gguf_file).
 
     - Requests with the same sampling parameters are batched (left padding, up to `batch_size` rows); stop strings
-      may differ within a batch. n>1 uses num_return_sequences; greedy n>1 decodes once and copies.
-    - Seeds: a sampled request with a seed runs in its own batch right after torch.manual_seed(seed), so its output
-      does not depend on its batch companions; unseeded requests use the global torch RNG.
+      and seeds may differ within a batch. n>1 repeats the prompt row; greedy n>1 decodes once and copies.
+    - Seeds: every sampled row draws its tokens from its own torch.Generator (`_RowSampler`; sample i of a request
+      with seed s uses s + i, as LocalBackend), so seeded requests batch together and still get the tokens they
+      would get alone (test-time compute seeds every call); an unseeded row's generator is seeded from the global
+      torch RNG (torch.manual_seed makes those reproducible too). Greedy decoding then picks the sampled token.
     - Stop strings end a row as soon as they appear; the text is cut just before the first one (OpenAI semantics),
       token_ids/logprobs keep the tokens up to the one that completed it. EOS ends a row; its id is kept in
       token_ids (and counted in completion_tokens), not in the text.
@@ -258,6 +267,9 @@ class HFBackend(Backend):
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self.batch_size = batch_size
 
+    def context_tokens(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     def generate(self, requests: list[Request]) -> list[list[Completion]]:
         requests = list(requests)
         prompts = [self.prompt_ids(r) for r in requests]
@@ -265,8 +277,7 @@ class HFBackend(Backend):
         for i, r in enumerate(requests):
             p = r.params
             greedy = p.temperature == 0
-            alone = i if (not greedy and p.seed is not None) else -1
-            key = (greedy, p.temperature, p.top_p, p.top_k, p.min_p, p.max_tokens, 1 if greedy else p.n, alone)
+            key = (greedy, p.temperature, p.top_p, p.top_k, p.min_p, p.max_tokens, 1 if greedy else p.n)
             groups.setdefault(key, []).append(i)
         out: list[list[Completion] | None] = [None] * len(requests)
         for idxs in groups.values():
@@ -287,25 +298,24 @@ class HFBackend(Backend):
         p = requests[0].params
         greedy = p.temperature == 0
         n_seq = 1 if greedy else p.n
-        B, L = len(prompts), max(len(ids) for ids in prompts)
+        rows = [ids for ids in prompts for _ in range(n_seq)]          # row b * n_seq + s = sample s of request b
+        B, L = len(rows), max(len(ids) for ids in rows)
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((B, L), dtype=torch.long)
-        for b, ids in enumerate(prompts):  # left padding
+        for b, ids in enumerate(rows):  # left padding
             input_ids[b, L - len(ids):] = torch.tensor(ids)
             attention_mask[b, L - len(ids):] = 1
         stops = [r.params.stop for r in requests for _ in range(n_seq)]  # one entry per generated row
-        sampling = {} if greedy else {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k,
-                                      "min_p": p.min_p or None, "num_return_sequences": n_seq}
         recorder = _LogprobRecorder()
-        if not greedy and p.seed is not None:
-            torch.manual_seed(p.seed)
+        processors = [recorder] if greedy else [*_warpers(p), recorder, _RowSampler(
+            [self._row_generator(r.params.seed, s) for r in requests for s in range(n_seq)])]
         t0 = time.perf_counter()
         with torch.no_grad():
             seqs = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                do_sample=not greedy, max_new_tokens=p.max_tokens, eos_token_id=self.eos_ids,
-                pad_token_id=self.pad_id, logits_processor=LogitsProcessorList([recorder]),
-                stopping_criteria=StoppingCriteriaList([_StopStrings(self.tokenizer, stops, L)]), **sampling)
+                do_sample=False, max_new_tokens=p.max_tokens, eos_token_id=self.eos_ids,
+                pad_token_id=self.pad_id, logits_processor=LogitsProcessorList(processors),
+                stopping_criteria=StoppingCriteriaList([_StopStrings(self.tokenizer, stops, L)]))
         latency = time.perf_counter() - t0
         new_ids = seqs[:, L:].cpu()
         logprobs = recorder.finish(seqs).cpu()  # (rows, T)
@@ -319,6 +329,14 @@ class HFBackend(Backend):
             results.append(comps if n_seq == r.params.n else [comps[0]] + [  # greedy n>1: copies
                 copy.deepcopy(comps[0]) for _ in range(r.params.n - 1)])
         return results
+
+    def _row_generator(self, seed: int | None, sample: int):
+        """The generator of sample `sample` of a request: seed + sample, or a seed drawn from the global torch RNG."""
+        import torch
+
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, ()).item())
+        return torch.Generator(device=self.device).manual_seed((seed + sample) % (2 ** 63))
 
     def _completion(self, r: Request, ids: list[int], logprobs: list[float], prompt_len: int,
                     latency: float) -> Completion:
@@ -371,6 +389,36 @@ class _LogprobRecorder:
         if self.prev is not None:
             self.steps.append(self.prev.gather(1, sequences[:, -1:]).squeeze(1))
         return torch.stack(self.steps, dim=1) if self.steps else torch.zeros((sequences.shape[0], 0))
+
+
+def _warpers(p: SamplingParams) -> list:
+    """transformers' sampling warpers for p, in the order `generate(do_sample=True)` applies them."""
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    out = [TemperatureLogitsWarper(p.temperature)] if p.temperature != 1.0 else []
+    if p.top_k > 0:
+        out.append(TopKLogitsWarper(p.top_k))
+    if p.top_p < 1.0:
+        out.append(TopPLogitsWarper(p.top_p))
+    if p.min_p > 0:
+        out.append(MinPLogitsWarper(p.min_p))
+    return out
+
+
+class _RowSampler:
+    """A logits processor (runs last) that samples each row's next token from that row's own torch.Generator and
+    returns scores that are -inf except at the sampled token, so greedy decoding picks it: a row's tokens depend on
+    its seed and its own logits only, not on which rows share its batch."""
+
+    def __init__(self, generators: list):
+        self.generators = generators
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        probs = torch.softmax(scores.float(), dim=-1)
+        picks = torch.stack([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter_(1, picks, 0.0)
 
 
 class _StopStrings:
@@ -514,6 +562,30 @@ class OpenAIBackend(Backend):
             raise BackendError(f"{url}: {last_error}")
         raise BackendError(f"{url}: no answer after {self.max_retries + 1} attempts; last error: {last_error}")
 
+    def context_tokens(self) -> int | None:
+        """`max_model_len` of this model in GET /v1/models (vLLM, SGLang, openzaya serve); None when the server does
+        not report it. A server that lists its models but not this one is an error naming the ones it serves."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            resp = httpx.get(f"{self.base_url}/models", headers=headers, timeout=min(self.timeout_s, 30.0))
+        except httpx.TransportError as e:
+            raise BackendError(f"{self.base_url}/models: {type(e).__name__}: {e} (is the server running?)") from e
+        if resp.status_code == 401:
+            raise BackendError(f"{self.base_url}/models: HTTP 401: the server wants an API key (--api-key KEY or "
+                               f"OPENAI_API_KEY)")
+        if resp.status_code != 200:
+            return None
+        models = (resp.json() or {}).get("data") or []
+        for m in models:
+            if m.get("id") == self.model:
+                return m.get("max_model_len")
+        if models:
+            raise BackendError(f"{self.base_url} serves {', '.join(repr(m.get('id')) for m in models[:8])}, not "
+                               f"{self.model!r}: pass one of them as --model")
+        return None
+
     def _parse(self, r: Request, route: str, data: dict, latency: float) -> list[Completion]:
         usage = data.get("usage") or {}
         choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
@@ -555,7 +627,8 @@ def make_backend(kind: str, model: str, base_url: str | None = None, gguf_file: 
                  max_slots: int = 16, api_key: str | None = None, expert_cache_gb: float | None = None,
                  compile: bool = False) -> Backend:
     """A backend from CLI-style arguments: kind local (openzaya checkpoint dir), hf (transformers dir, optionally a
-    GGUF in it) or openai (server at base_url serving `model`; `tokenizer` dir makes token counts exact)."""
+    GGUF in it) or openai (server at base_url serving `model`; `tokenizer` dir makes token counts exact; `api_key`,
+    else $OPENAI_API_KEY, as the openai client does)."""
     if expert_cache_gb is not None and kind != "local":
         raise ValueError(f"--expert-cache-gb needs --backend local (got {kind!r})")
     if compile and kind != "local":

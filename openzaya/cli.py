@@ -2,21 +2,80 @@
 
 Every subcommand registers itself in one `add_<name>(sub)` function below; flags are kebab-case and named by unit.
 Imports of heavy modules happen inside the handlers, so `openzaya --help` stays fast.
+
+Errors are one line: a bad flag (argparse) or an expected error while running (bad input, missing files, offline
+Hub, unknown names: `expected_error`) prints `openzaya <cmd>: error: <message>` and exits with status 2; `--debug`
+(or OPENZAYA_DEBUG=1) shows the traceback instead. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# the TTC knobs whose flags default to None and fall back to ttc.TTCConfig (the one place their defaults live)
+TTC_KNOBS = ("population", "candidates", "rounds", "tail_tokens", "budget_tokens", "head_tokens")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every flag's default; a TTC knob's comes from ttc.TTCConfig (imported only when help is printed)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.dest in TTC_KNOBS and action.default is None:
+            from openzaya.ttc import TTCConfig
+
+            clamp = "; clamped to fit the model's context" if action.dest in ("tail_tokens", "budget_tokens") else ""
+            return f"{text} (default: {getattr(TTCConfig, action.dest)}, ttc.TTCConfig{clamp})"
+        if action.option_strings and not any(action.default is x for x in (None, False, argparse.SUPPRESS)) \
+                and action.default != "" and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the house's help format, a one-line error (no usage dump) and no abbreviated flags (a prefix
+    such as --budget would silently change meaning when a flag that shares it is added)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse, but unknown flags are reported by the subcommand they were given to."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            leaf = self
+            while True:
+                subs = [a for a in leaf._actions if isinstance(a, argparse._SubParsersAction)]
+                if not subs or getattr(ns, subs[0].dest, None) is None:
+                    break
+                leaf = subs[0].choices[getattr(ns, subs[0].dest)]
+            leaf.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
 
 
 # -----------------------------------------------------------------------------
 # envs: list, sample and self-check the verifiable environments (logic in openzaya/envs/registry.py)
 
 
+def _check_source(source: str | None):
+    from openzaya.envs.registry import all_envs, load_errors
+
+    sources = sorted({e.source for e in all_envs().values()} | set(load_errors()))
+    if source is not None and source not in sources:
+        raise ValueError(f"unknown source {source!r}; sources: {', '.join(sources)}")
+
+
 def _envs_list(a):
     from openzaya.envs.registry import describe_envs
 
+    _check_source(a.source)
     print(describe_envs(a.source))
 
 
@@ -29,6 +88,7 @@ def _envs_sample(a):
 def _envs_check(a):
     from openzaya.envs.registry import run_check
 
+    _check_source(a.source)
     return run_check(a.source)
 
 
@@ -57,6 +117,7 @@ def _add_backend_and_ttc_flags(p):
     p.add_argument("--backend", choices=["local", "hf", "openai"], default="local")
     p.add_argument("--model", required=True, help="checkpoint dir or Hub repo id (local/hf), or served model name (openai)")
     p.add_argument("--base-url", default=None, help="openai: server URL, e.g. http://localhost:8000/v1")
+    p.add_argument("--api-key", default=None, help="openai: bearer key for the server (default: $OPENAI_API_KEY)")
     p.add_argument("--gguf-file", default=None, help="hf: a GGUF file inside --model")
     p.add_argument("--tokenizer", default=None, help="openai: tokenizer dir for exact token counts and tails")
     p.add_argument("--max-concurrency", type=int, default=64, help="calls in flight over all problems")
@@ -75,30 +136,44 @@ def _add_backend_and_ttc_flags(p):
     p.add_argument("--tail-tokens", type=int, default=None, help="tau: tail length in tokens")
     p.add_argument("--budget-tokens", type=int, default=None, help="beta: decode tokens per call")
     p.add_argument("--head-tokens", type=int, default=None, help="delethink: generated tokens kept after the query")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="seeds the subset draws and every call's sampling")
     p.add_argument("--template-file", default=None, help="aggregation template with {question} and {candidates}")
     p.add_argument("--no-thinking", action="store_true", help="chat template without a think block")
 
 
 def _ttc_config(a, method):
-    """The TTCConfig of the flags; the knobs not given keep TTCConfig's defaults (the one place they live)."""
+    """The TTCConfig of the flags; the knobs not given keep TTCConfig's defaults (the one place they live), and the
+    knobs `method` does not read cannot make it invalid (`evaluate.for_method`)."""
+    from openzaya.evaluate import for_method
     from openzaya.ttc import TTCConfig
 
-    knobs = {k: getattr(a, k) for k in ("population", "candidates", "rounds", "tail_tokens", "budget_tokens",
-                                        "head_tokens") if getattr(a, k) is not None}
-    return TTCConfig(method=method, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
-                     max_concurrency=a.max_concurrency, template_file=a.template_file,
-                     enable_thinking=not a.no_thinking, **knobs)
+    knobs = {k: getattr(a, k) for k in TTC_KNOBS if getattr(a, k) is not None}
+    if "budget_tokens" in knobs and "tail_tokens" not in knobs:   # a default tau keeps its ratio to a given beta
+        knobs["tail_tokens"] = max(1, min(TTCConfig.tail_tokens,
+                                          knobs["budget_tokens"] * TTCConfig.tail_tokens // TTCConfig.budget_tokens))
+    return for_method(TTCConfig(method=method, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                                max_concurrency=a.max_concurrency, template_file=a.template_file,
+                                enable_thinking=not a.no_thinking, **knobs))
 
 
 def _backend(a):
     from openzaya.backends import make_backend
 
     return make_backend(a.backend, a.model, base_url=a.base_url, gguf_file=a.gguf_file, tokenizer=a.tokenizer,
-                        max_concurrency=a.max_concurrency, max_len=a.max_len,
+                        max_concurrency=a.max_concurrency, max_len=a.max_len, api_key=a.api_key,
                         expert_cache_gb=a.expert_cache_gb if a.expert_cache_gb > 0 else None, compile=a.compile)
+
+
+def _fit(a, cfg, methods, backend, questions):
+    """cfg fitted to the backend's context (`evaluate.fit_to_context`), its notes printed to stderr."""
+    from openzaya.evaluate import fit_to_context
+
+    cfg, notes = fit_to_context(cfg, methods, backend, questions, {k for k in TTC_KNOBS if getattr(a, k) is not None})
+    for note in notes:
+        print(f"openzaya {a.command}: note: {note}", file=sys.stderr)
+    return cfg
 
 
 def _solve(a):
@@ -109,8 +184,9 @@ def _solve(a):
     cfg = _ttc_config(a, a.method)
     cfg.validate()
     if not a.question.strip():
-        raise SystemExit("openzaya solve: empty question")
+        raise ValueError("empty question")
     backend = _backend(a)
+    cfg = _fit(a, cfg, [cfg.method], backend, [a.question])
     with tqdm(total=cfg.calls_per_problem(), unit="call", desc=cfg.method, file=sys.stderr) as bar:
         (res,), totals = solve([TTCProblem(id="q0", question=a.question)], backend, cfg, a.trace, bar.update)
     print(f"answer: {res.answer}")
@@ -132,31 +208,44 @@ def add_solve(sub):
 
 
 def _eval(a):
-    from openzaya.evaluate import evaluate, load_benchmark
+    from openzaya.evaluate import benchmark_name, evaluate, load_benchmark
 
     methods = [m.strip() for m in a.method.split(",") if m.strip()]
-    base = _ttc_config(a, methods[0])
+    if not methods:
+        raise ValueError("--method: no method given")
     for m in methods:
         _ttc_config(a, m).validate()
+    base = _ttc_config(a, methods[0])
     items = load_benchmark(a.benchmark, question_field=a.question_field, answer_field=a.answer_field,
                            id_field=a.id_field, split=a.split, limit=a.limit)
-    res = evaluate(items, _backend(a), base, methods, samples=a.samples, out_dir=a.out,
-                   match_calls=not a.no_match_calls)
+    a.out = a.out or f"runs/eval/{benchmark_name(a.benchmark)}"
+    backend = _backend(a)
+    base = _fit(a, base, methods, backend, [it.question for it in items])
+    run_config = {"model": a.model, "backend": a.backend, "base_url": a.base_url, "benchmark": a.benchmark,
+                  "split": a.split, "limit": a.limit, "samples": a.samples}
+    res = evaluate(items, backend, base, methods, samples=a.samples, out_dir=a.out,
+                   match_calls=not a.no_match_calls, task=benchmark_name(a.benchmark), run_config=run_config)
+    k = res["samples"]
     for m, r in res["methods"].items():
-        print(f"{m:14s} avg@k {r['avg@k']:.3f} | maj@k {r['maj@k']:.3f} | pass@1 {r['pass@1']:.3f} | pop_mean "
-              f"{r['pop_mean']:.3f} | tokens/problem {r['tokens_per_problem']:.0f} | calls/problem "
+        se = r["stderr"]
+        print(f"{m:14s} avg@{k} {r['avg@k']:.3f} ± {se['avg@k']:.3f} | maj@{k} {r['maj@k']:.3f} ± {se['maj@k']:.3f}"
+              f" | pass@1 {r['pass@1']:.3f} ± {se['pass@1']:.3f} | pop_mean {r['pop_mean']:.3f} ± "
+              f"{se['pop_mean']:.3f} | tokens/problem {r['tokens_per_problem']:.0f} | calls/problem "
               f"{r['calls_per_problem']:.0f} | wall/problem {r['wall_s_per_problem']:.2f}s")
-    print(f"wrote {a.out}/results.json, report.md, accuracy_vs_tokens.png")
+    print(f"± = standard error over {res['benchmark_size']} problems; wrote {a.out}/results.json, report.md, "
+          f"accuracy_vs_tokens.png and lm-eval's results_<date>.json, samples_<task>_<date>.jsonl")
 
 
 def add_eval(sub):
     p = sub.add_parser("eval", help="evaluate methods on a benchmark file or suite; writes results, report, plot")
-    p.add_argument("--benchmark", required=True, help="a .jsonl/.parquet file, a suite (envs:tiny, envs:easy, envs:nano) or "
-                                                      "a Hugging Face dataset name (needs `datasets`, online)")
+    p.add_argument("--benchmark", required=True,
+                   help="a .jsonl/.json/.parquet file, a suite (envs:tiny, envs:easy, envs:nano), or a Hugging Face "
+                        "dataset id or folder (pip install 'openzaya[datasets]')")
     _add_backend_and_ttc_flags(p)
     # Evaluation
     p.add_argument("--samples", type=int, default=1, help="k: independent runs of each method per problem")
-    p.add_argument("--out", required=True, help="results folder, e.g. runs/eval/NAME (traces there are resumed)")
+    p.add_argument("--out", default=None, help="results folder (traces there are resumed; default: "
+                                                "runs/eval/<benchmark name>)")
     p.add_argument("--limit", type=int, default=None, help="first problems only")
     p.add_argument("--question-field", default=None, help="default: problem, else question")
     p.add_argument("--answer-field", default="answer")
@@ -171,7 +260,32 @@ def add_eval(sub):
 # serve: an OpenAI-compatible server with test-time compute (openzaya/serve.py)
 
 
+def check_device(device: str):
+    """A device torch can use here, checked before any work (`--device cuda` on a machine without CUDA)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA device on this machine; "
+                             f"use --device cpu")
+
+
+def check_port(host: str, port: int):
+    """Fail before loading a model when host:port cannot be listened on (another server holds it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn: a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror} (is another server running there? "
+                             f"pick another --port)") from None
+
+
 def _serve(a):
+    check_device(a.device)
+    check_port(a.host, a.port)
     from openzaya.serve import main
 
     return main(a)
@@ -212,7 +326,26 @@ def add_serve(sub):
 # rl: the four-stage RL cascade (logic in openzaya/rl_loop.py, pure functions in openzaya/rl.py)
 
 
+def check_env_names(names: list[str]):
+    """Every name is a registered environment, else an error with the closest names."""
+    import difflib
+
+    from openzaya.envs.registry import all_envs
+
+    known = all_envs()
+    bad = [n for n in names if n not in known]
+    if bad:
+        close = sorted({c for n in bad for c in difflib.get_close_matches(n, list(known), n=3)})
+        raise ValueError(f"unknown environment{'s' * (len(bad) > 1)} {', '.join(map(repr, bad))}"
+                         + (f"; did you mean {', '.join(close)}?" if close else "")
+                         + " (`openzaya envs list` lists all of them)")
+
+
 def _rl(a):
+    if a.cascade and not a.init:
+        raise ValueError("--cascade needs --init (an SFT checkpoint directory, e.g. runs/nano/sft/model)")
+    if a.envs:
+        check_env_names([n.strip() for n in a.envs.split(",") if n.strip()])
     from openzaya.rl_loop import main
 
     return main(a)
@@ -245,6 +378,8 @@ def add_rl(sub):
                    help="do not POST update_weights_from_disk after each publish (reload the server yourself)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--log-to", choices=["", "tensorboard", "wandb"], default=None,
+                   help="also log per-step metrics to TensorBoard or W&B (optional packages)")
     p.set_defaults(func=_rl)
 
 
@@ -253,8 +388,15 @@ def add_rl(sub):
 
 
 def _train(a, stage: str):
-    from openzaya.train import main
+    from openzaya.model import PRESETS as MODEL_PRESETS
+    from openzaya.train import PRESETS, main
 
+    if a.preset is not None and a.preset not in PRESETS:
+        raise ValueError(f"unknown --preset {a.preset!r}; presets: {', '.join(PRESETS)}")
+    if a.model_preset is not None and a.model_preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown --model-preset {a.model_preset!r}; model presets: {', '.join(MODEL_PRESETS)}")
+    if a.device is not None and a.device != "auto":
+        check_device(a.device)
     return main(a, stage)
 
 
@@ -363,21 +505,64 @@ def add_speedrun(sub):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default: CUDA when present) | cpu | cuda; RL stays on the CPU")
+    p.add_argument("--log-to", choices=["", "tensorboard", "wandb"], default=None,
+                   help="also log every training and RL stage's per-step metrics to TensorBoard or W&B")
     p.set_defaults(func=_speedrun)
 
 
+def _add_debug(parser: argparse.ArgumentParser, default=False):
+    """--debug on the parser and, without a default that would overwrite the top level's, on every subcommand."""
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the traceback of an error (also OPENZAYA_DEBUG=1)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_debug(sub, argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openzaya", description="ZAYA1 MoE++ models, training and Markovian RSA")
+    parser = Parser(prog="openzaya", description="ZAYA1 MoE++ models, training and Markovian RSA")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in [add_envs, add_solve, add_eval, add_serve, add_rl, add_pretrain, add_sft,
                 add_speedrun, add_plan]:
         add(sub)
+    _add_debug(parser)
     return parser
+
+
+def expected_error(e: BaseException) -> bool:
+    """Errors a user can fix (bad input or flags, missing files, offline Hub, unknown names, a missing optional
+    package, a server that does not answer): the library raises these on purpose with a message that says how.
+    Other exceptions are bugs and keep their traceback."""
+    if isinstance(e, (ValueError, KeyError, OSError, ImportError, MemoryError)):
+        return True
+    return type(e).__module__.split(".")[0] in ("openzaya", "huggingface_hub", "httpx")
+
+
+def error_message(e: BaseException) -> str:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(str(msg).split()) or type(e).__name__
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    cmd = " ".join(x for x in ("openzaya", args.command, getattr(args, "envs_command", None)) if x)
+    debug = getattr(args, "debug", False) or os.environ.get("OPENZAYA_DEBUG", "") not in ("", "0")
+    try:
+        return args.func(args) or 0
+    except BrokenPipeError:          # `openzaya envs list | head`: the reader left; no traceback, no error line
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug or not expected_error(e):
+            raise
+        print(f"{cmd}: error: {error_message(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -110,6 +110,7 @@ class RLConfig:
     out: str = "runs/rl"
     save_every: int = 10
     chat: bool = True                 # format prompts with the chat template
+    log_to: str = ""                  # "" | tensorboard | wandb: per-step metrics there too (runlog.external_logger)
 
 
 def warmup(**kw) -> RLConfig:
@@ -330,6 +331,7 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
     """One RL stage. Policy from `model`+`tokenizer` or `init_dir` (HF layout with tokenizer). Returns a summary
     {"steps", "metrics": [per-step dicts], "ckpt": dir}. `envs` overrides the registry (tests)."""
     from openzaya.checkpoint import atomic_file, from_pretrained, resolve_model_dir, save_pretrained
+    from openzaya.runlog import external_logger, fmt_eta, plot_rl_rewards, read_metrics
     from openzaya.tokenizer import Tokenizer, eos_union, split_reasoning, tail_text
 
     # ---- init: policy, tokenizer, environments, optimizer, state
@@ -343,7 +345,8 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         print(f"rl: resuming {cfg.stage} from {ckpt} at step {state['step']}")
     if model is None:
-        assert init_dir, "rl needs a policy: --init (a checkpoint dir with tokenizer) or model + tokenizer"
+        if not init_dir:
+            raise ValueError("rl needs a policy: --init (a checkpoint dir with its tokenizer, e.g. runs/nano/sft/model)")
         init_dir = str(resolve_model_dir(init_dir))     # a directory, or a Hub repo id fetched into the HF cache
         model = from_pretrained(init_dir, dtype=torch.float32)
         tokenizer = tokenizer or Tokenizer.load(init_dir)
@@ -482,7 +485,8 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
               f"adv {cfg.advantage} | trust {cfg.trust_region} | agg {cfg.aggregation} | lr {cfg.lr:g} | "
               f"workers {cfg.rollout_workers} | staleness <= {cfg.max_staleness} | sync every {cfg.sync_every}")
     history, buffer = [], deque()
-    t_start = time.perf_counter()
+    t_start, step0 = time.perf_counter(), step
+    log_scalars = external_logger(cfg.log_to, out, cfg.stage, asdict(cfg))
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -601,11 +605,13 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
             history.append(row)
             metrics_f.write(json.dumps(row) + "\n")
             metrics_f.flush()
+            log_scalars(row)
             print(f"step {step:05d}/{cfg.steps:05d} | reward {row['reward']:.3f} | acc {row['acc']:.3f} | "
                   f"solve {row['solve']:.2f} | len {row['resp_len']:.1f} | masked {row['masked']:.3f} | "
                   f"stale {row['stale_mean']:.2f}/{row['stale_max']} | tok/s {row['tok_s']:.0f} | "
                   f"load {row['load']:.2f} | loss {row['loss']:+.4f} | gnorm {gnorm:.2f} | "
-                  f"drop {drop_flat}+{drop_stale} | {dt:.1f}s", flush=True)
+                  f"drop {drop_flat}+{drop_stale} | {dt:.1f}s | eta "
+                  f"{fmt_eta(row['elapsed_s'], step - step0, cfg.steps - step)}", flush=True)
     finally:
         metrics_f.close()
         if procs:
@@ -615,6 +621,7 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
                 p.join(timeout=10)
                 if p.is_alive():
                     p.terminate()
+    plot_rl_rewards({cfg.stage: read_metrics(out / "metrics.jsonl")}, out / "reward.png")
     return {"steps": step, "metrics": history, "ckpt": str(ckpt / "model"), "model": model, "tokenizer": tokenizer}
 
 
@@ -642,13 +649,14 @@ def main(args) -> int:
         "rollout_workers": args.rollout_workers, "max_staleness": args.max_staleness, "sync_every": args.sync_every,
         "server_url": args.server_url, "server_model": args.server_model, "seed": args.seed,
         "difficulty": args.difficulty, "max_difficulty": args.max_difficulty,
-        "save_every": args.save_every}.items() if v is not None}
+        "save_every": args.save_every, "log_to": args.log_to}.items() if v is not None}
     if args.no_server_reload:
         overrides["server_reload"] = False
     if args.envs:
         overrides["envs"] = args.envs.split(",")
     if args.cascade:
-        assert args.init, "--cascade needs --init (an SFT checkpoint directory)"
+        if not args.init:
+            raise ValueError("--cascade needs --init (an SFT checkpoint directory, e.g. runs/nano/sft/model)")
         run_cascade(args.init, args.out, resume=args.resume, **overrides)
         return 0
     cfg = STAGES[args.stage](out=args.out, **overrides)

@@ -52,7 +52,6 @@ and reports both, whatever they show. `--no-rl` stops after SFT (and its evaluat
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import sys
@@ -60,6 +59,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .evaluate import mean_se, paired_se
+from .runlog import StageClock, plot_losses, plot_rl_rewards
 from .train import resolve_device   # the trainer's rule for "auto"; pretraining, SFT and evaluation share it
 from .ttc import TTCConfig
 
@@ -135,6 +136,7 @@ class SpeedrunConfig:
     ablation_steps: int = 120
     threads: int = 1
     seed: int = 0
+    log_to: str = ""                   # "" | tensorboard | wandb: every training and RL stage logs there too
 
 
 def nano(**kw) -> SpeedrunConfig:
@@ -230,19 +232,6 @@ def held_out_items(envs: list[str], difficulties: list[int], n: int):
     return items
 
 
-def mean_se(xs: list[float]) -> float:
-    """Standard error of the mean of per-problem scores (0/1, or avg@k fractions)."""
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1) / len(xs))
-
-
-def paired_se(a: list[float], b: list[float]) -> float:
-    """Standard error of mean(b - a) over the same problems."""
-    d = [y - x for x, y in zip(a, b)]
-    m = sum(d) / len(d)
-    return math.sqrt(sum((x - m) ** 2 for x in d) / max(len(d) - 1, 1) / len(d))
-
-
 def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, template_file: str, out_dir: Path) -> dict:
     """`single` and `markovian_rsa` through LocalBackend (our engine) on the same items, same temperature and beta.
     Returns per method: accuracy, its standard error, per-cell accuracy and the per-problem correctness vector."""
@@ -297,56 +286,28 @@ def evaluate_held_out(model_dir: str | Path, envs: list[str], difficulties: list
     return {"accuracy": {k: sum(v) / len(v) for k, v in acc.items()}, "n": n, "examples": examples}
 
 
-def plot_losses(runs: dict[str, Path], out_png: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, metrics in runs.items():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
-
-def plot_rl_rewards(stages: dict[str, list[dict]], out_png: Path):
-    """Mean reward per optimizer step, one panel per RL stage (the rollouts' reward, before filtering)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(3.2 * max(len(stages), 1), 3), squeeze=False)
-    for ax, (name, rows) in zip(axes[0], stages.items()):
-        ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], marker=".", label="reward")
-        ax.plot([r["step"] for r in rows], [r["acc"] for r in rows], alpha=0.6, label="accuracy")
-        ax.set_title(name)
-        ax.set_xlabel("RL step")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
-
 # -----------------------------------------------------------------------------
 # The pipeline, one function per stage
 
 
-class Laps:
-    """Wall time per stage since the previous lap, printed as each stage ends."""
+# expected cost of each stage in seconds of the nano preset on the 2-core CPU (dev/LOG.md: ~0.9 s per pretrain or
+# SFT step, ~5.5 s per RL step, ~45 s per evaluation): only their ratios matter, the ETA scales them to this run
+SECONDS_PER_TRAIN_STEP, SECONDS_PER_RL_STEP, SECONDS_PER_EVAL = 0.9, 5.5, 45.0
 
-    def __init__(self):
-        self.t0, self.timings = time.time(), {}
 
-    def __call__(self, name: str):
-        self.timings[name] = time.time() - self.t0 - sum(self.timings.values())
-        print(f"[speedrun] {name}: {self.timings[name]:.0f}s (total {time.time() - self.t0:.0f}s)", flush=True)
+def stage_plan(cfg: SpeedrunConfig) -> dict[str, float]:
+    """The stages `run` will go through, in order, with their expected relative cost (for stage k/n and the ETA)."""
+    plan = {"corpus": 10.0, "tokenizer": 5.0, "pretrain": SECONDS_PER_TRAIN_STEP * cfg.pretrain_steps,
+            "sft": SECONDS_PER_TRAIN_STEP * cfg.sft_steps}
+    if cfg.agg_sft_steps > 0:
+        plan["aggregation sft"] = SECONDS_PER_TRAIN_STEP * cfg.agg_sft_steps + SECONDS_PER_EVAL
+    plan["eval sft"] = SECONDS_PER_EVAL
+    for stage in (cfg.rl_stages if cfg.rl else []):
+        plan[f"rl {stage}"] = SECONDS_PER_RL_STEP * cfg.rl_steps
+        plan[f"eval {stage}"] = SECONDS_PER_EVAL
+    if cfg.ablation_trim:
+        plan["ablation"] = 2 * (SECONDS_PER_TRAIN_STEP * cfg.ablation_steps + SECONDS_PER_EVAL)
+    return plan
 
 
 def start_run(cfg: SpeedrunConfig, root: str | Path) -> tuple[Path, str]:
@@ -417,7 +378,7 @@ def train_settings(cfg: SpeedrunConfig, tok_dir: Path, device: str) -> dict:
     """The TrainConfig fields pretraining and every SFT run share."""
     return dict(tokenizer=str(tok_dir), seq_len=cfg.seq_len, tokens_per_step=cfg.device_batch_size * cfg.seq_len,
                 device_batch_size=cfg.device_batch_size, save_every=-1, threads=cfg.threads, seed=cfg.seed,
-                lr=cfg.lr, model_preset=cfg.model_preset, device=device)
+                lr=cfg.lr, model_preset=cfg.model_preset, device=device, log_to=cfg.log_to)
 
 
 def supervised_finetune(cfg: SpeedrunConfig, out: Path, tok_dir: Path, device: str, pretrained: dict):
@@ -459,10 +420,11 @@ def rl_stage_config(cfg: SpeedrunConfig, out: Path, stage: str):
                                  engine_slots=cfg.rl_prompts_per_step * cfg.rl_samples_per_prompt * 2,
                                  max_groups_per_step=cfg.rl_max_groups_per_step,
                                  rollout_workers=cfg.rl_rollout_workers, ttc_candidates=cfg.ttc_candidates,
-                                 ttc_tail_tokens=cfg.ttc_tail_tokens, ttc_template=NANO_AGG_TEMPLATE, **lr, **extra)
+                                 ttc_tail_tokens=cfg.ttc_tail_tokens, ttc_template=NANO_AGG_TEMPLATE, log_to=cfg.log_to,
+                                 **lr, **extra)
 
 
-def rl_cascade(cfg: SpeedrunConfig, out: Path, init_dir: str, items, laps: Laps) -> tuple[dict, dict, dict]:
+def rl_cascade(cfg: SpeedrunConfig, out: Path, init_dir: str, items, laps: StageClock) -> tuple[dict, dict, dict]:
     """6. The RL stages, each from the previous one's checkpoint and evaluated after it. A stage without learning
     signal stops (reported) and the next starts from the previous policy. Returns (evals, reward curves, notes)."""
     from . import rl_loop
@@ -474,6 +436,7 @@ def rl_cascade(cfg: SpeedrunConfig, out: Path, init_dir: str, items, laps: Laps)
         except rl_loop.NoLearningSignal as e:     # within the scan budget: report it, keep the previous policy
             notes[stage] = f"stopped: {e}"
             print(f"[speedrun] RL {stage} stopped: {e}", flush=True)
+            laps.skip(f"eval {stage}")
             laps(f"rl {stage}")
             continue
         del res["model"]
@@ -518,8 +481,8 @@ def plot_curves(out: Path, agg_sft: bool, ablation: dict, rl_curves: dict):
 def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
     """The whole pipeline: corpus -> tokenizer -> pretrain -> SFT (-> aggregation SFT) -> evaluation -> RL stages,
     each evaluated -> (trim ablation) -> report."""
-    laps = Laps()
     out, device = start_run(cfg, root)
+    laps = StageClock(stage_plan(cfg))
     manifest, samples, agg_problems = build_corpus(cfg, out)
     laps("corpus")
     tok_dir, sft_mix, n_agg = build_tokenizer_and_sft_mix(cfg, out, samples, agg_problems)
@@ -652,7 +615,7 @@ def write_report(path: Path, r: dict, items):
 def main(a):
     cfg = PRESETS[a.preset]()
     over = {k: getattr(a, k) for k in ("name", "pretrain_steps", "sft_steps", "threads", "seed", "eval_problems",
-                                       "rl_steps", "device") if getattr(a, k, None) is not None}
+                                       "rl_steps", "device", "log_to") if getattr(a, k, None) is not None}
     if a.ablation_trim:
         over["ablation_trim"] = True
     if getattr(a, "no_rl", False):

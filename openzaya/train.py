@@ -16,8 +16,9 @@ best-fit-decreasing into `seq_len`-token windows whose documents are kept apart 
 - Checkpoints (DCP shards of model and optimizer, plus step = data position, router-balancing state, RNG; dcp.py)
   are written atomically every `save_every` steps and at the end; `resume=True` continues bit-for-bit on CPU at the
   same layout, and to float tolerance at another world size or layout.
-- One dense log line per step and metrics.jsonl (optionally also TensorBoard or W&B, `log_to`); the final model
-  is saved in the HF layout (gathered from the shards) with its tokenizer.
+- One dense log line per step (with an ETA) and metrics.jsonl (optionally also TensorBoard or W&B, `log_to`); the
+  final model is saved in the HF layout (gathered from the shards) with its tokenizer; `openzaya pretrain/sft` also
+  plot loss.png (runlog.py).
 Simplified: no context or pipeline parallelism, the data of a run is tokenized up front.
 """
 
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .parallel import ParallelConfig
+from .runlog import external_logger, fmt_eta, plot_losses
 
 CHECKPOINT = "checkpoint"         # a DCP directory (dcp.py)
 
@@ -79,33 +81,6 @@ class TrainConfig:
     activation_checkpointing: bool = ParallelConfig.activation_checkpointing
     offload_optimizer: bool = ParallelConfig.offload_optimizer
     mixed_precision: str = "auto"      # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-
-
-def _external_logger(cfg: TrainConfig, out: Path):
-    """Optional TensorBoard (out/tensorboard) or W&B sink for the per-step metrics; metrics.jsonl is always written."""
-    if not cfg.log_to:
-        return lambda rec: None
-    if cfg.log_to == "tensorboard":
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise SystemExit(f"--log-to tensorboard needs the tensorboard package (pip install tensorboard): {e}")
-        writer = SummaryWriter(str(out / "tensorboard"))
-
-        def log(rec):
-            for k, v in rec.items():
-                if k != "step":
-                    writer.add_scalar(f"{cfg.stage}/{k}", v, rec["step"])
-            writer.flush()
-        return log
-    if cfg.log_to == "wandb":
-        try:
-            import wandb
-        except ImportError as e:
-            raise SystemExit(f"--log-to wandb needs the wandb package (pip install wandb): {e}")
-        wandb.init(project="openzaya", name=f"{out.name}-{cfg.stage}", config=asdict(cfg), dir=str(out))
-        return lambda rec: wandb.log(rec, step=rec["step"])
-    raise SystemExit(f"--log-to must be '', 'tensorboard' or 'wandb', got {cfg.log_to!r}")
 
 
 # Presets are plain functions returning the dataclass.
@@ -429,7 +404,7 @@ def run(cfg: TrainConfig) -> dict:
     metrics_path = out / "metrics.jsonl"
     start = restore(cfg, ckpt_path, metrics_path, model, opt, rank)
 
-    log_scalars = _external_logger(cfg, out) if rank == 0 else (lambda rec: None)
+    log_scalars = external_logger(cfg.log_to, out, cfg.stage, asdict(cfg)) if rank == 0 else (lambda rec: None)
     params = [p for p in model.parameters() if p.requires_grad]
     loss_val = float("nan")
     t_start = time.time()
@@ -460,9 +435,9 @@ def run(cfg: TrainConfig) -> dict:
                 f.write(json.dumps(rec) + "\n")
             log_scalars(rec)
         print0(f"step {step + 1:05d}/{cfg.steps:05d} | loss {loss_val:.4f} | lr {rec['lr']:.2e} | gnorm "
-               f"{rec['grad_norm']:.3f} | tok/s {rec['tok_s']:.0f} | load max/mean {load:.2f} | skip {skip:.2f}")
-        last = step + 1 == cfg.steps
-        if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last:
+               f"{rec['grad_norm']:.3f} | tok/s {rec['tok_s']:.0f} | load max/mean {load:.2f} | skip {skip:.2f} | "
+               f"eta {fmt_eta(rec['time_s'], step + 1 - start, cfg.steps - step - 1)}")
+        if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
             dcp.save(ckpt_path, model, opt, trainer_state(model, step + 1, cfg))
 
     # ---- final model in the HF layout (gathered from the shards), with its tokenizer
@@ -486,5 +461,7 @@ def config_from_args(a, stage: str) -> TrainConfig:
 def main(a, stage: str):
     result = run(config_from_args(a, stage))
     print0(f"done: final loss {result['final_loss']:.4f}, model at {result['model_dir']}")
+    if not dist.is_initialized() or dist.get_rank() == 0:   # a standalone run's loss curve, as the speedrun's
+        plot_losses({stage: Path(result["out"]) / "metrics.jsonl"}, Path(result["out"]) / "loss.png")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -118,6 +118,28 @@ def test_hf_n_seeds_and_chat(hf):
     assert c.answer == c.text.strip() and c.reasoning == ""
 
 
+def test_hf_seeded_sampling_is_batched_and_batch_invariant(hf, monkeypatch):
+    """Seeded sampled requests share one batch (TTC seeds every call) and get the tokens they get alone; sample i of
+    a request with seed s is the request with seed s + i."""
+    batches = []
+    real = hf._generate_batch
+    monkeypatch.setattr(hf, "_generate_batch", lambda reqs, prompts: batches.append(len(reqs)) or real(reqs, prompts))
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=6, seed=100 + i) for i in range(3)]
+    reqs = [Request(prompt=p, params=sp) for p, sp in zip(PROMPTS, params)]
+    together = hf.generate(reqs)
+    assert batches == [3]                                   # one batch, not three batches of one
+    alone = [hf.generate([r])[0] for r in reqs]
+    assert [c.token_ids for [c] in together] == [c.token_ids for [c] in alone]
+    for [c], [a] in zip(together, alone):
+        assert c.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+    assert len({tuple(c.token_ids) for [c] in together}) == 3
+    two = hf.generate([Request(prompt=PROMPTS[0], params=SamplingParams(temperature=1.0, top_p=0.9, max_tokens=6,
+                                                                         seed=100, n=2))])[0]
+    again = hf.generate([Request(prompt=PROMPTS[0], params=SamplingParams(temperature=1.0, top_p=0.9, max_tokens=6,
+                                                                           seed=101))])[0]
+    assert two[0].token_ids == together[0][0].token_ids and two[1].token_ids == again[0].token_ids
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # OpenAIBackend against the stub server
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from openzaya.backends import Backend, Completion, LocalBackend
-from openzaya.evaluate import Item, aggregation_diagnostics, avg_at_k, evaluate, load_benchmark, maj_at_k, pass_at_k
+from openzaya.evaluate import (Item, aggregation_diagnostics, avg_at_k, evaluate, fit_to_context, load_benchmark,
+                               maj_at_k, math_vote_keys, mean_se, pass_at_k)
 from openzaya.tokenizer import split_reasoning
 from openzaya.ttc import TTCConfig
 from test_local_backend import make_checkpoint
@@ -145,3 +146,219 @@ def test_evaluate_tiny_local_model_end_to_end(tmp_path):
     assert 0.0 <= r["avg@k"] <= 1.0 and r["tokens_per_problem"] > 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["samples"] == 2
     assert (tmp_path / "out" / "trace_markovian_rsa.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# benchmark files: clear errors, formats, Hugging Face datasets
+
+
+def test_malformed_and_unsupported_benchmark_files(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1?", "answer": "2"}\n\n{"problem": "x", "answer": "3"\n')
+    with pytest.raises(ValueError, match=rf"{bad} line 3: not valid JSON \(Expecting ',' delimiter"):
+        load_benchmark(str(bad))
+    bad.write_text('{"problem": "1+1?", "answer": "2"}\n["a list"]\n')
+    with pytest.raises(ValueError, match=rf"{bad} line 2: a JSON list, not an object"):
+        load_benchmark(str(bad))
+    csv = tmp_path / "b.csv"
+    csv.write_text("problem,answer\n1+1?,2\n")
+    with pytest.raises(ValueError, match=r"unsupported benchmark format '.csv'; supported: .jsonl \(one JSON object "
+                                         r"per line\), .json \(a JSON list of objects\), .parquet"):
+        load_benchmark(str(csv))
+    js = tmp_path / "b.json"
+    js.write_text(json.dumps([{"id": "x", "question": "1+2?", "answer": "3"}]))
+    assert [(i.id, i.answer) for i in load_benchmark(str(js))] == [("x", "3")]
+    js.write_text(json.dumps({"question": "1+2?", "answer": "3"}))
+    with pytest.raises(ValueError, match="a .json benchmark is a list of objects"):
+        load_benchmark(str(js))
+
+
+def test_hugging_face_datasets_folder_offline_id_and_missing_extra(tmp_path, monkeypatch):
+    """`datasets` (the extra) loads a local dataset folder; a dataset id offline is one clear error; without the
+    package the error names the extra."""
+    import sys
+
+    folder = tmp_path / "aime_like"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "problem": f"{i}+1?", "answer": str(i + 1)})
+                                               + "\n" for i in range(3)))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    items = load_benchmark(str(folder))
+    assert [(i.id, i.question, i.answer) for i in items] == [("p0", "0+1?", "1"), ("p1", "1+1?", "2"),
+                                                             ("p2", "2+1?", "3")]
+    import datasets
+    import huggingface_hub.constants as hub
+
+    for module, name in [(hub, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+                         (datasets.config, "HF_DATASETS_OFFLINE")]:    # read at import time: patch the constants
+        monkeypatch.setattr(module, name, True)
+    with pytest.raises(ValueError) as e:
+        load_benchmark("openzaya-test/no-such-dataset")
+    msg = str(e.value)
+    assert msg.startswith("could not load the Hugging Face dataset 'openzaya-test/no-such-dataset' (split 'test'): ")
+    assert "\n" not in msg and "offline?" in msg and "HF_DATASETS_OFFLINE=1" in msg
+    monkeypatch.setitem(sys.modules, "datasets", None)       # as if the extra were not installed
+    with pytest.raises(ValueError, match=r"needs `pip install 'openzaya\[datasets\]'`"):
+        load_benchmark("openzaya-test/no-such-dataset")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# maj@k by mathematical equivalence, standard errors, lm-eval's layout
+
+
+def test_maj_at_k_votes_by_mathematical_equivalence():
+    answers = ["0.25", "0.25", "1/2", "0.5", "\\frac{1}{2}", None]
+    correct = [0, 0, 1, 1, 1, 0]
+    keys = math_vote_keys(answers)
+    assert keys[2] == keys[3] == keys[4] == "1/2" and keys[0] == keys[1] == "0.25" and keys[5] is None
+    assert maj_at_k(answers, correct) == 0.0                    # by string: 0.25 has the most votes (2)
+    assert maj_at_k(answers, correct, vote_keys=keys) == 1.0     # by value: 1/2 = 0.5 = \frac{1}{2} (3 votes)
+    assert math_vote_keys(["7", "7.0", "8", " 8 "]) == ["7", "7", "8", "8"]
+
+
+class Fixed(Backend):
+    """Problem "a" is answered right in runs 0 and 2 only, "b" always wrong: per-problem avg@4 = 0.5 and 0."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            q = r.messages[0]["content"]
+            i = self.calls[q] = self.calls.get(q, -1) + 1
+            ans = "1/2" if q.startswith("a") and i % 2 == 0 else "0.25"
+            text = f"<think>\nok\n</think>\n\n\\boxed{{{ans}}}"
+            reasoning, answer = split_reasoning(text)
+            out.append([Completion(text, reasoning, answer, "stop", 5, 7, 0.0)])
+        return out
+
+
+def test_eval_standard_errors_and_lm_eval_layout(tmp_path):
+    items = [Item("a", "a: half of one?", "0.5"), Item("b", "b: half of one?", "0.5")]
+    res = evaluate(items, Fixed(), TTCConfig(budget_tokens=16), ["single"], samples=4, out_dir=tmp_path,
+                   task="halves", run_config={"model": "fixed", "benchmark": "halves.jsonl"})
+    r = res["methods"]["single"]
+    assert r["avg@k"] == 0.25 and r["stderr"]["avg@k"] == pytest.approx(mean_se([0.5, 0.0])) == 0.25
+    assert r["maj@k"] == 0.5          # a: "1/2" and "0.25" twice each, the tie goes to the earliest (right); b: 0
+    [results] = tmp_path.glob("results_*.json")
+    doc = json.loads(results.read_text())
+    assert doc["results"]["halves_single"]["avg@4,none"] == 0.25
+    assert doc["results"]["halves_single"]["avg@4_stderr,none"] == pytest.approx(0.25)
+    assert doc["results"]["halves_single"]["pass@4,none"] == 0.5
+    assert doc["configs"]["halves_single"]["generation_kwargs"]["max_gen_toks"] == 16
+    assert doc["configs"]["halves_single"]["dataset_path"] == "halves.jsonl" and doc["config"]["model"] == "fixed"
+    assert doc["n-samples"]["halves_single"] == {"original": 2, "effective": 2} and doc["config"]["repeats"] == 4
+    [samples] = tmp_path.glob("samples_halves_single_*.jsonl")
+    rows = [json.loads(x) for x in samples.read_text().splitlines()]
+    assert [r["doc_id"] for r in rows] == [0, 1] and rows[0]["doc"]["question"] == "a: half of one?"
+    assert rows[0]["target"] == "0.5" and rows[0]["filtered_resps"] == ["1/2", "0.25", "1/2", "0.25"]
+    assert rows[0]["resps"][0][0].endswith("\\boxed{1/2}") and rows[0]["avg@4"] == 0.5 and rows[1]["avg@4"] == 0.0
+    assert "0.250 ± 0.250" in (tmp_path / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TTC defaults fitted to the model's context; validation of the knobs a method uses
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory):
+    """A tiny checkpoint whose context is 1024 positions (the TTC defaults, tau 4096 / beta 16384, do not fit)."""
+    from openzaya.checkpoint import save_pretrained
+    from openzaya.model import ZayaForCausalLM
+    from openzaya.tokenizer import train_bpe
+    from zaya_ref import tiny_config
+
+    path = tmp_path_factory.mktemp("ctx") / "m"
+    tok = train_bpe([f"{a} plus {b} is {a + b}." for a in range(30) for b in range(30)], vocab_size=300)
+    torch.manual_seed(0)
+    save_pretrained(ZayaForCausalLM(tiny_config(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                                                max_position_embeddings=1024)), path)
+    tok.save(path)
+    return path
+
+
+class Counting(Backend):
+    """A backend that counts generate calls and otherwise defers to `inner`."""
+
+    def __init__(self, inner):
+        self.inner, self.tokenizer, self.calls = inner, inner.tokenizer, 0
+
+    def generate(self, requests):
+        self.calls += 1
+        return self.inner.generate(requests)
+
+    def context_tokens(self):
+        return self.inner.context_tokens()
+
+
+def test_default_budget_is_clamped_to_the_context(short_context, capsys):
+    from openzaya.cli import main
+    from openzaya.evaluate import context_need
+
+    backend = LocalBackend(short_context, max_slots=4)
+    assert backend.context_tokens() == 1024
+    q = "What is 2 plus 3?"
+    base = TTCConfig(population=2, candidates=2, rounds=1)
+    cfg, notes = fit_to_context(base, ["markovian_rsa"], backend, [q])
+    assert context_need(cfg, backend, q) <= 1024 < context_need(
+        TTCConfig(population=2, candidates=2, rounds=1, budget_tokens=cfg.budget_tokens + 1,
+                  tail_tokens=(cfg.budget_tokens + 1) * 4096 // 16384), backend, q)   # the largest beta that fits
+    assert cfg.tail_tokens == cfg.budget_tokens * 4096 // 16384                    # tau keeps its ratio to beta
+    assert notes == [f"the default TTC budget does not fit this model's context of 1024 tokens: using "
+                     f"--budget-tokens 16384 -> {cfg.budget_tokens}, --tail-tokens 4096 -> {cfg.tail_tokens} (give "
+                     "the flags to choose other values)"]
+    # the CLI with the defaults: the note, then the whole run (it used to fail in round 1, after round 0's work)
+    threads = torch.get_num_threads()
+    try:
+        assert main(["solve", q, "--model", str(short_context), "--population", "2", "--candidates", "2",
+                     "--rounds", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    assert f"openzaya solve: note: {notes[0]}" in out.err and "total: calls 4 |" in out.out
+
+
+def test_given_budget_that_does_not_fit_fails_before_any_call(short_context, capsys):
+    from openzaya.cli import main
+
+    backend = Counting(LocalBackend(short_context, max_slots=4))
+    cfg = TTCConfig(population=2, candidates=2, rounds=1, budget_tokens=800, tail_tokens=200)
+    with pytest.raises(ValueError, match=r"markovian_rsa: the longest call needs ~\d+ tokens \(prompt \+ "
+                                         r"--budget-tokens 800\), over this model's context of 1024: lower "
+                                         r"--budget-tokens, --tail-tokens or --candidates \(e.g. --budget-tokens \d+ "
+                                         r"--tail-tokens \d+ fit\)"):
+        fit_to_context(cfg, ["markovian_rsa"], backend, ["What is 2 plus 3?"], {"budget_tokens", "tail_tokens"})
+    assert backend.calls == 0
+    rc = main(["solve", "What is 2 plus 3?", "--model", str(short_context), "--population", "2", "--candidates", "2",
+               "--rounds", "1", "--budget-tokens", "800", "--tail-tokens", "200"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("openzaya solve: error: markovian_rsa: the longest call")
+    # a server that does not report its context is not checked, and says so
+    from openzaya.backends import OpenAIBackend
+    from openai_stub_server import StubServer
+
+    with StubServer() as server:
+        same, notes = fit_to_context(cfg, ["markovian_rsa"], OpenAIBackend(server.url, "stub"), ["q"])
+    assert same is cfg and "did not report its context length" in notes[0]
+
+
+def test_methods_are_validated_on_the_knobs_they_use(short_context, capsys):
+    """`--method single --budget-tokens 48` (tau 4096 > beta is RSA's concern) and `--method majority --population
+    2` (C 4 > N is RSA's concern) are valid requests."""
+    from openzaya.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["solve", "What is 2 plus 3?", "--model", str(short_context), "--method", "single",
+                     "--budget-tokens", "48"]) == 0
+        assert "total: calls 1 |" in capsys.readouterr().out
+        assert main(["solve", "What is 2 plus 3?", "--model", str(short_context), "--method", "majority",
+                     "--population", "2", "--budget-tokens", "16"]) == 0
+        assert "total: calls 2 |" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+    rc = main(["solve", "q", "--model", str(short_context), "--method", "markovian_rsa", "--population", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--candidates C=4 exceeds --population N=2" in err    # RSA does use C

@@ -56,9 +56,13 @@ def mean(xs):
 
 # ---- reward goes up
 
-def test_reward_goes_up_inline(tmp_path):
+def test_reward_goes_up_inline(tmp_path, capsys):
     model, tok = tiny_policy()
-    res = rl_loop.run(digits_config(tmp_path), model=model, tokenizer=tok, envs=digits_env())
+    res = rl_loop.run(digits_config(tmp_path, log_to="tensorboard"), model=model, tokenizer=tok, envs=digits_env())
+    steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(steps) == 20 and all(" | eta " in line for line in steps) and steps[-1].endswith("| eta 0s")
+    assert (tmp_path / "run" / "reward.png").stat().st_size > 0          # the standalone run's reward plot
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     r = [m["reward"] for m in res["metrics"]]
     print("rewards", [round(x, 3) for x in r])
     assert mean(r[:3]) < 0.1 and mean(r[-3:]) > mean(r[:3]) + 0.3, r

@@ -1,8 +1,10 @@
 """The speedrun's own pieces (aggregation SFT chats, standard errors, held-out items) and, slow, the smoke run with
 the RL stages."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +85,27 @@ def test_small_preset_is_what_its_docstring_says():
     assert a.preset == "small" and a.device == "cpu"
 
 
+def test_stage_plan_names_the_stages_run_goes_through():
+    plan = speedrun.stage_plan(speedrun.smoke())
+    assert list(plan) == ["corpus", "tokenizer", "pretrain", "sft", "aggregation sft", "eval sft", "rl warmup", "eval warmup", "rl rlve",
+                          "eval rlve", "rl math-code-ttc", "eval math-code-ttc", "rl behavioral", "eval behavioral"]
+    assert list(speedrun.stage_plan(speedrun.smoke(rl=False, ablation_trim=True)))[-2:] == ["eval sft", "ablation"]
+    assert all(w > 0 for w in plan.values())
+
+
+def test_log_to_reaches_every_training_and_rl_stage():
+    from dataclasses import replace
+
+    from openzaya.cli import build_parser
+
+    a = build_parser().parse_args(["speedrun", "--preset", "smoke", "--log-to", "tensorboard"])
+    assert a.log_to == "tensorboard"
+    cfg = replace(speedrun.smoke(), log_to=a.log_to)
+    assert speedrun.train_settings(cfg, Path("tok"), "cpu")["log_to"] == "tensorboard"
+    assert all(speedrun.rl_stage_config(cfg, Path("runs/x"), s).log_to == "tensorboard" for s in cfg.rl_stages)
+    assert build_parser().parse_args(["rl", "--log-to", "wandb"]).log_to == "wandb"
+
+
 def test_standard_errors():
     assert speedrun.mean_se([0.0, 1.0] * 50) == pytest.approx(0.5 / 99 ** 0.5)   # sample sd 0.5025, / sqrt(100)
     assert speedrun.mean_se([1.0] * 10) == 0.0
@@ -105,6 +128,20 @@ def test_speedrun_smoke_with_rl(tmp_path):
     cmd = [sys.executable, "-m", "openzaya.cli", "speedrun", "--preset", "smoke", "--root", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    # stage k/n with elapsed and ETA; a stage that stops for lack of signal drops its evaluation from the plan
+    stages = re.findall(r"^\[speedrun\] stage (\d+)/(\d+): (.+?) \| elapsed \S+ \| eta \S+$", r.stdout, flags=re.M)
+    assert stages[0] == ("1", "14", "corpus") and [int(k) for k, _, _ in stages] == list(range(1, len(stages) + 1))
+    assert stages[-1][2] == "rl behavioral" and [int(n) for _, n, _ in stages] == sorted(
+        (int(n) for _, n, _ in stages), reverse=True), stages        # n shrinks as stages stop; k counts up
+    # the README's commands read these paths after `make run` (tests/test_readme.py fakes them; the smoke model's
+    # RL stages stop without signal, so their checkpoints are checked from the stage config instead)
+    from test_readme import SPEEDRUN_OUTPUTS
+    for p in SPEEDRUN_OUTPUTS:
+        if "/rl/" in p:
+            stage = p.split("/rl/")[1].split("/")[0]
+            assert f"{speedrun.rl_stage_config(speedrun.nano(), Path('runs/nano'), stage).out}/ckpt/model" == p
+        else:
+            assert (tmp_path / "smoke" / p.removeprefix("runs/nano/")).exists(), p
     report = (tmp_path / "smoke" / "report.md").read_text()
     assert "## RL stages" in report and "markovian_rsa" in report and "behavioral" in report
     assert "| after | calls | accuracy | random copy |" in report and "\n| sft | 16 | " in report   # 4 problems x N 4

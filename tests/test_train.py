@@ -46,13 +46,15 @@ def cli(args, **kw):
     return subprocess.run([str(VENV / "openzaya"), *args], env=ENV, capture_output=True, text=True, timeout=180, **kw)
 
 
-def test_loss_goes_down_and_schedule(corpus, tmp_path):
+def test_loss_goes_down_and_schedule(corpus, tmp_path, capsys):
     torch.set_num_threads(1)
     cfg = TrainConfig(stage="sft", data=str(corpus / "corpus"), tokenizer=str(corpus / "tok"), out=str(tmp_path),
                       seq_len=96, tokens_per_step=8 * 96, device_batch_size=8, steps=25, warmup_steps=3, lr=3e-3,
                       save_every=-1, log_to="tensorboard")
     r = run(cfg)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(steps) == 25 and all(" | eta " in line for line in steps) and steps[-1].endswith("| eta 0s")
     ls = losses(tmp_path)
     assert ls[25] < 0.7 * ls[1], ls
     assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "model" / "tokenizer.json").exists()
@@ -68,6 +70,7 @@ def test_resume_after_sigkill_matches(corpus, tmp_path):
     steps = 10
     full = cli(["sft", *flags(corpus, tmp_path / "full", steps, ["--save-every", "2"])])
     assert full.returncode == 0, full.stderr[-2000:]
+    assert (tmp_path / "full" / "loss.png").stat().st_size > 0          # a standalone run plots its loss curve
     out = tmp_path / "killed"
     proc = subprocess.Popen([str(VENV / "openzaya"), "sft", *flags(corpus, out, steps, ["--save-every", "2"])],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
