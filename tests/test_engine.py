@@ -5,6 +5,7 @@ import torch
 
 from openzaya.engine import Engine, GenParams, _find_stop
 from openzaya.model import ZayaConfig, ZayaForCausalLM
+from zaya_ref import route_share_to_skip
 
 
 def toy_decode(ids):
@@ -37,6 +38,26 @@ def test_greedy_matches_full_forward_with_continuous_batching():
     for p, n, r in zip(PROMPTS, MAX_NEW, res):
         assert r.tokens == greedy_reference(model, p, n)
         assert (r.finish_reason, r.prompt_tokens, r.completion_tokens) == ("length", len(p), n)
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "static"])
+def test_greedy_and_routes_match_full_forward_with_skip_routes(continuous):
+    """About half of every layer's tokens routed to skip (-1): prefill, left padding (static mode) and cached decode
+    still give the full forward's greedy tokens and routes."""
+    model = tiny_model(seed=8, layer_types=["hybrid", "hybrid_sliding"], sliding_window=4)
+    route_share_to_skip(model, torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0)))
+    res = Engine(model, max_slots=3, max_len=32).generate(
+        PROMPTS, [GenParams(temperature=0, max_new_tokens=n) for n in MAX_NEW], continuous=continuous,
+        return_routes=True)
+    seen = []
+    for p, n, r in zip(PROMPTS, MAX_NEW, res):
+        assert r.tokens == greedy_reference(model, p, n)
+        _, routes = model(torch.tensor([p + r.tokens]), return_routes=True)
+        assert torch.equal(r.routes[:, :-1], routes[:, 0, :-1])
+        seen.append(r.routes[:, :-1])
+    seen = torch.cat(seen, dim=1)
+    for layer in seen:                                   # both skip and real experts were exercised in every layer
+        assert 0.2 < float((layer == -1).float().mean()) < 0.8 and layer.max() >= 0
 
 
 def test_continuous_equals_alone_and_static():

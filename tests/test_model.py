@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from openzaya.model import ZayaCache, ZayaConfig, ZayaForCausalLM, count_params, zaya1_8b
-from zaya_ref import random_model, reference_from, tiny_config
+from zaya_ref import random_model, reference_from, route_share_to_skip, tiny_config
 
 CONFIGS = {
     "sliding": tiny_config(),
@@ -20,21 +20,38 @@ CONFIGS = {
 }
 
 
+def assert_skip_share(routes_LBT, num_experts, keep_BT=None, lo=0.2, hi=0.8):
+    """Every layer sends between lo and hi of the real tokens to skip (-1) and the rest to real experts: both paths
+    are exercised."""
+    for l, r in enumerate(routes_LBT):
+        real = r if keep_BT is None else r[keep_BT.bool()]
+        share = float((real == -1).float().mean())
+        assert lo < share < hi, f"layer {l}: skip share {share:.2f} outside ({lo}, {hi})"
+        assert real.min() >= -1 and real.max() < num_experts
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["no_skip", "skip"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_prefill_matches_transformers(name):
+def test_prefill_matches_transformers(name, skip):
     model = random_model(CONFIGS[name])
-    ref = reference_from(model)
     ids = torch.randint(0, 128, (3, 17))   # longer than every sliding window
+    if skip:                               # about half the tokens of every layer routed to skip
+        route_share_to_skip(model, ids)
+    ref = reference_from(model)
     with torch.no_grad():
-        ours, theirs = model(ids), ref(ids).logits
+        (ours, routes), theirs = model(ids, return_routes=True), ref(ids).logits
+    if skip:
+        assert_skip_share(routes, model.config.num_experts)
+    else:
+        assert (routes >= 0).all()
     err = (ours - theirs).abs().max().item()
     print(f"{name}: max |ours - transformers| = {err:.2e}")
     assert err < 1e-4
 
 
-def test_left_padded_batch_matches_each_row():
+@pytest.mark.parametrize("skip", [False, True], ids=["no_skip", "skip"])
+def test_left_padded_batch_matches_each_row(skip):
     model = random_model(CONFIGS["sliding"])
-    ref = reference_from(model)
     lengths = [15, 9, 4, 1]
     T = max(lengths)
     rows = [torch.randint(0, 128, (n,)) for n in lengths]
@@ -42,50 +59,74 @@ def test_left_padded_batch_matches_each_row():
     mask = torch.zeros(len(rows), T, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    if skip:
+        route_share_to_skip(model, ids, attention_mask=mask)
+    ref = reference_from(model)
     with torch.no_grad():
-        batch = model(ids, attention_mask=mask)
+        batch, routes = model(ids, attention_mask=mask, return_routes=True)
         positions = (mask.cumsum(1) - 1).clamp_min(0)
         theirs = ref(ids, attention_mask=mask, position_ids=positions).logits
         for i, r in enumerate(rows):
-            alone = model(r[None])[0]
-            assert (batch[i, T - len(r):] - alone).abs().max() < 1e-4
+            alone, alone_routes = model(r[None], return_routes=True)
+            assert torch.equal(alone_routes[:, 0], routes[:, i, T - len(r):])
+            assert (batch[i, T - len(r):] - alone[0]).abs().max() < 1e-4
             assert (batch[i, T - len(r):] - theirs[i, T - len(r):]).abs().max() < 1e-4
+    assert (routes[:, ~mask.bool()] == -1).all()           # padding: the sentinel, never expert 0
+    if skip:
+        assert_skip_share(routes, model.config.num_experts, mask)
+    else:
+        assert (routes[:, mask.bool()] >= 0).all()
     assert torch.isfinite(batch).all()
 
 
-def _decode(model, ids, mask, chunks):
+def _decode(model, ids, mask, chunks, routes=None):
+    """Logits of `ids` fed through a cache in chunks; the routes of each chunk are appended to `routes` if given."""
     cache = ZayaCache(model.config, ids.shape[0], 64)
     outs, t = [], 0
     for n in chunks:
-        outs.append(model(ids[:, t:t + n], attention_mask=mask[:, t:t + n], cache=cache))
+        logits, r = model(ids[:, t:t + n], attention_mask=mask[:, t:t + n], cache=cache, return_routes=True)
+        outs.append(logits)
+        if routes is not None:
+            routes.append(r)
         mask = mask.clone()
         mask[:, t:t + n] = 1  # only the first chunk carries left padding
         t += n
     return torch.cat(outs, dim=1)
 
 
-def test_cached_decode_matches_full_forward():
+@pytest.mark.parametrize("skip", [False, True], ids=["no_skip", "skip"])
+def test_cached_decode_matches_full_forward(skip):
     model = random_model(CONFIGS["sliding"])
     B, T = 3, 40
     ids = torch.randint(0, 128, (B, T))
     mask = torch.ones(B, T, dtype=torch.long)
     mask[1, :3] = 0
     mask[2, :6] = 0
-    with torch.no_grad():
-        full = model(ids, attention_mask=mask)
-        one_by_one = _decode(model, ids, mask, [8] + [1] * 32)    # prefill 8, then 32 single-token steps
-        chunked = _decode(model, ids, mask, [8, 5, 1, 13, 7, 6])  # multi-token continuation
+    if skip:
+        route_share_to_skip(model, ids, attention_mask=mask)
     keep = mask.bool()
-    for got in (one_by_one, chunked):
-        err = (got - full)[keep].abs().max().item()
-        print(f"cached vs full: {err:.2e}")
-        assert err < 1e-4
+    with torch.no_grad():
+        full, full_routes = model(ids, attention_mask=mask, return_routes=True)
+        for chunks in ([8] + [1] * 32,            # prefill 8, then 32 single-token steps
+                       [8, 5, 1, 13, 7, 6]):      # multi-token continuation
+            routes = []
+            got = _decode(model, ids, mask, chunks, routes)
+            err = (got - full)[keep].abs().max().item()
+            print(f"cached vs full: {err:.2e}")
+            assert err < 1e-4
+            assert torch.equal(torch.cat(routes, dim=2)[:, keep], full_routes[:, keep])   # same routing
+    if skip:
+        assert_skip_share(full_routes, model.config.num_experts, mask)
 
 
-def test_cached_decode_matches_transformers_cache():
+@pytest.mark.parametrize("skip", [False, True], ids=["no_skip", "skip"])
+def test_cached_decode_matches_transformers_cache(skip):
     model = random_model(CONFIGS["sliding"])
-    ref = reference_from(model)
     ids = torch.randint(0, 128, (2, 12))
+    if skip:
+        route_share_to_skip(model, ids)
+        assert_skip_share(model(ids, return_routes=True)[1], model.config.num_experts)
+    ref = reference_from(model)
     with torch.no_grad():
         out = ref(ids[:, :5], use_cache=True)
         theirs = [out.logits]
