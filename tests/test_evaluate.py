@@ -145,3 +145,79 @@ def test_evaluate_tiny_local_model_end_to_end(tmp_path):
     assert 0.0 <= r["avg@k"] <= 1.0 and r["tokens_per_problem"] > 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["samples"] == 2
     assert (tmp_path / "out" / "trace_markovian_rsa.jsonl").exists()
+    # the reported numbers are the ones the trace recorded per run (2 problems x 2 runs)
+    for method in ("single", "markovian_rsa"):
+        recs = [json.loads(x) for x in (tmp_path / "out" / f"trace_{method}.jsonl").read_text().splitlines()]
+        runs = [x for x in recs if x["type"] == "problem"]
+        assert len(runs) == 4
+        m = res["methods"][method]
+        assert m["avg@k"] == pytest.approx(sum(x["majority_correct"] for x in runs) / 4, abs=1e-12)
+        assert m["pop_mean"] == pytest.approx(sum(x["population_mean"] for x in runs) / 4, abs=1e-12)
+
+
+# The answer of every call, by problem, run, round and index (the call key is "<problem>~s<run>/r<round>/i<index>");
+# None = a response with no boxed answer. Golds: a = 7, b = 3. Round 0 of majority and Markovian RSA (N = 3) shares
+# its keys with `single` (index 0), so one table serves all three methods.
+SCRIPT = {
+    ("a", 0, 0): ["7", "2", "2"], ("a", 1, 0): ["2", "7", "7"], ("a", 2, 0): ["7", None, "5"],
+    ("b", 0, 0): ["1", "1", "3"], ("b", 1, 0): ["3", "1", "1"], ("b", 2, 0): [None, None, None],
+    ("a", 0, 1): ["7", "7", "2"], ("a", 1, 1): ["2", "2", "7"], ("a", 2, 1): ["7", "7", "7"],
+    ("b", 0, 1): ["3", "3", "1"], ("b", 1, 1): ["3", None, None], ("b", 2, 1): ["1", "1", "1"],
+}
+
+
+class ScriptedByKey(Backend):
+    """Answers each call from SCRIPT by its call key, so the result does not depend on scheduling."""
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            problem, rnd, idx = r.id.split("/")
+            item, run = problem.split("~s")
+            ans = SCRIPT[(item, int(run), int(rnd[1:]))][int(idx[1:])]
+            text = f"<think>\nwork on {item}\n</think>\n\n" + (f"\\boxed{{{ans}}}" if ans is not None else "no idea")
+            reasoning, answer = split_reasoning(text)
+            out.append([Completion(text, reasoning, answer, "stop", 10, 20, 0.0)])
+        return out
+
+
+def test_evaluate_metrics_equal_hand_values(tmp_path):
+    """evaluate() end to end over a scripted backend whose every answer is known: avg@k, pass@1, pass@n, maj@k and
+    pop_mean per problem and per method against values computed by hand (k = n = 3 runs per problem), in the
+    results dict, results.json and the report's table."""
+    items = [Item("a", "What is 3 + 4?", "7"), Item("b", "What is 1 + 2?", "3")]
+    base = TTCConfig(population=3, candidates=2, rounds=1, tail_tokens=8, budget_tokens=16)
+    res = evaluate(items, ScriptedByKey(), base, ["single", "majority", "markovian_rsa"], samples=3,
+                   out_dir=tmp_path, match_calls=False)
+    # Per problem (avg@k, pass@1, pass@3, maj@k, pop_mean), by hand from SCRIPT:
+    # single   a: runs 7, 2, 7 -> right 1, 0, 1; maj "7".     b: 1, 3, none -> 0, 1, 0; maj: "1" and "3" tie, the
+    #          earliest ("1") wins -> 0. pass@3 = 1 for both (n - c < k); pop_mean = the run's own correctness.
+    # majority a: run majorities 2 (0), 7 (1), 7 (1; "7" and "5" tie, earliest); populations right 1/3, 2/3, 1/3.
+    #          b: 1 (0), 1 (0), none (0); populations 1/3, 1/3, 0.
+    # rsa      (final = round 1) a: 7 (1), 2 (0), 7 (1); populations 2/3, 1/3, 1.   b: 3, 3, 1 -> 1, 1, 0;
+    #          populations 2/3, 1/3, 0.
+    expected = {
+        "single": {"a": (2 / 3, 2 / 3, 1.0, 1.0, 2 / 3), "b": (1 / 3, 1 / 3, 1.0, 0.0, 1 / 3)},
+        "majority": {"a": (2 / 3, 2 / 3, 1.0, 1.0, 4 / 9), "b": (0.0, 0.0, 0.0, 0.0, 2 / 9)},
+        "markovian_rsa": {"a": (2 / 3, 2 / 3, 1.0, 1.0, 2 / 3), "b": (2 / 3, 2 / 3, 1.0, 1.0, 1 / 3)},
+    }
+    keys = ("avg@k", "pass@1", "pass@3", "maj@k", "pop_mean")
+    rows = {p["id"]: p["methods"] for p in res["problems"]}
+    for method, per_item in expected.items():
+        for item, values in per_item.items():
+            got = tuple(rows[item][method][k] for k in keys)
+            assert got == pytest.approx(values, abs=1e-12), (method, item)
+        mean = tuple((per_item["a"][i] + per_item["b"][i]) / 2 for i in range(5))
+        assert tuple(res["methods"][method][k] for k in keys) == pytest.approx(mean, abs=1e-12), method
+    assert rows["a"]["single"]["answers"] == ["7", "2", "7"] and rows["b"]["majority"]["answers"] == ["1", "1", None]
+    for method, calls in (("single", 1), ("majority", 3), ("markovian_rsa", 6)):
+        m = res["methods"][method]
+        assert m["calls_per_problem"] == calls and m["totals"]["calls"] == 2 * 3 * calls
+        assert m["tokens_per_problem"] == 30 * calls and m["completion_tokens_per_problem"] == 20 * calls
+    assert "pass@1" in res["methods"]["single"] and "pass@2" not in res["methods"]["single"]
+    assert json.loads((tmp_path / "results.json").read_text())["methods"]["single"]["pass@3"] == 1.0
+    report = (tmp_path / "report.md").read_text()
+    assert "| avg@k | pass@1 | pass@3 | maj@k | pop_mean |" in report
+    assert "| single | 1 | - | - | - | 16 | 0.500 | 0.500 | 1.000 | 0.500 | 0.500 | 30 | 20 | 1 |" in report
+    assert "| majority | 3 | - | - | - | 16 | 0.333 | 0.333 | 0.500 | 0.500 | 0.333 | 90 | 60 | 3 |" in report
+    assert "| markovian_rsa | 3 | 2 | 1 | 8 | 16 | 0.667 | 0.667 | 1.000 | 1.000 | 0.500 | 180 | 120 | 6 |" in report
