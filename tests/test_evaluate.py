@@ -5,6 +5,7 @@ Run: .venv/bin/python -m pytest tests/test_evaluate.py
 """
 
 import json
+import sys
 from math import comb
 
 import pytest
@@ -41,7 +42,7 @@ def test_avg_and_maj_at_k_hand_values():
     assert maj_at_k(["1", "2", "2", "1"], [1, 0, 0, 1], k=1, trials=4000) == pytest.approx(0.5, abs=0.05)
 
 
-def test_load_jsonl_fields_and_suites(tmp_path):
+def test_load_jsonl_fields_and_suites(tmp_path, monkeypatch):
     f = tmp_path / "b.jsonl"
     f.write_text(json.dumps({"id": "a/1", "problem": "1+1?", "answer": 2}) + "\n"
                  + json.dumps({"id": "b", "problem": "2+2?", "answer": "4"}) + "\n")
@@ -52,8 +53,10 @@ def test_load_jsonl_fields_and_suites(tmp_path):
     assert load_benchmark(str(g), question_field="q", answer_field="gold", id_field="idx")[0].id == "3"
     with pytest.raises(ValueError, match="no question field"):
         load_benchmark(str(g))
+    monkeypatch.setitem(sys.modules, "datasets", None)     # without the optional `datasets` package installed
     with pytest.raises(ValueError, match="neither a suite"):
         load_benchmark(str(tmp_path / "missing.jsonl"))
+    monkeypatch.undo()
     suite = load_benchmark("envs:tiny")
     assert len(suite) == 4 and all(it.score(f"\\boxed{{{it.answer}}}") == 1.0 for it in suite)
     assert load_benchmark("envs:tiny")[0].question == suite[0].question            # fixed seeds
