@@ -155,6 +155,9 @@ def test_sample_hand_values():
     U = [[0.25, 0.25, 0.25, 0.25]]
     tok, _, samp = _sample([P] + U, [0.2, 0.99], min_p=0.5)
     assert tok == [2, 3] and torch.allclose(samp, torch.tensor([1 / 3, 1 / 4]).log())
+    Q = [0.375, 0.25, 0.25, 0.125]                                # the floor is per row: 0.6 * 3/8 here, not 0.6 * 1/2
+    tok, _, samp = _sample([P, Q], [0.99, 0.99], min_p=0.6)
+    assert tok == [3, 2] and torch.allclose(samp, torch.tensor([1.0, 2 / 7]).log())
     # top-k 2 keeps the two most likely (sorted: 1/2 then 1/4); top-p 1/2 keeps tokens whose mass before them is
     # below 1/2 (only the first)
     tok, _, samp = _sample([P, P], [0.5, 0.99], top_k=2)
