@@ -391,6 +391,9 @@ def test_resume_with_self_aggregation_equals_an_uninterrupted_run(tmp_path, monk
     monkeypatch.setattr(rl_loop.rl, "group_sample_seeds", lambda base_seed, group_size: list(range(group_size)))
     plain = _resume_config
     monkeypatch.setitem(globals(), "_resume_config",
-                        lambda tmp, name, steps: replace(plain(tmp, name, steps), ttc_fraction=0.5))
+                        lambda tmp, name, steps: replace(plain(tmp, name, steps), ttc_fraction=0.5,
+                                                         ttc_template="{question}|{candidates}", ttc_candidates=2,
+                                                         ttc_tail_tokens=8, samples_per_prompt=4,
+                                                         prompts_per_step=2))   # short prompts, few rollouts
     whole, rest = _whole_and_resumed(tmp_path)
     _assert_same_run(tmp_path, whole, rest)
