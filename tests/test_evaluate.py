@@ -224,3 +224,22 @@ def test_evaluate_metrics_equal_hand_values(tmp_path):
     assert "| single | 1 | - | - | - | 16 | 0.500 | 0.500 | 1.000 | 0.500 | 0.500 | 30 | 20 | 1 |" in report
     assert "| majority | 3 | - | - | - | 16 | 0.333 | 0.333 | 0.500 | 0.500 | 0.333 | 90 | 60 | 3 |" in report
     assert "| markovian_rsa | 3 | 2 | 1 | 8 | 16 | 0.667 | 0.667 | 1.000 | 1.000 | 0.500 | 180 | 120 | 6 |" in report
+
+
+def test_evaluate_defaults_errors_and_no_out_dir(tmp_path):
+    """One run per item by default, no files without out_dir, nested out_dir created, clear errors; majority gets
+    N x (T + 1) samples unless match_calls=False."""
+    from openzaya.evaluate import method_config
+
+    base = TTCConfig(population=3, candidates=2, rounds=1, tail_tokens=8, budget_tokens=16)
+    assert method_config(base, "majority").population == 6 and method_config(base, "majority", False).population == 3
+    assert method_config(base, "markovian_rsa").population == 3
+    items = [Item("a", "What is 3 + 4?", "7")]
+    res = evaluate(items, ScriptedByKey(), base, ["single"])
+    assert res["samples"] == 1 and res["methods"]["single"]["pass@1"] == 1.0 and "aggregation" not in res["methods"]["single"]
+    res = evaluate(items, ScriptedByKey(), base, ["single"], out_dir=tmp_path / "nested" / "out")
+    assert (tmp_path / "nested" / "out" / "results.json").exists()
+    with pytest.raises(ValueError, match="--samples must be >= 1, got 0"):
+        evaluate(items, ScriptedByKey(), base, ["single"], samples=0)
+    with pytest.raises(ValueError, match="empty benchmark"):
+        evaluate([], ScriptedByKey(), base, ["single"])
