@@ -243,3 +243,24 @@ def test_evaluate_defaults_errors_and_no_out_dir(tmp_path):
         evaluate(items, ScriptedByKey(), base, ["single"], samples=0)
     with pytest.raises(ValueError, match="empty benchmark"):
         evaluate([], ScriptedByKey(), base, ["single"])
+
+
+def test_metric_edges_defaults_and_errors(tmp_path):
+    assert avg_at_k([]) == 0.0
+    answers, correct = ["1", "2", "2", "1", "3"], [1, 0, 0, 1, 0]
+    # maj@k for k < n is a seeded Monte Carlo estimate: the defaults (1000 trials, seed 0) reproduce it exactly
+    assert maj_at_k(answers, correct, k=2) == maj_at_k(answers, correct, k=2, trials=1000, seed=0)
+    assert maj_at_k(answers, correct, k=2) != maj_at_k(answers, correct, k=2, trials=1000, seed=1)
+    with pytest.raises(ValueError, match=r"maj@k needs 1 <= k <= n, got k=6 n=5"):
+        maj_at_k(answers, correct, k=6)
+    with pytest.raises(ValueError, match=r"pass@k needs 0 <= c <= n and 1 <= k <= n, got n=3 c=1 k=4"):
+        pass_at_k(3, 1, 4)
+    # aggregation calls that each show one candidate (C = 1), all keeping an agreeing answer
+    recs = [{"type": "call", "key": "a", "extracted": "4", "reward": 1.0},
+            {"type": "call", "key": "b", "extracted": "5", "reward": 0.0},
+            {"type": "call", "key": "x", "extracted": "4", "reward": 1.0, "candidate_ids": ["a"]},
+            {"type": "call", "key": "y", "extracted": "5", "reward": 0.0, "candidate_ids": ["b"]}]
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    a = aggregation_diagnostics(path)
+    assert a["random_copy"] == 0.5 and a["agreeing_calls"] == 2 and a["keeps_agreeing_answer"] == 1.0
