@@ -336,6 +336,15 @@ def test_load_counts_keep_skip_apart_and_ignore_padding():
         real = route_BT[mask.bool()]
         expect = torch.bincount(torch.where(real < 0, E, real), minlength=E + 1).float()
         assert torch.equal(r.load_counts, expect) and expect[E] > 0 and r.load_counts.sum() == mask.sum()
+    first = [r.load_counts.clone() for r in model.routers()]
+    with torch.no_grad():                                   # a second micro-batch before the update: counts add up
+        model(ids[:2])
+    for r, c in zip(model.routers(), first):
+        assert r.load_counts.sum() == c.sum() + 2 * 12 and (r.load_counts >= c).all()
+    model.update_balancing_biases()
+    assert all(s["max_mean"] != s["max_mean"] and s["skip"] != s["skip"] for s in model.expert_load_stats())  # nan
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
     stats = model.expert_load_stats()
     for s, r in zip(stats, model.routers()):
         assert s["skip"] == pytest.approx(float(r.load_counts[E] / r.load_counts.sum()))
