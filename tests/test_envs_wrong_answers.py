@@ -28,8 +28,9 @@ ANY_VALID_SOLUTION = {
 }
 INVALID = "\\boxed{openzaya: not an answer}"
 
-# Scorers known to accept wrong answers: each has a strict-xfail test below; the full check leaves them out.
-KNOWN_BROKEN = {"rg/game_of_life_halting"}
+# Scorers known to accept wrong answers (none now: rg/game_of_life_halting is rescored in envs/rgym.py); the full
+# check leaves them out.
+KNOWN_BROKEN: set[str] = set()
 
 
 def perturb(answer: str) -> str:
@@ -154,9 +155,10 @@ def test_all_envs_reject_a_wrong_answer(envs):
     assert not failures, "\n".join(failures[:40])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reasoning-gym 0.1.25, GameOfLifeHaltingDataset.score_answer): it "
-                   "compares bool(answer) with bool(entry['answer']), both non-empty strings, so every non-empty "
-                   "answer scores 1; rg/game_of_life_halting should be dropped or rescored in openzaya/envs/rgym.py")
 def test_rg_game_of_life_halting_rejects_a_wrong_answer(envs):
+    """reasoning-gym 0.1.25's own GameOfLifeHaltingDataset.score_answer compares bool(answer) with
+    bool(entry['answer']) (any non-empty answer scored 1); openzaya/envs/rgym.py rescores it."""
     env = envs["rg/game_of_life_halting"]
     assert wrong_answer_failures(env, [0], (0, 1)) == []
+    p = env.generate(0, 0)
+    assert env.score(p, f"\\boxed{{{p.answer}}}").accuracy == 1.0
