@@ -431,9 +431,9 @@ def test_unencodable_text_is_400_on_every_route(server):
 
 
 def _metric(url, endpoint, code) -> int:
-    line = f'openzaya_requests_total{{endpoint="{endpoint}",code="{code}"}} '
+    line = f'openzaya_requests_total{{code="{code}",endpoint="{endpoint}"}} '   # prometheus_client sorts labels
     text = httpx.get(url + "/metrics").text
-    return next((int(x[len(line):]) for x in text.splitlines() if x.startswith(line)), 0)
+    return next((int(float(x[len(line):])) for x in text.splitlines() if x.startswith(line)), 0)
 
 
 def test_chunked_oversized_body_413_and_metrics_count_the_status_sent(server):
