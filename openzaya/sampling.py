@@ -18,7 +18,7 @@ The sampled token's `sampling_logprob` is its log-probability under the distribu
 
 What is off costs nothing: a batch where no row sets a bias or a penalty skips steps 2-3 (the logits reach step 4
 untouched, so outputs are bit-identical to a sampler without them), and the top-k alternatives are computed only
-when a row asks for them. Penalties need each slot's completion counts and prompt tokens: `PenaltyState`, allocated
+when a row asks for them. Penalties need each slot's completion counts and seen tokens: `PenaltyState`, allocated
 by the engine at the first request that sets one. A row with neutral values (r = 1, f = p = 0, no bias) in a batch
 with others that set them goes through steps 2-3 unchanged: x / 1, x * 1 and x - 0 are exact.
 
@@ -76,44 +76,49 @@ def sampling_batch(params: list, device, vocab_size: int) -> SamplingBatch:
 
 
 class PenaltyState:
-    """Per cache slot: how often each token occurs in the completion so far (counts_SV) and which tokens the prompt
-    holds (prompt_SV). [S, V] each: 20 MB for 16 slots at a 262K vocabulary, allocated only once a penalty is used."""
+    """Per cache slot: how often each token occurs in the completion so far (counts_SV) and which tokens occur in
+    the prompt or the completion (seen_SV). [S, V] each: 20 MB for 16 slots at a 262K vocabulary, allocated only
+    once a penalty is used."""
 
     def __init__(self, slots: int, vocab_size: int, device):
         self.counts_SV = torch.zeros(slots, vocab_size, device=device)
-        self.prompt_SV = torch.zeros(slots, vocab_size, dtype=torch.bool, device=device)
+        self.seen_SV = torch.zeros(slots, vocab_size, dtype=torch.bool, device=device)
 
     def reset(self, slot: int, prompt: list[int]):
         self.counts_SV[slot] = 0
-        self.prompt_SV[slot] = False
-        self.prompt_SV[slot, torch.tensor(prompt, device=self.prompt_SV.device)] = True
+        self.seen_SV[slot] = False
+        self.seen_SV[slot, torch.tensor(prompt, device=self.seen_SV.device)] = True
 
     def move(self, src: int, dst: int):
         self.counts_SV[dst] = self.counts_SV[src]
-        self.prompt_SV[dst] = self.prompt_SV[src]
+        self.seen_SV[dst] = self.seen_SV[src]
 
     def count(self, a: int, tok_B):
         """Rows a, a+1, ... produced tok_B."""
-        rows = self.counts_SV[a:a + tok_B.shape[0]]
-        rows.scatter_add_(1, tok_B[:, None], torch.ones(tok_B.shape[0], 1, device=rows.device))
+        b = a + tok_B.shape[0]
+        self.counts_SV[a:b].scatter_add_(1, tok_B[:, None], torch.ones(tok_B.shape[0], 1, device=tok_B.device))
+        self.seen_SV[a:b].scatter_(1, tok_B[:, None], True)
 
     def rows(self, a: int, b: int) -> tuple:
-        return self.counts_SV[a:b], self.prompt_SV[a:b]
+        return self.counts_SV[a:b], self.seen_SV[a:b]
 
 
 def adjust_logits(logits_BV, sb: SamplingBatch, history: tuple | None):
-    """Steps 2-3: logit_bias, then the penalties. `history` = (counts_BV, prompt_BV) of the rows (for penalties)."""
+    """Steps 2-3: logit_bias, then the penalties. `history` = (counts_BV, seen_BV) of the rows (for penalties).
+    Penalties touch only the tokens a row has seen (N pairs, a few thousand at most against B x V), so they are
+    computed on those alone: one pass over seen_BV to find them, then gather, adjust, scatter."""
     x_BV = logits_BV.clone()
     if sb.bias is not None:
         row_N, token_N, value_N = sb.bias
         x_BV.index_put_((row_N, token_N), value_N, accumulate=True)
     if sb.penalties is not None:
         rep_B, freq_B, pres_B = sb.penalties
-        counts_BV, prompt_BV = history
-        seen_BV = prompt_BV | (counts_BV > 0)
-        rep_BV = torch.where(seen_BV, rep_B[:, None], 1.0)
-        x_BV = torch.where(x_BV > 0, x_BV / rep_BV, x_BV * rep_BV)
-        x_BV = x_BV - freq_B[:, None] * counts_BV - pres_B[:, None] * (counts_BV > 0)
+        counts_BV, seen_BV = history
+        row_N, token_N = seen_BV.nonzero(as_tuple=True)
+        x_N, c_N = x_BV[row_N, token_N], counts_BV[row_N, token_N]
+        rep_N = rep_B[row_N]
+        x_N = torch.where(x_N > 0, x_N / rep_N, x_N * rep_N)
+        x_BV[row_N, token_N] = x_N - freq_B[row_N] * c_N - pres_B[row_N] * (c_N > 0)
     return x_BV
 
 
