@@ -307,8 +307,9 @@ def _extreme_bodies(spec: dict, route: str, base: dict, rng) -> list[tuple[str, 
                                                                                         [int(hi) + 1])
         for v in edges + ALWAYS + rng.sample(EXTREMES, 2):
             body = json.loads(json.dumps(base))
-            if path[0] == "ttc":
+            if path[0] == "ttc":   # without max_tokens, which a ttc run refuses (its budget is beta)
                 body["ttc"] = {"method": "markovian_rsa", "n": 2, "c": 1, "t": 1, "tau": 2, "beta": 4}
+                body.pop("max_tokens")
             value = RAW.get(v, v) if isinstance(v, str) else v
             for key in reversed(path[1:]):   # the value nested along the path (index 0 = a one-element list)
                 value = [value] if key == 0 else {key: value}
