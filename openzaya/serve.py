@@ -69,7 +69,8 @@ from .http_guard import GuardMiddleware, error_response, http_protocol
 from .openai_format import SSE_DONE, APIError, ChoiceStream, Reply, sse, usage
 from .protocol import ChatBody, CompletionBody, DetokenizeBody, Message, TokenizeBody, UpdateWeightsBody, refusal
 from . import package_version
-from .scheduler import METRICS_CONTENT_TYPE, Job, Metrics, Scheduler, SchedulerBackend, SchedulerError, collect, wait_jobs
+from .scheduler import (METRICS_CONTENT_TYPE, Job, Metrics, Scheduler, SchedulerBackend, SchedulerError, collect,
+                        wait_jobs)
 from .tokenizer import Tokenizer, eos_union, split_reasoning
 from .ttc import ProblemResult, Run, TTCConfig, TTCProblem, arun
 

@@ -12,7 +12,6 @@ log-likelihood lm-eval logs equals the plain forward pass's.
 Run: .venv/bin/python -m pytest tests/test_lm_eval.py
 """
 
-import asyncio
 import json
 
 import pytest
