@@ -300,11 +300,16 @@ def add_serve(sub):
     p.add_argument("--served-model-name", default=None, help="model id (default: the directory's name)")
     p.add_argument("--enable-weight-updates", action="store_true",
                    help="serve POST /update_weights_from_disk {model_path} (RL trainers push new policies)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when torch sees one) | cpu | cuda[:N]")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights and compute (auto = the checkpoint's)")
+    p.add_argument("--chat-template", default=None, help="a Jinja file (or the template itself) replacing the "
+                                                         "tokenizer's chat template")
     p.add_argument("--threads", type=int, default=-1, help="torch threads (-1 = torch default)")
-    # Engine
-    p.add_argument("--max-slots", type=int, default=16, help="sequences decoded together")
-    p.add_argument("--max-len", type=int, default=-1, help="positions per slot (-1 = min(context, 4096))")
+    # Engine (vLLM's names are aliases)
+    p.add_argument("--max-slots", "--max-num-seqs", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-len", "--max-model-len", type=int, default=-1,
+                   help="positions per slot (-1 = min(context, 4096))")
     p.add_argument("--expert-cache-gb", type=float, default=-1,
                    help="offload the experts, keep a cache of this many GiB (-1 = all resident; offload.py)")
     p.add_argument("--compile", action="store_true",
@@ -521,7 +526,10 @@ def _add_debug(parser: argparse.ArgumentParser, default=False):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from openzaya import package_version
+
     parser = Parser(prog="openzaya", description="ZAYA1 MoE++ models, training and Markovian RSA")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in [add_envs, add_solve, add_eval, add_serve, add_rl, add_pretrain, add_sft,
                 add_speedrun, add_plan]:

@@ -28,7 +28,16 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .openai_format import APIError
 from .scheduler import Metrics
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")   # others: "other"
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/version",
+             "/tokenize", "/detokenize", "/tokenizer_info")   # and /v1/models/{id}; others: "other"
+LATENCY_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+
+
+def endpoint_label(path: str) -> str:
+    """The endpoint label of a path in the metrics (a bounded set: an id in a path is not a label value)."""
+    if path in ENDPOINTS:
+        return path
+    return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
 
 
 async def read_body(receive, max_bytes: int, timeout_s: float) -> bytes | int:
@@ -87,7 +96,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, cfg = scope.get("path", ""), self.cfg
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = endpoint_label(path)
         t0 = time.perf_counter()
         status = [0]
 
@@ -126,8 +135,8 @@ class GuardMiddleware:
             raise
         finally:
             self.metrics.count_request(endpoint, status[0] or 499)
-            if endpoint.startswith("/v1/") and endpoint != "/v1/models":
-                self.metrics.observe("openzaya_request_latency_seconds", endpoint, time.perf_counter() - t0)
+            if endpoint in LATENCY_ENDPOINTS:
+                self.metrics.observe_latency(endpoint, time.perf_counter() - t0)
 
 
 class TimedH11Protocol(H11Protocol):

@@ -237,7 +237,7 @@ def test_rollouts_through_an_openai_server_with_weight_sync(tmp_path):
     trained = res["model"].state_dict()
     for k, v in srv.engine.model.state_dict().items():
         assert torch.equal(v, trained[k]), k                   # the server runs the trainer's final policy
-    assert 'openzaya_requests_total{endpoint="/v1/chat/completions",code="200"}' in served, served[:2000]
+    assert 'openzaya_requests_total{code="200",endpoint="/v1/chat/completions"}' in served, served[:2000]
     assert all(m["stale_max"] <= 2 for m in res["metrics"])
     fresh = [m["mismatch"] for m in res["metrics"] if m["stale_max"] == 0]
     assert fresh and max(fresh) < 1e-4     # samples of the trainer's current weights: the server's logprobs = ours
