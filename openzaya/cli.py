@@ -185,7 +185,9 @@ def add_serve(sub):
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
     p.add_argument("--served-model-name", default=None, help="model id (default: the directory's name)")
     p.add_argument("--enable-weight-updates", action="store_true",
-                   help="serve POST /update_weights_from_disk {model_path} (RL trainers push new policies)")
+                   help="RL trainers push new policies (from disk or by broadcast; vLLM's RL API, serve_rl.py)")
+    p.add_argument("--enable-return-routed-experts", action="store_true",
+                   help="requests may ask for routed_experts (RL router replay)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=-1, help="torch threads (-1 = torch default)")
     # Engine
