@@ -241,12 +241,25 @@ def add_rl(sub):
     p.add_argument("--rollout-workers", type=int, default=None, help="worker processes (0 = inline)")
     p.add_argument("--max-staleness", type=int, default=None, help="max policy versions a sample may lag")
     p.add_argument("--sync-every", type=int, default=None, help="push weights every k trainer steps")
-    p.add_argument("--server-url", default=None, help="OpenAI-compatible server for rollouts (see rl_loop docs)")
-    p.add_argument("--server-model", default=None, help="the server's model id (default: first of /v1/models)")
+    p.add_argument("--server-url", action="append", default=None,
+                   help="inference server for rollouts (openzaya serve --enable-weight-updates, vLLM); repeatable")
+    p.add_argument("--server-file", default=None, help="a file listing server URLs, one per line")
+    p.add_argument("--server-model", default=None, help="the servers' model id (default: first of /v1/models)")
+    p.add_argument("--weight-sync", default=None, choices=["disk", "broadcast"],
+                   help="how new weights reach the servers (default disk: a checkpoint each reloads)")
+    p.add_argument("--probe-tolerance", type=float, default=None,
+                   help="mean |logprob difference| of the probe that verifies each push (default 0.05)")
     p.add_argument("--no-server-reload", action="store_true",
-                   help="do not POST update_weights_from_disk after each publish (reload the server yourself)")
+                   help="do not push weights to the servers (reload them yourself from <out>/policy_sync; unverified)")
+    p.add_argument("--reward-workers", type=int, default=None, help="threads scoring groups as they arrive (0 = none)")
+    # Trainer (torchrun for several ranks)
+    p.add_argument("--device", default=None, help="auto (default: CUDA when present) | cpu | cuda")
+    p.add_argument("--dp-shard", type=int, default=None, help="torchrun: FSDP2 shard degree (-1 = all ranks)")
+    p.add_argument("--ep", type=int, default=None, help="torchrun: expert-parallel degree")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="--resume even when the run was saved with other settings")
     p.set_defaults(func=_rl)
 
 
