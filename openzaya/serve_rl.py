@@ -69,12 +69,14 @@ class WeightState:
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    @field_validator("*")
+    @field_validator("*", mode="before")
     @classmethod
     def _encodable(cls, v):
         for s in v if isinstance(v, list) else [v]:
-            if isinstance(s, str):
-                s.encode()           # a lone surrogate raises UnicodeEncodeError, a ValueError: 400
+            try:
+                s.encode() if isinstance(s, str) else None
+            except UnicodeEncodeError as e:   # a lone surrogate (JSON can carry one as an escape): 400
+                raise ValueError(f"text is not valid Unicode (a lone surrogate at character {e.start})") from None
         return v
 
 
