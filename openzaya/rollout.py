@@ -310,6 +310,8 @@ class ServerPool:
                 print(f"rollouts: push of version {version} to {s.url} failed ({e}); marked down", flush=True)
                 s.healthy = False
                 continue
+            if not s.healthy:
+                print(f"rollouts: {s.url} re-admitted at policy version {version}", flush=True)
             s.healthy, s.version = True, version
             s.pushed.append(version)
             self.log.append({"server": s.url, "version": version, "push_s": push_s, "probe_diff": diff})

@@ -53,9 +53,11 @@ def greedy(server, prompt="hello", n_tokens=6) -> list[int]:
 
 
 class Served(ServerThread):
-    def __init__(self, model_dir, **cfg):
+    """`openzaya serve --enable-weight-updates` of `model_dir` in a thread (tests/test_rl_scale.py uses it too)."""
+
+    def __init__(self, model_dir, port: int = 0, **cfg):
         self.app = load_app(model_dir, ServeConfig(max_slots=4, max_len=128, weight_updates=True, **cfg))
-        super().__init__(self.app)
+        super().__init__(self.app, port=port)
 
     def weights(self):
         return {k: v.clone() for k, v in self.app.state.srv.engine.model.state_dict().items()}
