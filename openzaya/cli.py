@@ -377,7 +377,7 @@ def add_speedrun(sub):
     p.add_argument("--rl-steps", type=int, default=None, help="optimizer steps per RL stage")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="auto (default: CUDA when present) | cpu | cuda; RL stays on the CPU")
+    p.add_argument("--device", default=None, help="auto (default: CUDA when present) | cpu | cuda")
     p.set_defaults(func=_speedrun)
 
 

@@ -7,10 +7,10 @@ SGLang's disk endpoint:
 - `POST /update_weights_from_disk {"model_path", "weight_version"?}` (SGLang) and `POST /collective_rpc
   {"method": "reload_weights", "kwargs": {"weights_path"}}` (the one worker method vLLM's RL trainers call through
   its dev-mode collective_rpc): load a checkpoint directory in the native layout.
-- `POST /init_weight_transfer_engine {"init_info": {master_address, master_port, rank_offset, world_size}}`, then per
-  version `POST /update_weights {"update_info": {names, dtype_names, shapes, packed}}` (receives each tensor by
-  broadcast from the trainer, transfer.py) and `POST /finish_weight_update {"weight_version"}`;
-  `POST /start_weight_update` is accepted (nothing to prepare here).
+- `POST /init_weight_transfer_engine {"init_info": {master_address, master_port | nccl_unique_id_b64, rank_offset,
+  world_size}}` (transfer.py: gloo on a CPU server, NCCL on a CUDA one), then per version `POST
+  /start_weight_update` (nothing to prepare here), `POST /update_weights {"update_info": {names, dtype_names, shapes,
+  packed}}` (receives each tensor by broadcast from the trainer) and `POST /finish_weight_update {"weight_version"}`.
 - `POST /pause?mode=keep|abort|wait`, `POST /resume`, `GET /is_paused`: hold decoding (keep), fail what is in flight
   (abort), or wait for it to finish, then hold. openzaya swaps weights between two engine steps, so a trainer need not
   pause it; vLLM loads in place and must be paused.
@@ -31,6 +31,7 @@ serialised (one at a time).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import stat
 from dataclasses import dataclass, field
@@ -92,8 +93,10 @@ class RPCBody(_Body):
 
 
 class InitInfo(_Body):
-    master_address: str = Field(..., min_length=1, max_length=255)
-    master_port: int = Field(..., ge=1, le=65535)
+    """vLLM's NCCL init info: a store to meet at (master_address + master_port), or (CUDA) the NCCL unique id."""
+    master_address: str | None = Field(None, min_length=1, max_length=255)
+    master_port: int | None = Field(None, ge=1, le=65535)
+    nccl_unique_id_b64: str | None = Field(None, max_length=256)
     rank_offset: int = Field(1, ge=1, le=4096)
     world_size: int = Field(..., ge=2, le=4097)
 
@@ -262,13 +265,21 @@ async def init_weight_transfer_engine(body: InitBody, request: HTTPRequest):
     srv, info = _srv(request), body.init_info
     if info.rank_offset >= info.world_size:
         raise APIError(400, f"rank_offset {info.rank_offset} must be below world_size {info.world_size}")
+    device = next(srv.engine.model.parameters()).device
+    store = info.master_address is not None and info.master_port is not None
+    if store == (info.nccl_unique_id_b64 is not None) or (not store and device.type != "cuda"):
+        raise APIError(400, "init_info needs master_address + master_port, or (a CUDA server) nccl_unique_id_b64, "
+                            "not both", param="init_info")
+    try:
+        uid = None if store else base64.b64decode(info.nccl_unique_id_b64, validate=True)
+    except ValueError:
+        raise APIError(400, "nccl_unique_id_b64 is not base64", param="init_info") from None
     async with srv.rl.lock:
         if srv.rl.group is not None:
             srv.rl.group.close()
             srv.rl.group = None
-        device = next(srv.engine.model.parameters()).device
         srv.rl.group = await _off_thread(srv, lambda: TransferGroup(
-            info.master_address, info.master_port, info.rank_offset, info.world_size, device,
+            info.rank_offset, info.world_size, device, info.master_address, info.master_port, unique_id=uid,
             timeout_s=min(srv.cfg.request_timeout_s, 300.0)), "cannot join the weight-transfer group")
     return {"message": "Weight transfer initialized"}
 

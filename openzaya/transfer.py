@@ -1,21 +1,23 @@
 """The weight-transfer group between an RL trainer (rank 0) and inference servers (ranks 1..), joined the way vLLM's
 NCCL weight-transfer engine joins, so the same trainer code pushes weights to `openzaya serve` and to vLLM.
 
-Followed (vLLM source read at commit 15aac33e, the 0.34 line: `distributed/weight_transfer/nccl_engine.py`,
-`distributed/utils.py` StatelessProcessGroup, `device_communicators/pynccl.py`):
-- rank 0 (the trainer) hosts a torch TCPStore at (master_address, master_port), `use_libuv=False`; every server
-  worker connects to it as rank `rank_offset + worker index` of `world_size`;
-- CUDA tensors go over NCCL: rank 0 draws an ncclUniqueId and sets it in the store under `broadcast_from/0/0`,
-  pickled as vLLM's `ncclUniqueId` (StatelessProcessGroup.broadcast_obj; `unique_id_pickle` writes those exact
-  bytes without importing vLLM), every rank calls ncclCommInitRank, then all-reduces a one-element zero tensor
-  (PyNcclCommunicator's warm-up); each weight is then one ncclBroadcast from rank 0, in the order of the update's
-  `names` (the engine's unpacked mode);
-- CPU tensors (openzaya serve on a CPU, and the tests) go over a gloo process group on the same store (vLLM's
-  TorchDistTransport does the same on platforms without NCCL).
-NCCL is reached through ctypes (`libnccl.so.2`, loaded by CUDA builds of torch) because the trainer cannot import vLLM
-(it pins another torch). Simplified: unpacked broadcasts only (vLLM's `packed` mode batches small tensors).
+Followed (vLLM source, the 0.30-0.34 line: `distributed/weight_transfer/nccl_engine.py` and `nccl_common.py`,
+`distributed/utils.py` StatelessProcessGroup, `device_communicators/pynccl.py`). vLLM's init info names one of two
+rendezvous modes:
+- `nccl_unique_id_b64` (CUDA; what this trainer uses, vLLM's mode for trainers that do not run vLLM): the trainer
+  draws an ncclUniqueId, sends its 128 bytes in standard base64, and every rank enters ncclCommInitRank at once
+  (there is no store to wait on), then all-reduces a one-element zero tensor (PyNcclCommunicator's warm-up);
+- `master_address` + `master_port`: rank 0 hosts a torch TCPStore (`use_libuv=False`) and the others connect. On
+  CUDA rank 0 then sets the unique id under `broadcast_from/0/0`, pickled as vLLM's `ncclUniqueId`
+  (StatelessProcessGroup.broadcast_obj; `unique_id_pickle` writes those bytes without importing vLLM, and
+  `unique_id_from_pickle` reads them without it). On the CPU (openzaya serve on a CPU, and the tests) the group is
+  gloo over that store, as vLLM's TorchDistTransport does on platforms without NCCL.
+Each weight is then one broadcast from rank 0, in the order of the update's `names` (the engine's unpacked mode).
+NCCL is reached through ctypes (`libnccl.so.2`, loaded by CUDA builds of torch) because the trainer cannot import
+vLLM (it pins another torch). Simplified: unpacked broadcasts only (vLLM's `packed` mode batches small tensors).
 NOTE: the NCCL path has not run here (no GPU on the machine this was written on; NCCL also refuses two ranks on one
-GPU, so a trainer and a server need a GPU each). The gloo path is tested end to end (tests/test_rl_scale.py).
+GPU, so a trainer and a server need a GPU each). The gloo path is tested end to end (tests/test_rl_scale.py), the
+pickled id against a stand-in of vLLM's class (tests/test_serve_rl.py).
 """
 
 from __future__ import annotations
@@ -133,32 +135,36 @@ def address_towards(url_host: str) -> str:
 
 
 class TransferGroup:
-    """One weight-transfer group. Rank 0 passes the listening socket it told the servers about (`listen_socket`);
-    the constructor returns once every rank joined (both ends block in it). `broadcast` sends (rank 0) or fills
-    (other ranks) one tensor; its device picks NCCL (CUDA) or gloo (CPU), the same on every rank."""
+    """One weight-transfer group of `world_size` ranks; the constructor returns once every rank joined (all block in
+    it). CPU: gloo over rank 0's store at (`master_address`, `master_port`); rank 0 passes the listening socket it
+    told the servers about (`listen_socket`). CUDA: NCCL, from `unique_id` (the 128 bytes of vLLM's
+    nccl_unique_id_b64) or else through the store. `broadcast` sends (rank 0) or fills (the others) one tensor."""
 
-    def __init__(self, master_address: str, master_port: int, rank: int, world_size: int, device: torch.device,
-                 sock: socket.socket | None = None, timeout_s: float = 300.0):
+    def __init__(self, rank: int, world_size: int, device: torch.device, master_address: str | None = None,
+                 master_port: int | None = None, sock: socket.socket | None = None, unique_id: bytes | None = None,
+                 timeout_s: float = 300.0):
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        fd = sock.detach() if sock is not None else None       # the store's daemon owns the listener from here on
-        self.store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timedelta(seconds=timeout_s),
-                                   master_listen_fd=fd, use_libuv=False)
-        self.nccl = self.comm = self.pg = None
-        if self.device.type == "cuda":
-            self.nccl = _Nccl()
-            if rank == 0:
-                raw = self.nccl.unique_id()
-                self.store.set(UNIQUE_ID_KEY, unique_id_pickle(raw))
-            else:
-                raw = unique_id_from_pickle(self.store.get(UNIQUE_ID_KEY))
-            with torch.cuda.device(self.device):
-                self.comm = self.nccl.init_rank(world_size, raw, rank)
-                warm = torch.zeros(1, device=self.device)
-                self.nccl.all_reduce_sum(warm, self.comm)
-                torch.cuda.current_stream(self.device).synchronize()
-        else:
+        self.nccl = self.comm = self.pg = self.store = None
+        if unique_id is None:
+            fd = sock.detach() if sock is not None else None       # the store's daemon owns the listener from here on
+            self.store = dist.TCPStore(master_address, master_port, world_size, rank == 0,
+                                       timedelta(seconds=timeout_s), master_listen_fd=fd, use_libuv=False)
+        if self.device.type != "cuda":
+            assert self.store is not None, "a CPU transfer group needs master_address and master_port (gloo)"
             self.pg = dist.ProcessGroupGloo(dist.PrefixStore("openzaya-transfer", self.store), rank, world_size,
                                             timedelta(seconds=timeout_s))
+            return
+        self.nccl = _Nccl()
+        if unique_id is None and rank == 0:
+            unique_id = self.nccl.unique_id()
+            self.store.set(UNIQUE_ID_KEY, unique_id_pickle(unique_id))
+        elif unique_id is None:
+            unique_id = unique_id_from_pickle(self.store.get(UNIQUE_ID_KEY))
+        with torch.cuda.device(self.device):
+            self.comm = self.nccl.init_rank(world_size, unique_id, rank)
+            warm = torch.zeros(1, device=self.device)
+            self.nccl.all_reduce_sum(warm, self.comm)
+            torch.cuda.current_stream(self.device).synchronize()
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's `t` into every rank's `t` (contiguous, on this group's device)."""

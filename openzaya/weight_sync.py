@@ -8,9 +8,10 @@ Two ways to push (`--weight-sync`):
   (its worker method, served in dev mode: VLLM_SERVER_DEV_MODE=1), is told the version (/update_weight_version) and
   resumed, as NeMo-RL's remote-vLLM synchronizer does.
 - `broadcast`: vLLM's weight-transfer protocol. Once per server, POST /init_weight_transfer_engine while the trainer
-  hosts the group's store (transfer.py: rank 0 = trainer, rank 1 = the server); then per version POST
-  /update_weights {names, dtype_names, shapes} while the trainer broadcasts each tensor in that order, and POST
-  /finish_weight_update {weight_version}. vLLM loads in place, so it is paused around the update (mode "keep");
+  joins the same group (transfer.py: rank 0 = trainer, rank 1 = the server; NCCL by unique id on CUDA, gloo by a
+  store the trainer hosts on the CPU); then per version POST /start_weight_update, POST /update_weights {names,
+  dtype_names, shapes} while the trainer broadcasts each tensor in that order, and POST /finish_weight_update
+  {weight_version}. vLLM loads in place, so it is paused around the update (mode "keep");
   openzaya stages the tensors and swaps between two engine steps, so it keeps serving.
   One two-rank group per server: a dead server breaks only its own group, and a restarted one gets a new group
   (the trainer sends K copies; one group over the whole fleet would send one).
@@ -23,6 +24,7 @@ Names sent are the checkpoint's (`checkpoint.state_for_saving`), which vLLM's ZA
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,14 +122,22 @@ class BroadcastSync:
                         for k, v in state_for_saving(plain).items()}
 
     def join(self, client: httpx.Client, s: Server):
-        """A new two-rank group with `s` (rank 0 = this trainer, hosting the store)."""
-        host = address_towards(urlparse(s.url).hostname)
-        sock = listen_socket(host)
-        info = {"master_address": host, "master_port": sock.getsockname()[1], "rank_offset": 1, "world_size": 2}
+        """A new two-rank group with `s`, this trainer rank 0: on CUDA by an NCCL unique id the trainer draws
+        (vLLM's nccl_unique_id_b64 mode), on the CPU by a store the trainer hosts (gloo)."""
+        info, kw = {"rank_offset": 1, "world_size": 2}, {}
+        if self.device.type == "cuda":
+            from .transfer import _Nccl
+            kw["unique_id"] = _Nccl().unique_id()
+            info["nccl_unique_id_b64"] = base64.b64encode(kw["unique_id"]).decode()
+        else:
+            host = address_towards(urlparse(s.url).hostname)
+            kw["sock"] = listen_socket(host)
+            kw.update(master_address=host, master_port=kw["sock"].getsockname()[1])
+            info.update(master_address=host, master_port=kw["master_port"])
         call = self.pool.submit(client.post, s.url + "/init_weight_transfer_engine", json={"init_info": info},
                                 timeout=SYNC_TIMEOUT_S)
         try:
-            s.group = TransferGroup(host, info["master_port"], 0, 2, self.device, sock=sock, timeout_s=120)
+            s.group = TransferGroup(0, 2, self.device, timeout_s=120, **kw)
         finally:
             _ok(call.result(), "init_weight_transfer_engine", s)
 
@@ -136,6 +146,7 @@ class BroadcastSync:
             self.join(client, s)
         if s.kind == "vllm":
             _ok(client.post(s.url + "/pause", params={"mode": "keep"}), "pause", s)
+        _ok(client.post(s.url + "/start_weight_update"), "start_weight_update", s)
         names = list(self.tensors)
         info = {"names": names, "dtype_names": [str(self.tensors[k].dtype).removeprefix("torch.") for k in names],
                 "shapes": [list(self.tensors[k].shape) for k in names], "packed": False}

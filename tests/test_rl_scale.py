@@ -231,9 +231,13 @@ def test_server_sigkill_readmission_and_trainer_sigkill_resume(tmp_path):
     from its last checkpoint to the end: every step once in metrics.jsonl, the servers on the final version."""
     init = init_dir(tmp_path / "init")
     servers = [ServeProcess(init, _free_port(), tmp_path / f"serve{i}.log").start() for i in range(2)]
-    out, steps = tmp_path / "run", 14
+    out, steps = tmp_path / "run", 30
     cfg = {"steps": steps, "save_every": 3, "server_url": [s.url for s in servers], "probe_tolerance": 1e-3}
     metrics = out / "metrics.jsonl"
+
+    def readmitted(after: int) -> list[int]:
+        return [r["step"] for r in _rows(metrics) if r["step"] > after
+                and servers[1].url in [p["server"] for p in r["pushes"]]]
     try:
         proc = trainer(out, cfg, init)
         while len(_rows(metrics)) < 2 and proc.poll() is None:
@@ -242,13 +246,14 @@ def test_server_sigkill_readmission_and_trainer_sigkill_resume(tmp_path):
         killed_at = len(_rows(metrics))
         while len(_rows(metrics)) < killed_at + 2 and proc.poll() is None:
             time.sleep(0.1)
+        assert not readmitted(killed_at + 1)                    # down: no version reached it
         servers[1].start()
-        while len(_rows(metrics)) < killed_at + 5 and proc.poll() is None:
+        while not readmitted(killed_at + 1) and proc.poll() is None:
             time.sleep(0.1)
-        readmitted = [r["step"] for r in _rows(metrics) if r["step"] > killed_at + 1
-                      and servers[1].url in [p["server"] for p in r["pushes"]]]
-        assert readmitted, _rows(metrics)
-        while not (out / "ckpt" / "dcp").exists() or len(_rows(metrics)) < 9:
+        back = readmitted(killed_at + 1)
+        assert back, _rows(metrics)
+        assert all(servers[1].url in [p["server"] for p in r["pushes"]] for r in _rows(metrics) if r["step"] > back[0])
+        while not (out / "ckpt" / "dcp").exists() or len(_rows(metrics)) < back[0] + 4:
             assert proc.poll() is None, (tmp_path / "run.log").read_text()[-4000:]
             time.sleep(0.05)
         for pid in _children(proc.pid):

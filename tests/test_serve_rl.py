@@ -205,7 +205,7 @@ def join(served) -> transfer.TransferGroup:
     th = threading.Thread(target=lambda: out.setdefault("r", httpx.post(
         served.url + "/init_weight_transfer_engine", json={"init_info": info}, timeout=60)))
     th.start()
-    group = transfer.TransferGroup("127.0.0.1", info["master_port"], 0, 2, torch.device("cpu"), sock=sock)
+    group = transfer.TransferGroup(0, 2, torch.device("cpu"), "127.0.0.1", info["master_port"], sock=sock)
     th.join()
     assert out["r"].status_code == 200, out["r"].text
     return group
@@ -228,6 +228,11 @@ def broadcast_update(served, group, tensors: dict) -> httpx.Response:
 def test_broadcast_updates_follow_vllms_protocol(served, tmp_path):
     new = random_model(tiny_config(vocab_size=264, bos_token_id=1, eos_token_id=2, pad_token_id=0), seed=5)
     tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state_for_saving(new).items()}
+    for info in ({"world_size": 2}, {"world_size": 2, "nccl_unique_id_b64": "AAAA"},          # CPU server: a store
+                 {"world_size": 2, "master_address": "127.0.0.1", "master_port": 1, "rank_offset": 2}):
+        assert httpx.post(served.url + "/init_weight_transfer_engine", json={"init_info": info}).status_code == 400
+    assert httpx.post(served.url + "/update_weights", json={"update_info": {"names": ["model.norm.weight"],
+                      "dtype_names": ["float32"], "shapes": [[32]]}}).status_code == 400      # no group yet
     group = join(served)
     before, out_before = served.weights(), greedy(served)
     names = list(tensors)
