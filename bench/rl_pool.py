@@ -51,6 +51,7 @@ parser.add_argument("--preset", default="nano")
 parser.add_argument("--device", default="cpu", help="the trainer's device")
 parser.add_argument("--server-device", default="cpu")
 parser.add_argument("--server-threads", type=int, default=1)
+parser.add_argument("--spread-gpus", action="store_true", help="server i on GPU i + 1 (the trainer keeps GPU 0)")
 parser.add_argument("--prompts-per-step", type=int, default=4)
 parser.add_argument("--samples-per-prompt", type=int, default=8)
 parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -59,7 +60,6 @@ parser.add_argument("--out", default="runs/bench/rl_pool.json")
 args = parser.parse_args()
 work = Path(args.out).with_suffix("")
 work.mkdir(parents=True, exist_ok=True)
-VENV = Path(sys.executable).parent
 
 # ---- the initial policy
 tok = train_bpe(["hello world 123"], vocab_size=264)
@@ -79,10 +79,14 @@ def free_port() -> int:
 
 def start_server(i: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.server_threads), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([str(VENV / "openzaya"), "serve", "--model", str(init), "--port", str(port),
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.server_threads),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if args.spread_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(i + 1)
+    proc = subprocess.Popen([sys.executable, "-m", "openzaya.cli", "serve", "--model", str(init), "--port", str(port),
                              "--device", args.server_device, "--threads", str(args.server_threads),
-                             "--max-slots", str(args.prompts_per_step * args.samples_per_prompt * 2), "--max-len", "256",
+                             "--max-slots", str(args.prompts_per_step * args.samples_per_prompt * 2),
+                             "--max-len", "256",
                              "--enable-weight-updates", "--enable-return-routed-experts"],
                             env=env, stdout=open(work / f"serve{i}.log", "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -130,7 +134,8 @@ for spec in args.runs.split(","):
     n, sync = spec.split(":")
     results.append(one_run(int(n), sync))
     r = results[-1]
-    print(f"{r['servers']} server(s) {r['sync']:9s} | rollout tok/s {r['rollout_tok_s']:7.1f} | push {r['push_s_mean']:.3f} s "
+    print(f"{r['servers']} server(s) {r['sync']:9s} | rollout tok/s {r['rollout_tok_s']:7.1f} | "
+          f"push {r['push_s_mean']:.3f} s "
           f"(max {r['push_s_max']:.3f}, {r['pushes']} pushes) | probe diff max {r['probe_diff_max']:.1e} | mismatch "
           f"fresh {r['mismatch_fresh_mean'] if r['mismatch_fresh_mean'] is not None else float('nan'):.1e} / max "
           f"{r['mismatch_fresh_max'] if r['mismatch_fresh_max'] is not None else float('nan'):.1e}, all steps "

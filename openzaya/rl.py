@@ -1,6 +1,6 @@
 """The ZAYA1 RL spine as small pure functions: group sampling, advantages, trust regions, loss aggregation, dynamic
-sampling, the length reward, the LZ77 repetition canary and router-replay plumbing (TR §IV-B/D/E, Table IV;
-spec training-recipe.md §2, §4, §5, §6). The loop that uses them is `rl_loop.py`.
+sampling, the length reward, the LZ77 repetition canary and router-replay plumbing, server-returned routes included
+(TR §IV-B/D/E, Table IV; spec training-recipe.md §2, §4, §5, §6). The loop that uses them is `rl_loop.py`.
 
 One function per algorithm (house style): the loop picks functions, no `loss_type` string switch in here.
 
@@ -15,6 +15,9 @@ Our readings where the report is silent (each also noted at the function):
   the importance-weighted policy gradient ratio * A (the ratio's gradient is ratio * grad log pi).
 - Length reward: l_min = the shortest correct response in the group, l_max = the response budget, T_l = 10% of
   (l_max - l_min), T_acc = 0.1 (all unpublished).
+- Routes from vLLM: it reports a skip-class token as expert 0 (weight 0) and returns only ids, so its 0 is "expert 0
+  or skip" (model.ZERO_OR_SKIP) and the trainer's router, replaying every other choice, picks the one of the two it
+  scores higher; with the routing upstream replayed, that is the server's own choice up to float rounding.
 - LZ77 canary: chunk = 1024 raw bytes (unpublished), ratio = compressed bytes / raw bytes of the chunk, one
   compressor across chunks (so repetition of earlier chunks within the 1 KB window also compresses); a trailing
   chunk shorter than half a chunk is not judged (its flush overhead and size make the ratio meaningless).

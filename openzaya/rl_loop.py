@@ -293,7 +293,7 @@ def open_feed(cfg: RLConfig, pol, envs: dict, source: ProblemSource) -> Feed:
     urls, max_len = server_urls(cfg), cfg.max_prompt_tokens + cfg.max_new_tokens + 8
     assert urls or pol.world == 1, "several trainer ranks need inference servers for rollouts (--server-url)"
     if urls:
-        assert cfg.weight_sync in ("disk", "broadcast"), f"weight_sync must be disk or broadcast, got {cfg.weight_sync!r}"
+        assert cfg.weight_sync in ("disk", "broadcast"), f"weight_sync: disk or broadcast, not {cfg.weight_sync!r}"
         sync = None
         if cfg.server_reload and cfg.weight_sync == "disk":
             sync = weight_sync.DiskSync(Path(cfg.out) / "policy_sync", tokenizer_files(pol.tokenizer))
@@ -429,7 +429,8 @@ def step_row(cfg: RLConfig, pol, batch, rollouts, out, stats, pushes, t0, t_gen,
            "tok_s": out["tokens"] / max(dt, 1e-9), "gen_tokens": stats["gen_tokens"], "gen_s": t_gen,
            "load": routes_expert_load(routes, pol.model.config.num_experts), "loss": out["loss"],
            "gnorm": out["gnorm"], "kept": len(batch), "drop_flat": stats["drop_flat"],
-           "drop_stale": stats["drop_stale"], "pushes": pushes, "step_s": dt, "elapsed_s": time.perf_counter() - t_start,
+           "drop_stale": stats["drop_stale"], "pushes": pushes, "step_s": dt,
+           "elapsed_s": time.perf_counter() - t_start,
            "difficulty": {n: source.difficulty(n) for n in sorted({g["env"] for g in batch})}}
     print(f"step {pol.step:05d}/{cfg.steps:05d} | reward {row['reward']:.3f} | acc {row['acc']:.3f} | "
           f"solve {row['solve']:.2f} | len {row['resp_len']:.1f} | masked {row['masked']:.3f} | "
@@ -475,7 +476,7 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
             batch, stats = collect_batch(cfg, feed, pol.tokenizer, pol.version) if feed else (None, None)
             t_gen = time.perf_counter() - t0
             rollouts = share(to_rollouts(cfg, batch, adv_fn, source, envs) if feed else None, pol)
-            assert all(r["version"] >= pol.version - cfg.max_staleness for r in rollouts), "stale sample reached the trainer"
+            assert all(r["version"] >= pol.version - cfg.max_staleness for r in rollouts), "a stale sample got here"
 
             # -- one policy-gradient step with router replay and the trust region; publish; checkpoint
             step_out = train_step(pol, rollouts, loss_fn, agg_fn, cfg, pad_id)

@@ -56,7 +56,8 @@ def served_weights_equal(server, model) -> bool:
 
 def completions_served(server) -> int:
     text = server.app.state.srv.metrics.render(server.app.state.srv.sched)
-    line = [x for x in text.splitlines() if x.startswith('openzaya_requests_total{endpoint="/v1/completions",code="200"}')]
+    key = 'openzaya_requests_total{endpoint="/v1/completions",code="200"}'
+    line = [x for x in text.splitlines() if x.startswith(key)]
     return int(line[0].split()[-1]) if line else 0
 
 
