@@ -7,9 +7,11 @@ server logprob mismatch.
   within a few steps whatever the model.
 - Servers: `openzaya serve --enable-weight-updates --enable-return-routed-experts` processes (`--server-threads`
   torch threads each, `--server-device`); the trainer runs in this process on `--device`.
-- Runs, each from the same initial weights for `--steps` steps: `--runs` (default: 1 server disk, 2 servers disk,
-  2 servers broadcast). Rollout tokens/s = tokens generated / wall time from the first job to the last step (the
-  pool keeps generating while the trainer steps). Push latency: per version and server, the push alone (writing
+- Rollout throughput of the pool alone (no training): `--pool-jobs` jobs of G samples submitted at once to 1, then
+  2 servers; tokens/s = sampled tokens / wall time until the last result (what the servers give; inside an RL run
+  the trainer's consumption of groups caps it).
+- RL runs, each from the same initial weights for `--steps` steps: `--runs` (default: 1 server disk, 2 servers disk,
+  2 servers broadcast). Rollout tokens/s there = tokens generated / wall time from the first job to the last step. Push latency: per version and server, the push alone (writing
   the checkpoint or gathering + sending the tensors, and the server's load); the probe that verifies it is apart.
   Mismatch: mean |trainer - sampler logprob| and max over the steps whose samples were all on-policy (stale 0), and
   the probe's mean difference (same weights on both sides: the numeric part alone).
@@ -56,6 +58,7 @@ parser.add_argument("--prompts-per-step", type=int, default=4)
 parser.add_argument("--samples-per-prompt", type=int, default=8)
 parser.add_argument("--max-new-tokens", type=int, default=32)
 parser.add_argument("--lr", type=float, default=3e-3)
+parser.add_argument("--pool-jobs", type=int, default=16, help="jobs of the pool-alone throughput test (0 = skip)")
 parser.add_argument("--out", default="runs/bench/rl_pool.json")
 args = parser.parse_args()
 work = Path(args.out).with_suffix("")
@@ -129,8 +132,41 @@ def one_run(n_servers: int, sync: str) -> dict:
             "reward_first": m[0]["reward"], "reward_last": m[-1]["reward"]}
 
 
+def pool_only(n_servers: int) -> dict:
+    """Rollout tokens/s of a ServerPool alone: --pool-jobs jobs submitted at once, every result awaited."""
+    from openzaya.rollout import ServerPool
+    servers = [start_server(i) for i in range(n_servers)]
+    try:
+        pool = ServerPool([u for _, u in servers], None, lambda r: r, [], 1.0, 600.0)
+        pool.publish(None, 0)                    # no sync: the servers serve the initial weights, version 0
+        prompt = tok.encode("Write digits.")
+        t0, got = time.perf_counter(), []
+        for j in range(args.pool_jobs):
+            pool.submit({"job_id": j, "prompt_ids": prompt, "G": args.samples_per_prompt, "seed": j,
+                         "temperature": 1.0, "max_new_tokens": args.max_new_tokens, "eos_ids": [tok.eos_id]})
+        while len(got) < args.pool_jobs:
+            got += pool.results()
+        wall = time.perf_counter() - t0
+        pool.close()
+    finally:
+        for p, _ in servers:
+            p.kill()
+            p.wait()
+    tokens = sum(len(s["tokens"]) for r in got for s in r["samples"])
+    per_server = {u: sum(1 for r in got if r["server"] == u) for _, u in servers}
+    return {"servers": n_servers, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "jobs_per_server": per_server}
+
+
+pool_results = []
+if args.pool_jobs:
+    for n in (1, 2):
+        pool_results.append(pool_only(n))
+        r = pool_results[-1]
+        print(f"pool alone, {n} server(s): {r['tok_s']:.1f} tok/s ({r['tokens']} tokens in {r['wall_s']:.1f} s; "
+              f"jobs per server {list(r['jobs_per_server'].values())})", flush=True)
+    print(f"pool alone, 2 servers / 1 server: {pool_results[1]['tok_s'] / pool_results[0]['tok_s']:.2f}")
 results = []
-for spec in args.runs.split(","):
+for spec in [x for x in args.runs.split(",") if x]:
     n, sync = spec.split(":")
     results.append(one_run(int(n), sync))
     r = results[-1]
@@ -145,5 +181,6 @@ one = [r for r in results if r["servers"] == 1]
 two = [r for r in results if r["servers"] == 2 and r["sync"] == "disk"]
 if one and two:
     print(f"rollout tok/s, 2 servers / 1 server (disk): {two[0]['rollout_tok_s'] / one[0]['rollout_tok_s']:.2f}")
-Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+Path(args.out).write_text(json.dumps({"args": vars(args), "pool_alone": pool_results, "results": results},
+                                      indent=1))
 print("wrote", args.out)

@@ -52,6 +52,7 @@ import torch
 from openzaya import rl
 from openzaya.envs.curriculum import ProblemSource
 from openzaya.rl_trainer import AGGREGATIONS, init_policy, save_checkpoint, share, train_step
+from openzaya.tokenizer import eos_union
 from openzaya.ttc import TTCConfig
 
 # -----------------------------------------------------------------------------
@@ -286,7 +287,6 @@ def chat_ids(cfg: RLConfig, tokenizer, text: str) -> list[int]:
 def open_feed(cfg: RLConfig, pol, envs: dict, source: ProblemSource) -> Feed:
     """The pool the config names (servers, worker processes, or inline) with the scorer on its results."""
     from openzaya import rollout, weight_sync
-    from openzaya.tokenizer import eos_union
     from openzaya.rl_trainer import tokenizer_files
     eos_ids = eos_union(pol.model.config.eos_ids, pol.tokenizer)
     scorer = Scorer(cfg, envs, pol.tokenizer, eos_ids)
@@ -454,7 +454,8 @@ def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, 
     if pol.resumed is not None:
         source.load_state_dict(pol.resumed["source"])
     adv_fn, loss_fn, agg_fn = ADVANTAGES[cfg.advantage], policy_loss(cfg), AGGREGATIONS[cfg.aggregation]
-    pad_id = pol.tokenizer.pad_id if pol.tokenizer.pad_id is not None else pol.model.config.eos_ids[0]
+    pad_id = pol.tokenizer.pad_id if pol.tokenizer.pad_id is not None else \
+        eos_union(pol.model.config.eos_ids, pol.tokenizer)[0]
     metrics_path = out / "metrics.jsonl"
     if pol.rank == 0 and pol.resumed and metrics_path.exists():    # rows of steps after the checkpoint go
         kept = [x for x in metrics_path.read_text().splitlines() if json.loads(x)["step"] <= pol.step]

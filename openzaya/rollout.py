@@ -319,8 +319,13 @@ class ServerPool:
             raise RuntimeError(f"no rollout server took policy version {version}: "
                                + ", ".join(s.url for s in self.servers))
 
+    async def _stop(self):
+        for t in asyncio.all_tasks(self.loop) - {asyncio.current_task()}:
+            t.cancel()                       # jobs still in flight: their results are not wanted any more
+        await self.aclient.aclose()
+
     def close(self):
-        asyncio.run_coroutine_threadsafe(self.aclient.aclose(), self.loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         for s in self.servers:
