@@ -34,6 +34,7 @@ from openzaya import rl_loop, serve_rl                      # noqa: E402
 from openzaya.checkpoint import save_pretrained             # noqa: E402
 from test_rl_loop import digits_config, digits_env, mean, tiny_policy   # noqa: E402
 from test_serve_rl import Served                            # noqa: E402
+from tests.test_parallel import _children                   # noqa: E402  (a process's children, from /proc)
 
 VENV = Path(sys.executable).parent
 
@@ -186,18 +187,6 @@ def trainer(out: Path, cfg: dict, init: Path, resume: bool = False) -> subproces
     cmd = [str(VENV / "torchrun"), "--standalone", "--nproc-per-node", "2", __file__, str(out), json.dumps(cfg),
            str(init), "resume" if resume else "fresh"]
     return subprocess.Popen(cmd, env=env, stdout=open(out.parent / f"{out.name}.log", "a"), stderr=subprocess.STDOUT)
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
 
 
 @pytest.mark.slow
