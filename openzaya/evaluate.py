@@ -25,6 +25,8 @@ Benchmarks:
 - built-in suites from our own environments at fixed held-out seeds (10_000+), scored by the env's own `score`:
   `envs:tiny` (4 problems), `envs:easy` (16). Math files are scored by `openzaya.verify` (last \\boxed{} /
   <answer> after </think>, checked against the gold answer with math-verify).
+- code (LiveCodeBench's rows, our code JSONL, the `code:mini` suite): openzaya/codebench.py, whose judge runs each
+  sample's program on the tests in the sandbox (`evaluate(..., judge=...)`; `codebench.evaluate_code`).
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ class Item:
     question: str
     answer: str
     score: Callable[[str], float] | None = None   # response -> correctness; None = math verifier
+    code: object = None   # a codebench.CodeTask: scored by running its tests (codebench.evaluate_code), not `score`
 
 
 def env_suite(pairs: list[tuple[str, int]], seeds_per_env: int = 1) -> list[tuple[str, int, int]]:
@@ -246,9 +249,17 @@ def _read_hf_dataset(spec: str, split: str) -> list[dict]:
 
 
 def load_benchmark(spec: str, question_field: str | None = None, answer_field: str = "answer", id_field: str = "id",
-                   split: str = "test", limit: int | None = None) -> list[Item]:
-    """Items of a suite name (envs:...), a local .jsonl/.json/.parquet file, or a Hugging Face dataset (id or
-    local dataset folder)."""
+                   split: str = "test", limit: int | None = None, task: str = "auto") -> list[Item]:
+    """Items of a suite name (envs:..., code:mini), a local .jsonl/.json/.parquet file, or a Hugging Face dataset
+    (id or local dataset folder). `task`: "answer" (a gold answer per row), "code" (LiveCodeBench or our code layout,
+    openzaya/codebench.py) or "auto" (code when the first row has a code layout)."""
+    from . import codebench
+
+    if task not in ("auto", "answer", "code"):
+        raise ValueError(f"--task must be auto, answer or code, not {task!r}")
+    make_item = lambda pid, question, answer, code: Item(pid, question, answer, code=code)  # noqa: E731
+    if spec == "code:mini":
+        return codebench.mini_benchmark(make_item)[:limit]
     if spec in SUITES:
         from .envs.registry import get_env
 
@@ -259,8 +270,8 @@ def load_benchmark(spec: str, question_field: str | None = None, answer_field: s
             items.append(Item(id=f"{env_name}-d{diff}-s{seed}", question=prob.prompt, answer=prob.answer,
                               score=lambda r, env=env, prob=prob: float(env.score(prob, r).accuracy)))
         return items[:limit]
-    if spec.startswith("envs:"):
-        raise ValueError(f"unknown suite {spec!r}; built-in suites: {', '.join(SUITES)}")
+    if spec.startswith(("envs:", "code:")):
+        raise ValueError(f"unknown suite {spec!r}; built-in suites: {', '.join(SUITES)}, code:mini")
     path = Path(spec)
     if path.is_file():
         rows = _read_file(path)
@@ -268,7 +279,10 @@ def load_benchmark(spec: str, question_field: str | None = None, answer_field: s
         raise ValueError(f"{spec!r} is neither a suite ({', '.join(SUITES)}) nor an existing file: no such file")
     else:
         rows = _read_hf_dataset(spec, split)
-    items = _rows_to_items(rows, spec, question_field, answer_field, id_field)
+    if task == "code" or task == "auto" and rows and codebench.code_layout(rows[0]):
+        items = codebench.load_rows(rows, spec, make_item)
+    else:
+        items = _rows_to_items(rows, spec, question_field, answer_field, id_field)
     if len({it.id for it in items}) != len(items):
         raise ValueError(f"{spec}: duplicate ids")
     return items[:limit]
@@ -418,7 +432,7 @@ async def _aevaluate(items, backend, cfgs, samples, out_dir, bar):
     out = {}
     for method, cfg in cfgs.items():
         problems = [TTCProblem(id=f"{it.id}~s{s}", question=it.question, answer=it.answer,
-                               score=it.score or math_scorer(it.answer))
+                               score=None if it.code is not None else it.score or math_scorer(it.answer))
                     for it in items for s in range(samples)]
         bar.set_description(method)
         trace = Path(out_dir) / f"trace_{method}.jsonl" if out_dir else None
@@ -431,12 +445,25 @@ def _winner_text(r) -> str:
     return r.final_texts[i] if i is not None else (r.final_texts[0] if r.final_texts else "")
 
 
+def judge_answers(method: str, items: list[Item], runs_by_item: dict) -> list[dict]:
+    """Per item, from the runs' own scoring: each run's majority answer, its correctness and vote key (mathematical
+    equivalence on math-scored items, None = normalised strings), the final-population mean, the winner's text."""
+    out = []
+    for it in items:
+        runs = runs_by_item[it.id]
+        answers = [r.answer for r in runs]
+        out.append({"correct": [r.majority_correct or 0.0 for r in runs], "answers": answers,
+                    "keys": math_vote_keys(answers) if it.score is None else None,
+                    "pop": [r.population_mean or 0.0 for r in runs], "texts": [_winner_text(r) for r in runs]})
+    return out
+
+
 def evaluate(items: list[Item], backend, base: TTCConfig, methods: list[str], samples: int = 1,
              out_dir: str | os.PathLike | None = None, match_calls: bool = True, task: str = "benchmark",
-             run_config: dict | None = None) -> dict:
+             run_config: dict | None = None, judge: Callable = judge_answers) -> dict:
     """Run every method `samples` times on every item; returns (and writes under out_dir) the results dict. `task`
     names the benchmark in the lm-eval files (task = <task>_<method>), `run_config` (model, backend, ...) goes into
-    their "config"."""
+    their "config". `judge(method, items, runs_by_item)` scores the runs (`judge_answers`; code: codebench)."""
     from tqdm import tqdm
 
     from .backends import run_sync
@@ -464,22 +491,19 @@ def evaluate(items: list[Item], backend, base: TTCConfig, methods: list[str], sa
             by_item.setdefault(r.id.rsplit("~s", 1)[0], []).append(r)
         rows = []
         responses[method] = []
-        for it in items:
-            runs = by_item[it.id]
-            correct = [r.majority_correct or 0.0 for r in runs]
-            answers = [r.answer for r in runs]
-            keys = math_vote_keys(answers) if it.score is None else None
+        for it, j in zip(items, judge(method, items, by_item)):
+            runs, correct, answers = by_item[it.id], j["correct"], j["answers"]
             n, c = len(runs), int(sum(1 for x in correct if x >= 1.0))
             row = {"avg@k": avg_at_k(correct), "pass@1": pass_at_k(n, c, 1), f"pass@{n}": pass_at_k(n, c, n),
-                   "maj@k": maj_at_k(answers, correct, vote_keys=keys),
-                   "pop_mean": avg_at_k([r.population_mean or 0.0 for r in runs]), "answers": answers,
+                   "maj@k": maj_at_k(answers, correct, vote_keys=j["keys"]), "pop_mean": avg_at_k(j["pop"]),
+                   "answers": answers, **j.get("extra", {}),
                    "tokens": sum(r.prompt_tokens + r.completion_tokens for r in runs) / n,
                    "completion_tokens": sum(r.completion_tokens for r in runs) / n,
                    "calls": sum(r.calls for r in runs) / n, "wall_s": sum(r.wall_s for r in runs) / n,
                    "rounds": [[asdict(x) for x in r.rounds] for r in runs]}
             per_problem[it.id]["methods"][method] = row
             rows.append(row)
-            responses[method].append([_winner_text(r) for r in runs])
+            responses[method].append(j["texts"])
         mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
         accuracies = ("avg@k", "pass@1", f"pass@{samples}", "maj@k", "pop_mean")
         results["methods"][method] = {
@@ -540,6 +564,7 @@ def write_lm_eval(results: dict, items: list[Item], responses: dict[str, list[li
                                                     "arg_1": doc["configs"][name]["generation_kwargs"]}},
                        "resps": [[t] for t in resps], "filtered_resps": row["answers"], "filter": "none",
                        "metrics": list(names.values()), **{m: row[key] for key, m in names.items()},
+                       **({"code": row["code"]} if "code" in row else {}),   # per-sample verdicts and tests
                        "doc_hash": _sha(it.question + "\n" + it.answer), "prompt_hash": _sha(it.question),
                        "target_hash": _sha(it.answer)}
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
