@@ -211,7 +211,7 @@ def _eval(a):
     from dataclasses import replace
 
     from openzaya import codebench
-    from openzaya.evaluate import benchmark_name, evaluate, load_benchmark
+    from openzaya.evaluate import benchmark_name, evaluate
 
     methods = [m.strip() for m in a.method.split(",") if m.strip()]
     if not methods:
@@ -220,8 +220,8 @@ def _eval(a):
         _ttc_config(a, m).validate()
     base = _ttc_config(a, methods[0])
     windowed = a.start_date is not None or a.end_date is not None
-    items = load_benchmark(a.benchmark, question_field=a.question_field, answer_field=a.answer_field,
-                           id_field=a.id_field, split=a.split, limit=None if windowed else a.limit, task=a.task)
+    items = codebench.load(a.benchmark, task=a.task, question_field=a.question_field, answer_field=a.answer_field,
+                           id_field=a.id_field, split=a.split, limit=None if windowed else a.limit)
     code = items[0].code is not None
     if windowed:
         if not code:
@@ -235,7 +235,8 @@ def _eval(a):
     run_config = {"model": a.model, "backend": a.backend, "base_url": a.base_url, "benchmark": a.benchmark,
                   "split": a.split, "limit": a.limit, "samples": a.samples}
     if code:
-        lim = codebench.CodeLimits(time_s=a.test_time_s, memory_mb=a.test_memory_mb, workers=a.sandbox_workers)
+        lim = codebench.CodeLimits(time_s=a.test_time_s, memory_mb=a.test_memory_mb,
+                                   workers=a.sandbox_workers or os.cpu_count() or 1)
         res = codebench.evaluate_code(items, backend, base, methods, lim, samples=a.samples, out_dir=a.out,
                                       match_calls=not a.no_match_calls, task=benchmark_name(a.benchmark),
                                       run_config=run_config, cutoff_date=a.cutoff_date)
@@ -283,8 +284,8 @@ def add_eval(sub):
     p.add_argument("--no-match-calls", action="store_true",
                    help="majority uses N samples instead of N x (T+1) (matched calls with Markovian RSA)")
     # Code benchmarks (openzaya/codebench.py)
-    p.add_argument("--sandbox-workers", type=int, default=os.cpu_count() or 1,
-                   help="code: samples whose tests run at once, each in its own sandbox")
+    p.add_argument("--sandbox-workers", type=int, default=None,
+                   help="code: samples whose tests run at once, each in its own sandbox (default: one per CPU core)")
     p.add_argument("--test-time-s", type=int, default=6, help="code: CPU seconds per test (wall: 2x + 1 s)")
     p.add_argument("--test-memory-mb", type=int, default=1024, help="code: address-space limit per test")
     p.add_argument("--start-date", default=None, help="code: only problems of contests on or after YYYY-MM-DD")

@@ -61,6 +61,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from .envs.base import MAX_RESPONSE_CHARS, strip_thinking
+from .evaluate import SUITES, Item, evaluate, load_benchmark, mean_se, read_rows, rows_to_items
 from .sandbox import Limits, call_function, results_equal, run_python
 
 VERDICTS = ("passed", "wrong answer", "runtime error", "time limit", "compile error", "no code")
@@ -120,6 +121,12 @@ class CodeLimits:
     memory_mb: int = 1024
     workers: int = os.cpu_count() or 1  # samples scored at once, each in its own sandbox
     mode: str = "auto"                 # sandbox mode
+
+    def validate(self) -> None:
+        for name, flag in (("time_s", "--test-time-s"), ("memory_mb", "--test-memory-mb"),
+                           ("workers", "--sandbox-workers")):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}")
 
     def limits(self, expected_chars: int = 0) -> Limits:
         return Limits(wall_s=2 * self.time_s + 1, cpu_s=self.time_s, memory_bytes=self.memory_mb << 20,
@@ -387,7 +394,7 @@ def _json_field(value):
     return json.loads(value) if isinstance(value, str) and value.strip() else (value or {})
 
 
-def _lcb_item(row: dict, make_item):
+def _lcb_item(row: dict) -> Item:
     meta = _json_field(row.get("metadata"))
     func = meta.get("func_name") if isinstance(meta, dict) else None
     tests = ([_lcb_test(t, func is not None, True) for t in decode_tests(row["public_test_cases"])]
@@ -403,10 +410,10 @@ def _lcb_item(row: dict, make_item):
     date = str(row.get("contest_date") or "")[:10] or None
     task = CodeTask(tests, func, row.get("difficulty"), date, row.get("platform"))
     pid = str(row.get("question_id") or row.get("question_title"))
-    return make_item(pid, f"{head}\n\n{fmt}\n\n{ANSWER_FORMAT}", "", task)
+    return Item(pid, f"{head}\n\n{fmt}\n\n{ANSWER_FORMAT}", "", code=task)
 
 
-def _own_item(row: dict, make_item):
+def _own_item(row: dict) -> Item:
     entry = row.get("entry_point")
     functional = entry is not None
 
@@ -424,8 +431,8 @@ def _own_item(row: dict, make_item):
     fmt = (f"Write a Python 3 function `{entry}` (standard library only)." if functional else
            "Write a Python 3 program that reads standard input and writes the answer to standard output "
            "(standard library only).")
-    return make_item(str(row.get("id", "")), f"{str(row['prompt']).strip()}\n\n{fmt}\n\n{ANSWER_FORMAT}",
-                     str(row.get("solution", "")), task)
+    return Item(str(row.get("id", "")), f"{str(row['prompt']).strip()}\n\n{fmt}\n\n{ANSWER_FORMAT}",
+                str(row.get("solution", "")), code=task)
 
 
 def code_layout(row: dict) -> str | None:
@@ -437,8 +444,28 @@ def code_layout(row: dict) -> str | None:
     return None
 
 
-def load_rows(rows: list[dict], source: str, make_item) -> list:
-    """Items of code rows (LiveCodeBench or our layout, one per file); `make_item(id, question, answer, task)`."""
+def load(spec: str, task: str = "auto", question_field: str | None = None, answer_field: str = "answer",
+         id_field: str = "id", split: str = "test", limit: int | None = None) -> list[Item]:
+    """Items of any benchmark: `code:mini`, a code file or dataset (`task` "code", or "auto" when the first row has a
+    code layout), else `evaluate.load_benchmark`'s answer-scored items (`task` "answer" or "auto")."""
+    if task not in ("auto", "answer", "code"):
+        raise ValueError(f"--task must be auto, answer or code, not {task!r}")
+    if spec == "code:mini":
+        return mini_benchmark()[:limit]
+    if spec.startswith("code:"):
+        raise ValueError(f"unknown code suite {spec!r}; built-in: code:mini")
+    if spec in SUITES or spec.startswith("envs:") or task == "answer":
+        if task == "code":
+            raise ValueError(f"{spec} is an answer-scored suite, not a code benchmark")
+        return load_benchmark(spec, question_field, answer_field, id_field, split, limit)
+    rows = read_rows(spec, split)
+    if task == "code" or rows and code_layout(rows[0]):
+        return load_rows(rows, spec)[:limit]
+    return rows_to_items(rows, spec, question_field, answer_field, id_field)[:limit]
+
+
+def load_rows(rows: list[dict], source: str) -> list[Item]:
+    """Items of code rows (LiveCodeBench's layout or ours; either, row by row)."""
     items = []
     for i, row in enumerate(rows):
         layout = code_layout(row)
@@ -446,13 +473,15 @@ def load_rows(rows: list[dict], source: str, make_item) -> list:
             raise ValueError(f"{source} row {i}: not a code problem: LiveCodeBench rows have question_content and "
                              f"public_test_cases, ours prompt and tests (fields: {sorted(row)})")
         try:
-            it = (_lcb_item if layout == "livecodebench" else _own_item)(row, make_item)
+            it = (_lcb_item if layout == "livecodebench" else _own_item)(row)
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{source} row {i}: {type(e).__name__}: {e}") from None
         if not it.code.tests:
             raise ValueError(f"{source} row {i}: no tests")
         it.id = it.id.replace("/", "_") or str(i)
         items.append(it)
+    if len({it.id for it in items}) != len(items):
+        raise ValueError(f"{source}: duplicate ids")
     return items
 
 
@@ -472,7 +501,7 @@ MINI_PUBLIC, MINI_HIDDEN = 3, 7
 DIFFICULTY = {1: "easy", 2: "medium", 3: "hard"}
 
 
-def mini_benchmark(make_item, seed: int = 0) -> list:
+def mini_benchmark(seed: int = 0) -> list[Item]:
     """`code:mini`: one problem per seed program of openzaya/envs/code.py, reproducible from `seed`."""
     from .envs.code import PROGRAMS, reference_program
 
@@ -503,8 +532,8 @@ def mini_benchmark(make_item, seed: int = 0) -> list:
             prompt = f"Write a Python 3 function `{sig}`: {doc}\n\nExamples:\n{shown}"
             solution = src
         task = CodeTask(tests, None if stdin else name, DIFFICULTY[complexity])
-        items.append(make_item(f"{name}-{'stdin' if stdin else 'call'}", f"{prompt}\n\n{ANSWER_FORMAT}", solution,
-                               task))
+        items.append(Item(f"{name}-{'stdin' if stdin else 'call'}", f"{prompt}\n\n{ANSWER_FORMAT}", solution,
+                          code=task))
     return items
 
 
@@ -527,8 +556,7 @@ def evaluate_code(items: list, backend, base, methods: list[str], lim: CodeLimit
     contest month and the cutoff window, sandbox throughput) to results.json and a section to report.md."""
     from dataclasses import replace
 
-    from .evaluate import evaluate
-
+    lim.validate()
     if base.template_file is None and out_dir:
         base = replace(base, template_file=code_template_file(out_dir))
     stats: dict[str, dict] = {}
@@ -548,8 +576,6 @@ def evaluate_code(items: list, backend, base, methods: list[str], lim: CodeLimit
 
 
 def _split(rows: list[dict], groups: list[str], k: int) -> dict:
-    from .evaluate import mean_se
-
     out = {}
     for g in sorted(set(groups)):
         sel = [r for r, x in zip(rows, groups) if x == g]

@@ -172,8 +172,9 @@ def math_scorer(gold: str) -> Callable[[str], float]:
     return score
 
 
-def _rows_to_items(rows: list[dict], source: str, question_field: str | None, answer_field: str,
-                   id_field: str) -> list[Item]:
+def rows_to_items(rows: list[dict], source: str, question_field: str | None = None, answer_field: str = "answer",
+                  id_field: str = "id") -> list[Item]:
+    """Answer-scored items of benchmark rows (a question field, a gold answer, an id), ids unique."""
     items = []
     for i, row in enumerate(rows):
         qf = question_field or next((f for f in ("problem", "question") if f in row), None)
@@ -184,6 +185,8 @@ def _rows_to_items(rows: list[dict], source: str, question_field: str | None, an
             raise ValueError(f"{source} row {i}: no answer field {answer_field!r}; fields: {sorted(row)}")
         pid = str(row.get(id_field, i)).replace("/", "_")
         items.append(Item(id=pid, question=str(row[qf]), answer=str(row[answer_field])))
+    if len({it.id for it in items}) != len(items):
+        raise ValueError(f"{source}: duplicate ids")
     return items
 
 
@@ -248,18 +251,20 @@ def _read_hf_dataset(spec: str, split: str) -> list[dict]:
                          f".jsonl file needs neither)") from e
 
 
-def load_benchmark(spec: str, question_field: str | None = None, answer_field: str = "answer", id_field: str = "id",
-                   split: str = "test", limit: int | None = None, task: str = "auto") -> list[Item]:
-    """Items of a suite name (envs:..., code:mini), a local .jsonl/.json/.parquet file, or a Hugging Face dataset
-    (id or local dataset folder). `task`: "answer" (a gold answer per row), "code" (LiveCodeBench or our code layout,
-    openzaya/codebench.py) or "auto" (code when the first row has a code layout)."""
-    from . import codebench
+def read_rows(spec: str, split: str = "test") -> list[dict]:
+    """The rows of a local .jsonl/.json/.parquet file or of a Hugging Face dataset (id or local dataset folder)."""
+    path = Path(spec)
+    if path.is_file():
+        return _read_file(path)
+    if path.suffix in FILE_FORMATS:
+        raise ValueError(f"{spec!r} is neither a suite ({', '.join(SUITES)}) nor an existing file: no such file")
+    return _read_hf_dataset(spec, split)
 
-    if task not in ("auto", "answer", "code"):
-        raise ValueError(f"--task must be auto, answer or code, not {task!r}")
-    make_item = lambda pid, question, answer, code: Item(pid, question, answer, code=code)  # noqa: E731
-    if spec == "code:mini":
-        return codebench.mini_benchmark(make_item)[:limit]
+
+def load_benchmark(spec: str, question_field: str | None = None, answer_field: str = "answer", id_field: str = "id",
+                   split: str = "test", limit: int | None = None) -> list[Item]:
+    """Items of a suite name (envs:...), a local .jsonl/.json/.parquet file, or a Hugging Face dataset (id or
+    local dataset folder). Code benchmarks load through `codebench.load`."""
     if spec in SUITES:
         from .envs.registry import get_env
 
@@ -270,22 +275,9 @@ def load_benchmark(spec: str, question_field: str | None = None, answer_field: s
             items.append(Item(id=f"{env_name}-d{diff}-s{seed}", question=prob.prompt, answer=prob.answer,
                               score=lambda r, env=env, prob=prob: float(env.score(prob, r).accuracy)))
         return items[:limit]
-    if spec.startswith(("envs:", "code:")):
-        raise ValueError(f"unknown suite {spec!r}; built-in suites: {', '.join(SUITES)}, code:mini")
-    path = Path(spec)
-    if path.is_file():
-        rows = _read_file(path)
-    elif path.suffix in FILE_FORMATS:
-        raise ValueError(f"{spec!r} is neither a suite ({', '.join(SUITES)}) nor an existing file: no such file")
-    else:
-        rows = _read_hf_dataset(spec, split)
-    if task == "code" or task == "auto" and rows and codebench.code_layout(rows[0]):
-        items = codebench.load_rows(rows, spec, make_item)
-    else:
-        items = _rows_to_items(rows, spec, question_field, answer_field, id_field)
-    if len({it.id for it in items}) != len(items):
-        raise ValueError(f"{spec}: duplicate ids")
-    return items[:limit]
+    if spec.startswith("envs:"):
+        raise ValueError(f"unknown suite {spec!r}; built-in suites: {', '.join(SUITES)}")
+    return rows_to_items(read_rows(spec, split), spec, question_field, answer_field, id_field)[:limit]
 
 
 def benchmark_name(spec: str) -> str:

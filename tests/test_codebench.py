@@ -17,7 +17,6 @@ from openzaya import codebench
 from openzaya.backends import Backend, Completion
 from openzaya.codebench import (CodeTask, CodeTest, CodeLimits, Verdict, decode_tests, evaluate_code, extract_code,
                                 run_tests, select, stdout_matches)
-from openzaya.evaluate import load_benchmark
 from openzaya.tokenizer import split_reasoning
 from openzaya.ttc import TTCConfig
 
@@ -104,7 +103,7 @@ def test_lcb_private_tests_decode_and_pickle_is_never_unpickled(tmp_path, monkey
 def test_lcb_rows_load_and_score(tmp_path):
     f = tmp_path / "lcb.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in lcb_rows()))
-    func, stdin = load_benchmark(str(f))                              # layout detected from the fields
+    func, stdin = codebench.load(str(f))                              # layout detected from the fields
     assert func.code.entry_point == "hasElement" and stdin.code.entry_point is None
     assert [t.public for t in func.code.tests] == [True, False, False]
     assert func.code.tests[1].input == [[1, 2, 3], 2] and func.code.tests[1].output is True
@@ -124,8 +123,8 @@ def test_lcb_rows_load_and_score(tmp_path):
                                 "if __name__ == '__main__':\n    print(input())", FAST).verdict == "passed"
     (tmp_path / "x.jsonl").write_text('{"problem": "1+1?", "answer": "2"}\n')
     with pytest.raises(ValueError, match="row 0: not a code problem"):
-        load_benchmark(str(tmp_path / "x.jsonl"), task="code")
-    assert load_benchmark(str(tmp_path / "x.jsonl"))[0].code is None     # auto: an answer benchmark
+        codebench.load(str(tmp_path / "x.jsonl"), task="code")
+    assert codebench.load(str(tmp_path / "x.jsonl"))[0].code is None     # auto: an answer benchmark
 
 
 def test_own_jsonl_layout_and_date_window(tmp_path):
@@ -136,7 +135,7 @@ def test_own_jsonl_layout_and_date_window(tmp_path):
              "tests": [{"input": "abc\n", "output": "cba\n"}]}]
     f = tmp_path / "own.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    add, echo = load_benchmark(str(f), task="code")
+    add, echo = codebench.load(str(f), task="code")
     assert add.code.voting == 1 and echo.code.voting == 1                # no public tests: the first test votes
     assert "`add`" in add.question and "standard input" in echo.question
     assert run_tests(echo.code, "print(input()[::-1])", FAST).verdict == "passed"
@@ -146,7 +145,7 @@ def test_own_jsonl_layout_and_date_window(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**rows[0], "tests": [{"input": 5, "output": 10}]}) + "\n")
     with pytest.raises(ValueError, match="argument list"):
-        load_benchmark(str(bad))
+        codebench.load(str(bad))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -213,24 +212,18 @@ def broken(it) -> str:
 
 
 def test_mini_is_reproducible_and_mixes_modes():
-    a, b = load_benchmark("code:mini"), load_benchmark("code:mini")
+    a, b = codebench.load("code:mini"), codebench.load("code:mini")
     assert 30 <= len(a) <= 40 and [x.question for x in a] == [x.question for x in b]
     assert [x.code.tests for x in a] == [x.code.tests for x in b]
-    other = codebench.mini_benchmark(codebench_item, seed=1)
+    other = codebench.mini_benchmark(seed=1)
     assert [x.code.tests for x in other] != [x.code.tests for x in a]
     modes = {x.code.entry_point is None for x in a}
     assert modes == {True, False} and {x.code.difficulty for x in a} == {"easy", "medium", "hard"}
     assert all(sum(t.public for t in x.code.tests) == 3 and len(x.code.tests) == 10 for x in a)
 
 
-def codebench_item(pid, question, answer, code):
-    from openzaya.evaluate import Item
-
-    return Item(pid, question, answer, code=code)
-
-
 def mini_subset():
-    items = load_benchmark("code:mini")
+    items = codebench.load("code:mini")
     stdin = [it for it in items if it.code.entry_point is None][:1]
     return [it for it in items if it.code.entry_point is not None][:2] + stdin
 
@@ -257,7 +250,7 @@ def test_mini_references_score_one_and_broken_programs_zero(tmp_path):
 
 @pytest.mark.slow
 def test_every_mini_reference_scores_one(tmp_path):
-    items = load_benchmark("code:mini")
+    items = codebench.load("code:mini")
     res = evaluate_code(items, CodeScripted(items, lambda it, i: it.answer), TTCConfig(budget_tokens=64,
                         tail_tokens=16), ["single"], FAST, out_dir=tmp_path)
     assert res["methods"]["single"]["avg@k"] == 1.0
@@ -312,7 +305,7 @@ def test_eval_cli_openai_backend_runs_the_served_programs(tmp_path, capsys):
 
     from openzaya.cli import main
 
-    items = mini_subset()
+    items = codebench.load("code:mini")
 
     class CodeServer(StubServer):
         def answer(self, prompt, index):
