@@ -255,7 +255,9 @@ def _eval(a):
             print(f"{'':14s} verdicts: {codebench.verdict_line(c)} | by difficulty: "
                   + ", ".join(f"{d} {s['avg@k']:.3f} ± {s['stderr']['avg@k']:.3f} (n={s['n']})"
                               for d, s in c["by_difficulty"].items())
-                  + f" | {c['sandbox'].get('tests_run', 0)} tests at {c['sandbox'].get('tests_per_s') or 0:.1f}/s")
+                  + f" | {c['sandbox'].get('tests_run', 0)} tests at {c['sandbox'].get('tests_per_s') or 0:.1f}/s"
+                  + "".join(f" | pass@{kk} {x['value']:.3f} ± {x['stderr']:.3f}" for kk, x in c["pass@k"].items()
+                            if kk != "1"))
     if code:
         print(f"code: pass@1 = avg@{k} of each run's program; populations pick theirs by this rule: "
               f"{codebench.SELECTION_RULE}")

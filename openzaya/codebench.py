@@ -61,7 +61,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from .envs.base import MAX_RESPONSE_CHARS, strip_thinking
-from .evaluate import SUITES, Item, evaluate, load_benchmark, mean_se, read_rows, rows_to_items
+from .evaluate import SUITES, Item, evaluate, load_benchmark, mean_se, pass_at_k, read_rows, rows_to_items
 from .sandbox import Limits, call_function, results_equal, run_python
 
 VERDICTS = ("passed", "wrong answer", "runtime error", "time limit", "compile error", "no code")
@@ -585,6 +585,15 @@ def _split(rows: list[dict], groups: list[str], k: int) -> dict:
     return out
 
 
+def _pass_curve(rows: list[dict], n: int) -> dict:
+    """Unbiased pass@k (Chen et al.) with its standard error over problems, k = 1, 2, 4, ... and LiveCodeBench's 5
+    and 10, up to the n runs of each problem."""
+    ks = sorted({k for k in [2 ** i for i in range(n.bit_length())] + [5, 10, n] if 1 <= k <= n})
+    passed = [sum(r["verdict"] == "passed" for r in row["code"]) for row in rows]
+    return {str(k): {"value": sum(pass_at_k(n, c, k) for c in passed) / len(passed),
+                     "stderr": mean_se([pass_at_k(n, c, k) for c in passed])} for k in ks}
+
+
 def code_summary(res: dict, items: list, stats: dict, lim: CodeLimits, cutoff_date: str | None = None) -> dict:
     """Per method: the verdict of every run's program and of every final candidate, the splits, the throughput."""
     k = res["samples"]
@@ -602,6 +611,7 @@ def code_summary(res: dict, items: list, stats: dict, lim: CodeLimits, cutoff_da
             "verdicts": {v: sum(r["verdict"] == v for r in runs) for v in VERDICTS},
             "population_verdicts": {v: sum(c["verdict"] == v for r in runs for c in r["candidates"])
                                     for v in VERDICTS},
+            "pass@k": _pass_curve(rows, k),
             **{f"by_{g}": _split(rows, vals, k) for g, vals in groups.items()},
             "sandbox": {**s, "tests_per_s": s["tests_run"] / s["wall_s"] if s.get("wall_s") else None}}
     return out
@@ -614,14 +624,18 @@ def code_report(res: dict) -> list[str]:
     lines = ["## Code", "", f"Per test: {lim['time_s']} s CPU, {lim['memory_mb']} MiB, one sandbox each; "
              f"{lim['workers']} in parallel. Selection rule for populations: {code['selection_rule']}.", "",
              "| method | " + " | ".join(VERDICTS) + " | tests run | tests/s |", "|---|" + "---|" * (len(VERDICTS) + 2)]
+    curves = ["", "| method | unbiased pass@k over the runs' programs |", "|---|---|"]
     for m, r in code["methods"].items():
         sb = r["sandbox"]
         tps = "-" if sb.get("tests_per_s") is None else f"{sb['tests_per_s']:.1f}"
         lines.append(f"| {m} | " + " | ".join(str(r["verdicts"][v]) for v in VERDICTS)
                      + f" | {sb.get('tests_run', 0)} | {tps} |")
+        curves.append(f"| {m} | " + ", ".join(f"pass@{kk} {x['value']:.3f} ± {x['stderr']:.3f}"
+                                               for kk, x in r["pass@k"].items()) + " |")
         if sum(r["population_verdicts"].values()) != sum(r["verdicts"].values()):
             lines.append(f"| {m} (all final candidates) | "
                          + " | ".join(str(r["population_verdicts"][v]) for v in VERDICTS) + " | | |")
+    lines += curves
     for m, r in code["methods"].items():
         for g in [key for key in r if key.startswith("by_")]:
             lines += ["", f"### {m} by {g[3:].replace('_', ' ')}", "",

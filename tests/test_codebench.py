@@ -179,6 +179,17 @@ def test_selection_rule_votes_by_public_outputs():
     assert select([v(None, "no code"), v(None, "compile error")]) is None
 
 
+def test_pass_curve_is_the_unbiased_estimator():
+    rows = [{"code": [{"verdict": v} for v in ("passed", "wrong answer", "passed", "no code")]},
+            {"code": [{"verdict": "no code"}] * 4}]
+    curve = codebench._pass_curve(rows, 4)
+    assert list(curve) == ["1", "2", "4"]
+    assert curve["2"]["value"] == pytest.approx((1 - 1 / 6) / 2)          # 1 - C(2,2)/C(4,2) for the first problem
+    assert curve["1"]["value"] == 0.25 and curve["4"]["value"] == 0.5
+    assert list(codebench._pass_curve([{"code": [{"verdict": "passed"}] * 16}], 16)) == ["1", "2", "4", "5", "8",
+                                                                                       "10", "16"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the mini benchmark through evaluate_code
 
@@ -296,7 +307,7 @@ def test_eval_cli_local_backend_code_file(tmp_path, capsys):
     assert sum(code["verdicts"].values()) == 4                         # 2 problems x 2 samples, one verdict each
     assert set(code["by_window"]) == {"before 2025-01-01", "from 2025-01-01"}
     assert set(code["by_contest_month"]) == {"2024-08", "2025-03"}
-    assert set(code["by_difficulty"]) == {"easy", "medium"}
+    assert set(code["by_difficulty"]) == {"easy", "medium"} and set(code["pass@k"]) == {"1", "2"}
     assert (tmp_path / "out" / "code_aggregation_template.txt").exists()
 
 
