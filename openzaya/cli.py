@@ -223,9 +223,13 @@ def _eval(a):
     items = codebench.load(a.benchmark, task=a.task, question_field=a.question_field, answer_field=a.answer_field,
                            id_field=a.id_field, split=a.split, limit=None if windowed else a.limit)
     code = items[0].code is not None
+    if not code and (windowed or a.cutoff_date is not None):
+        raise ValueError("--start-date / --end-date / --cutoff-date go by contest date: code benchmarks only")
+    lim = codebench.CodeLimits(time_s=a.test_time_s, memory_mb=a.test_memory_mb,
+                               workers=a.sandbox_workers or os.cpu_count() or 1)
+    lim.validate()
+    codebench.check_date("--cutoff-date", a.cutoff_date)
     if windowed:
-        if not code:
-            raise ValueError("--start-date / --end-date select problems by contest date: code benchmarks only")
         items = codebench.in_window(items, a.start_date, a.end_date)[:a.limit]
     a.out = a.out or f"runs/eval/{benchmark_name(a.benchmark)}"
     if code and a.template_file is None:   # aggregation prompts that ask for a program, not a \boxed{} answer
@@ -235,8 +239,6 @@ def _eval(a):
     run_config = {"model": a.model, "backend": a.backend, "base_url": a.base_url, "benchmark": a.benchmark,
                   "split": a.split, "limit": a.limit, "samples": a.samples}
     if code:
-        lim = codebench.CodeLimits(time_s=a.test_time_s, memory_mb=a.test_memory_mb,
-                                   workers=a.sandbox_workers or os.cpu_count() or 1)
         res = codebench.evaluate_code(items, backend, base, methods, lim, samples=a.samples, out_dir=a.out,
                                       match_calls=not a.no_match_calls, task=benchmark_name(a.benchmark),
                                       run_config=run_config, cutoff_date=a.cutoff_date)

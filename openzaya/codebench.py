@@ -305,7 +305,7 @@ def judge_code(method: str, items: list, runs_by_item: dict, lim: CodeLimits, st
     jobs = sorted({(pid, code) for (pid, _, _), code in codes.items()}, key=lambda j: (j[0], j[1] or ""))
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max(1, lim.workers)) as pool, \
-            tqdm(total=len(jobs), unit="sample", desc=f"tests {method}", dynamic_ncols=True) as bar:
+            tqdm(total=len(jobs), unit="program", desc=f"tests {method}", dynamic_ncols=True) as bar:
         def score(job):
             v = run_tests(tasks[job[0]], job[1], lim)
             bar.update(1)
@@ -490,11 +490,17 @@ def in_window(items: list, start: str | None = None, end: str | None = None) -> 
     items without a date are dropped once a bound is given."""
     if start is None and end is None:
         return items
+    check_date("--start-date", start), check_date("--end-date", end)
     kept = [it for it in items if it.code is not None and it.code.date
             and (start is None or it.code.date >= start) and (end is None or it.code.date <= end)]
     if not kept:
         raise ValueError(f"no problem dated within --start-date {start} / --end-date {end}")
     return kept
+
+
+def check_date(flag: str, value: str | None) -> None:
+    if value is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        raise ValueError(f"{flag} takes a date as YYYY-MM-DD, got {value!r}")
 
 
 MINI_PUBLIC, MINI_HIDDEN = 3, 7
@@ -557,6 +563,7 @@ def evaluate_code(items: list, backend, base, methods: list[str], lim: CodeLimit
     from dataclasses import replace
 
     lim.validate()
+    check_date("--cutoff-date", cutoff_date)
     if base.template_file is None and out_dir:
         base = replace(base, template_file=code_template_file(out_dir))
     stats: dict[str, dict] = {}

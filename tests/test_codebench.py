@@ -142,6 +142,8 @@ def test_own_jsonl_layout_and_date_window(tmp_path):
     assert [it.id for it in codebench.in_window([add, echo], "2025-03-01", None)] == ["echo"]
     with pytest.raises(ValueError, match="no problem dated"):
         codebench.in_window([add, echo], "2026-01-01", "2026-02-01")
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        codebench.in_window([add, echo], "2025-03", None)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**rows[0], "tests": [{"input": 5, "output": 10}]}) + "\n")
     with pytest.raises(ValueError, match="argument list"):
