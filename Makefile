@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test setup
+.PHONY: run test setup mutation
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,3 +18,8 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow and not gpu"
+
+# Mutation testing (mutmut) of rl, ttc, evaluate, verify, the router/balancing/experts of model.py and the engine's
+# sampler against their own tests; minutes per module, not part of CI. Report: runs/mutation/report.md
+mutation: setup
+	$(BIN)/python bench/mutation.py

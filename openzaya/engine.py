@@ -14,15 +14,22 @@ How a `generate` call runs (continuous mode):
 Static mode (`continuous=False`): up to `max_slots` prompts are left-padded together and decoded until the
 longest is done (finished rows keep decoding, their tokens ignored), then the next group: the classic peer.
 
-Sampling: temperature 0 is greedy (argmax). Otherwise logits / T, then min-p (drop tokens below min_p * max prob),
-top-k, top-p (smallest prefix of the sorted distribution reaching mass top_p), then inverse-CDF sampling with one
-uniform per row drawn from that request's own `torch.Generator` (seeded by `GenParams.seed`). The same seed and the
-same batch composition therefore give the same tokens; across batch compositions only float rounding of the
-batched matmuls can differ.
+Sampling (sampling.py): temperature 0 is greedy (argmax). Otherwise logits / T, then min-p, top-k, top-p, then
+inverse-CDF sampling with one uniform per row drawn from that request's own `torch.Generator` (seeded by
+`GenParams.seed`). The same seed and the same batch composition therefore give the same tokens; across batch
+compositions only float rounding of the batched matmuls can differ. `logit_bias` and the repetition / frequency /
+presence penalties adjust the logits first (vLLM's order and definitions, sampling.py); a batch where no row sets
+them samples from the untouched logits.
 
-Log-probabilities: `GenResult.logprobs` is the raw model's log-softmax at temperature 1 (no filtering) of each
-sampled token, what RL needs for importance ratios / KL. `GenResult.sampling_logprobs` is the log-probability
-under the distribution actually sampled from (after temperature and filters; 0 for greedy tokens).
+Log-probabilities: `GenResult.logprobs` is the raw model's log-softmax at temperature 1 (no filtering, no bias or
+penalty) of each sampled token, what RL needs for importance ratios / KL; with `GenParams.top_logprobs = k`,
+`GenResult.top_logprobs` also lists the k most likely tokens of that same distribution at every step.
+`GenResult.sampling_logprobs` is the log-probability under the distribution actually sampled from (after bias,
+penalties, temperature and filters; 0 for greedy tokens). With `GenParams.prompt_logprobs = k` (not None) the
+prefill also scores the prompt: `GenResult.prompt_logprobs` holds log p(prompt[t] | prompt[:t]) for every prompt
+token (None for the first, which nothing predicts) and `prompt_top_logprobs` the k most likely tokens at each
+position; such requests are prefilled in groups of their own (their prefill keeps every position's hidden state).
+`max_new_tokens = 0` returns no tokens (finish reason "length"): with prompt_logprobs, a pure scoring request.
 
 Finishing: an eos id ends a request with reason "stop"; the eos token is kept in `tokens` (with its logprob,
 RL must learn to stop) but left out of `text`. A stop string ends it with reason "stop" and is cut exactly: `text`
@@ -45,7 +52,8 @@ row; either way it returns the new token of every row that produced one, with th
 request finished (its slot is free again at once). `cancel` drops a waiting request or frees a running one's slot
 immediately. The interface shares the cache with `generate`, so the two must not be mixed (generate raises while
 incremental requests are in flight), and it is single-threaded: one thread calls submit/step/cancel (serve.py's
-scheduler thread). No router replay here (routes are for RL, which uses `generate`).
+scheduler thread). With `record_routes = True` every result carries its routes as in `generate(return_routes=True)`
+(openzaya serve --enable-return-routed-experts: RL trainers replay them).
 
 Shape legend: B active rows (slots in use), S slots, T tokens, V vocab, L layers.
 """
@@ -59,8 +67,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from openzaya.model import ZayaCache, ZayaForCausalLM
+from openzaya.sampling import PenaltyState, prompt_logprobs, sample, sampling_batch, uses_penalties
 
 
 @dataclass
@@ -73,6 +83,13 @@ class GenParams:
     eos_ids: list[int] | None = None  # None = the model config's eos ids
     stop: list[str] = field(default_factory=list)   # stop strings (needs Engine(decode=...))
     seed: int | None = None           # None = drawn from torch's global RNG
+    # OpenAI / vLLM request knobs (sampling.py has their definitions); the defaults are off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    top_logprobs: int = 0             # k most likely tokens (raw logprobs) at every generated step
+    prompt_logprobs: int | None = None  # None = off; k >= 0: score the prompt's tokens, plus k alternatives each
 
 
 @dataclass
@@ -85,6 +102,9 @@ class GenResult:
     completion_tokens: int
     text: str | None = None           # decode(tokens) cut before any stop string (None without decode)
     routes: torch.Tensor | None = None  # [L, prompt_tokens + completion_tokens] expert ids, -1 = none
+    top_logprobs: list[list[tuple[int, float]]] | None = None    # per token: k (token, raw logprob), most likely first
+    prompt_logprobs: list[float | None] | None = None             # per prompt token (the first: None)
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 # -----------------------------------------------------------------------------
@@ -97,6 +117,14 @@ def prefill(model: ZayaForCausalLM, cache: ZayaCache, ids_BT, mask_BT, return_ro
     if return_routes:
         return out[0][:, -1], out[1]
     return out[:, -1], None
+
+
+def prefill_hidden(model: ZayaForCausalLM, cache: ZayaCache, ids_BT, mask_BT, return_routes: bool):
+    """`prefill` that also keeps every position's final hidden state (to score the prompt): (last-position logits
+    [B, V], hidden [B, T, D], routes)."""
+    out = model(ids_BT, mask_BT, cache, return_routes=return_routes, return_hidden=True)
+    x_BTD, routes = (out[0], out[1]) if return_routes else (out, None)
+    return F.linear(x_BTD[:, -1], model.output_embeddings()).float(), x_BTD, routes
 
 
 def decode_one_token(model: ZayaForCausalLM, cache: ZayaCache, tok_B, return_routes: bool):
@@ -168,48 +196,18 @@ class _GraphedDecode:
             t.copy_(v)
 
 
-def sample(logits_BV, temp_B, top_k_B, top_p_B, min_p_B, u_B, greedy_only: bool, filters: tuple[bool, bool]):
-    """Sample one token per row. Returns (tokens [B], raw logprob at T=1 [B], logprob under the sampled dist [B]).
-
-    `filters` = (any min-p, any top-k/top-p) so that unused filters cost nothing; `u_B` are uniforms in [0, 1).
-    """
-    logits_BV = logits_BV.float()
-    logp_BV = torch.log_softmax(logits_BV, dim=-1)
-    greedy_B = logits_BV.argmax(dim=-1)
-    if greedy_only:
-        raw_B = logp_BV.gather(1, greedy_B[:, None])[:, 0]
-        return greedy_B, raw_B, torch.zeros_like(raw_B)
-    use_min_p, use_sort = filters
-    probs_BV = torch.softmax(logits_BV / temp_B.clamp_min(1e-6)[:, None], dim=-1)
-    if use_min_p:
-        floor_B1 = min_p_B[:, None] * probs_BV.amax(dim=-1, keepdim=True)
-        probs_BV = probs_BV.masked_fill(probs_BV < floor_B1, 0.0)
-    if use_sort:
-        probs_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
-        V = probs_BV.shape[-1]
-        k_B = torch.where(top_k_B > 0, top_k_B, V)
-        keep_BV = torch.arange(V, device=probs_BV.device)[None] < k_B[:, None]
-        probs_BV = probs_BV * keep_BV
-        cum_BV = probs_BV.cumsum(dim=-1)
-        mass_before_BV = cum_BV - probs_BV                        # keeps the first token always
-        probs_BV = probs_BV * (mass_before_BV < top_p_B[:, None] * cum_BV[:, -1:])
-    cdf_BV = probs_BV.cumsum(dim=-1)
-    total_B1 = cdf_BV[:, -1:]
-    idx_B = torch.searchsorted(cdf_BV, u_B[:, None] * total_B1, right=True)[:, 0].clamp_max(cdf_BV.shape[-1] - 1)
-    sampled_lp_B = (probs_BV.gather(1, idx_B[:, None]) / total_B1).log()[:, 0]
-    sampled_B = order_BV.gather(1, idx_B[:, None])[:, 0] if use_sort else idx_B
-    is_greedy_B = temp_B <= 0
-    tok_B = torch.where(is_greedy_B, greedy_B, sampled_B)
-    raw_B = logp_BV.gather(1, tok_B[:, None])[:, 0]
-    return tok_B, raw_B, torch.where(is_greedy_B, 0.0, sampled_lp_B)
-
-
-def _sampling_ok(gp: GenParams) -> bool:
+def _sampling_ok(gp: GenParams, vocab_size: int) -> bool:
     """The ranges `sample` and torch.Generator take: a finite temperature >= 0, top_p in (0, 1], min_p in [0, 1],
-    top_k within int64, 1 <= max_new_tokens < 2^63, a seed in [-2^63, 2^64) (NaN fails every comparison)."""
+    top_k within int64, 0 <= max_new_tokens < 2^63, a seed in [-2^63, 2^64), finite penalties (repetition > 0),
+    logit_bias over token ids of the vocabulary with finite values, top_logprobs / prompt_logprobs >= 0 (NaN fails
+    every comparison)."""
+    bias = gp.logit_bias or {}
     return (math.isfinite(gp.temperature) and gp.temperature >= 0 and 0 < gp.top_p <= 1 and 0 <= gp.min_p <= 1
-            and -2**63 <= gp.top_k < 2**63 and 1 <= gp.max_new_tokens < 2**63
-            and (gp.seed is None or -2**63 <= gp.seed < 2**64))
+            and -2**63 <= gp.top_k < 2**63 and 0 <= gp.max_new_tokens < 2**63
+            and (gp.seed is None or -2**63 <= gp.seed < 2**64)
+            and all(math.isfinite(x) for x in (gp.presence_penalty, gp.frequency_penalty, gp.repetition_penalty))
+            and gp.repetition_penalty > 0 and all(0 <= t < vocab_size and math.isfinite(v) for t, v in bias.items())
+            and 0 <= gp.top_logprobs < 2**63 and (gp.prompt_logprobs is None or 0 <= gp.prompt_logprobs < 2**63))
 
 
 # -----------------------------------------------------------------------------
@@ -218,11 +216,13 @@ def _sampling_ok(gp: GenParams) -> bool:
 
 @dataclass
 class StepOutput:
-    """One new token of one request from `Engine.step()`; `result` is set when the request finished with it."""
+    """One new token of one request from `Engine.step()`; `result` is set when the request finished with it.
+    token / logprob are None for a request that finished at admission without a token (max_new_tokens = 0)."""
     handle: int
-    token: int
-    logprob: float                    # raw model log-softmax at temperature 1
+    token: int | None
+    logprob: float | None             # raw model log-softmax at temperature 1
     result: GenResult | None = None
+    top: list[tuple[int, float]] | None = None   # the k most likely (token, raw logprob) when asked
 
 
 @dataclass
@@ -236,6 +236,8 @@ class _Live:
     tokens: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     sampling_logprobs: list = field(default_factory=list)
+    top_logprobs: list | None = None  # per token, when params.top_logprobs > 0
+    prompt_logprobs: tuple = (None, None)   # (logprobs, top alternatives) of the prompt, when asked
     done: str | None = None           # finish reason once finished
 
 
@@ -265,6 +267,7 @@ class Engine:
         L = self.config.num_hidden_layers
         self.routes_SLT = torch.full((max_slots, L, max_len), -1, dtype=torch.long, device=self.device)
         self.tok_S = torch.zeros(max_slots, dtype=torch.long, device=self.device)   # last sampled token per slot
+        self.penalty: PenaltyState | None = None   # allocated at the first request with a penalty (sampling.py)
         self.decode_fn = decode_one_token
         if compile:
             # The experts run as one opaque custom op inside the compiled step (model._experts_op), and every step
@@ -281,6 +284,7 @@ class Engine:
         self._inc_prompts: dict[int, list[int]] = {}
         self._inc_params: dict[int, GenParams] = {}
         self._inc_sp = None               # sampling tensors of the live rows (None = rebuild)
+        self.record_routes = False        # incremental interface: GenResult.routes too (serve: RL router replay)
         self._next_handle = 0
 
     # --- validation --------------------------------------------------------------------------------
@@ -298,7 +302,7 @@ class Engine:
                                  f"(max_len {self.max_len}, model context {self.config.max_position_embeddings})")
             if min(p) < 0 or max(p) >= V:
                 raise ValueError(f"prompt {i}: token ids must be in [0, {V})")
-            if not _sampling_ok(gp):
+            if not _sampling_ok(gp, V):
                 raise ValueError(f"request {i}: bad sampling parameters {gp}")
             if gp.stop and self.decode is None:
                 raise ValueError(f"request {i} has stop strings but the Engine has no decode callable")
@@ -341,20 +345,17 @@ class Engine:
             t0 = time.perf_counter()
             B = len(slots)
             if rebuild:
-                sp = self._sampling_tensors(slots)
+                sp = sampling_batch([s.params for s in slots], dev, self.config.vocab_size)
                 rebuild = False
             stale = [r for r, s in enumerate(slots) if s.done is not None]   # static mode only
             logits_BV, routes_LB1 = self.decode_fn(self.model, cache.rows(0, B), self.tok_S[:B], return_routes)
             if return_routes:
-                write_B = cache.write_B[:B] - 1
-                self.routes_SLT[torch.arange(B, device=dev)[:, None], :, write_B[:, None]] = routes_LB1[:, :, 0].T[:, None]
+                self._store_decode_routes(routes_LB1)
             if stale:   # finished rows of a static group decode in place, so their cache rows never overflow
                 stale_R = torch.tensor(stale, device=dev)
                 cache.write_B[stale_R] -= 1
                 cache.pos_B[stale_R] -= 1
-            tok_B, raw_B, slp_B = sample(logits_BV, *sp[:4], self._uniforms(slots, sp[4]), *sp[4:])
-            self.tok_S[:B] = tok_B
-            self._record(slots, tok_B, raw_B, slp_B)
+            self._sample(logits_BV, slots, sp, 0)
             t_decode += time.perf_counter() - t0
             n_steps += 1
             n_decoded += B
@@ -407,29 +408,37 @@ class Engine:
             a = len(slots)
             admit = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
             for group in self._groups(admit, self._inc_prompts, self._inc_params, limit):
-                self._admit(group, self._inc_prompts, self._inc_params, slots, False, limit)
+                self._admit(group, self._inc_prompts, self._inc_params, slots, self.record_routes, limit)
             new = slots[a:]
             self._inc_sp = None
         elif slots:
             B = len(slots)
             if self._inc_sp is None:
-                self._inc_sp = self._sampling_tensors(slots)
-            sp = self._inc_sp
-            logits_BV, _ = self.decode_fn(self.model, self.cache.rows(0, B), self.tok_S[:B], False)
-            tok_B, raw_B, slp_B = sample(logits_BV, *sp[:4], self._uniforms(slots, sp[4]), *sp[4:])
-            self.tok_S[:B] = tok_B
-            self._record(slots, tok_B, raw_B, slp_B)
+                self._inc_sp = sampling_batch([s.params for s in slots], self.device, self.config.vocab_size)
+            logits_BV, routes_LB1 = self.decode_fn(self.model, self.cache.rows(0, B), self.tok_S[:B],
+                                                   self.record_routes)
+            if self.record_routes:
+                self._store_decode_routes(routes_LB1)
+            self._sample(logits_BV, slots, self._inc_sp, 0)
             new = list(slots)
         else:
             return []
-        out = {s.idx: StepOutput(s.idx, s.tokens[-1], s.logprobs[-1]) for s in new}
+        out = {s.idx: StepOutput(s.idx, *((s.tokens[-1], s.logprobs[-1]) if s.tokens else (None, None)),
+                                 top=s.top_logprobs[-1] if s.top_logprobs else None) for s in new}
         for r in sorted((r for r, s in enumerate(slots) if s.done is not None), reverse=True):
             h = slots[r].idx
-            out[h].result = self._result(r, slots[r], self._inc_prompts, False)
+            out[h].result = self._result(r, slots[r], self._inc_prompts, self.record_routes)
             self._free_row(r)
             self._inc_prompts.pop(h)
             self._inc_params.pop(h)
         return list(out.values())
+
+    def _store_decode_routes(self, routes_LB1):
+        """Record the experts of one decode step's rows [0, B) at their cache positions."""
+        B = routes_LB1.shape[1]
+        write_B = self.cache.write_B[:B] - 1
+        rows_B1 = torch.arange(B, device=self.device)[:, None]
+        self.routes_SLT[rows_B1, :, write_B[:, None]] = routes_LB1[:, :, 0].T[:, None]
 
     def _free_row(self, r: int):
         """Remove live row r, moving the last active row into the hole (incremental interface)."""
@@ -442,12 +451,17 @@ class Engine:
 
     # --- helpers (all host-side bookkeeping) -------------------------------------------------------
     def _groups(self, admit, prompts, params, limit):
-        """Split admitted requests so that left padding never eats into any row's token budget."""
+        """Split admitted requests so that left padding never eats into any row's token budget, and so that requests
+        scoring their prompt (prompt_logprobs) are prefilled apart from the others."""
+        def scores(i):
+            return params[i].prompt_logprobs is not None
+
         groups, cur = [], []
-        for i in sorted(admit, key=lambda i: len(prompts[i])):
+        for i in sorted(admit, key=lambda i: (scores(i), len(prompts[i]))):
             cand = cur + [i]
             pad = max(len(prompts[j]) for j in cand)
-            if all(pad + self._budget(prompts[j], params[j], limit) - 1 <= self.max_len for j in cand):
+            if (not cur or scores(cur[0]) == scores(i)) and all(
+                    pad + self._budget(prompts[j], params[j], limit) - 1 <= self.max_len for j in cand):
                 cur = cand
             else:
                 groups.append(cur)
@@ -468,34 +482,46 @@ class Engine:
             ids_BT[r, P - len(prompts[i]):] = torch.tensor(prompts[i])
             mask_BT[r, P - len(prompts[i]):] = 1
         cache.reset(slice(a, b))
-        logits_BV, routes_LBT = prefill(self.model, cache.rows(a, b), ids_BT.to(dev), mask_BT.to(dev), return_routes)
+        scoring = params[group[0]].prompt_logprobs is not None       # the whole group scores its prompts (_groups)
+        run = prefill_hidden if scoring else prefill
+        out = run(self.model, cache.rows(a, b), ids_BT.to(dev), mask_BT.to(dev), return_routes)
+        logits_BV, routes_LBT = out[0], out[-1]
         if return_routes:
             self.routes_SLT[a:b] = -1
             self.routes_SLT[a:b, :, :P] = routes_LBT.transpose(0, 1)
-        for i in group:
+        for r, i in enumerate(group):
             gp = params[i]
             eos = gp.eos_ids if gp.eos_ids is not None else self.config.eos_ids
             gen = None
             if gp.temperature > 0:
                 seed = gp.seed if gp.seed is not None else int(torch.randint(0, 2**62, ()))
                 gen = torch.Generator(device=dev).manual_seed(seed)
-            slots.append(_Live(i, gp, self._budget(prompts[i], gp, limit), frozenset(eos), gen))
+            s = _Live(i, gp, self._budget(prompts[i], gp, limit), frozenset(eos), gen,
+                      top_logprobs=[] if gp.top_logprobs else None)
+            if s.budget == 0:
+                s.done = "length"           # max_new_tokens = 0: no token (its sample below is not recorded)
+            if scoring:
+                n, W = len(prompts[i]), self.model.output_embeddings()
+                target_T = torch.tensor(prompts[i][1:], dtype=torch.long, device=dev)
+                lps, tops = prompt_logprobs(out[1][r, P - n:P - 1], W, target_T, gp.prompt_logprobs)
+                s.prompt_logprobs = ([None] + lps, None if tops is None else [None] + tops)
+            slots.append(s)
         live = slots[a:b]
-        sp = self._sampling_tensors(live)
-        tok_B, raw_B, slp_B = sample(logits_BV, *sp[:4], self._uniforms(live, sp[4]), *sp[4:])
-        self.tok_S[a:b] = tok_B
-        self._record(live, tok_B, raw_B, slp_B)
+        if any(uses_penalties(s.params) for s in live):
+            if self.penalty is None:
+                self.penalty = PenaltyState(self.max_slots, self.config.vocab_size, dev)
+            for r, i in enumerate(group):
+                self.penalty.reset(a + r, prompts[i])
+        self._sample(logits_BV, live, sampling_batch([s.params for s in live], dev, self.config.vocab_size), a)
 
-    def _sampling_tensors(self, live):
-        dev = self.device
-        ps = [s.params for s in live]
-        temp_B = torch.tensor([p.temperature for p in ps], device=dev)
-        top_k_B = torch.tensor([p.top_k for p in ps], dtype=torch.long, device=dev)
-        top_p_B = torch.tensor([p.top_p for p in ps], device=dev)
-        min_p_B = torch.tensor([p.min_p for p in ps], device=dev)
-        greedy_only = all(p.temperature == 0 for p in ps)
-        filters = (any(p.min_p > 0 for p in ps), any(p.top_k > 0 or p.top_p < 1 for p in ps))
-        return temp_B, top_k_B, top_p_B, min_p_B, greedy_only, filters
+    def _sample(self, logits_BV, live, sb, a: int):
+        """Sample the next token of live rows a, a+1, ... (cache slots) and record it."""
+        history = self.penalty.rows(a, a + len(live)) if sb.penalties is not None else None
+        tok_B, raw_B, slp_B, top = sample(logits_BV, sb, self._uniforms(live, sb.greedy_only), history)
+        self.tok_S[a:a + len(live)] = tok_B
+        if sb.penalties is not None:
+            self.penalty.count(a, tok_B)
+        self._record(live, tok_B, raw_B, slp_B, top)
 
     def _uniforms(self, live, greedy_only):
         if greedy_only:
@@ -504,13 +530,17 @@ class Engine:
              else torch.zeros(1, device=self.device) for s in live]
         return torch.cat(u)
 
-    def _record(self, live, tok_B, raw_B, slp_B):
-        for s, t, lp, slp in zip(live, tok_B.tolist(), raw_B.tolist(), slp_B.tolist()):
+    def _record(self, live, tok_B, raw_B, slp_B, top=None):
+        if top is not None:                 # (logprobs [B, K], tokens [B, K]) -> per row [(token, logprob)] * K
+            top = [list(zip(ids, vals)) for ids, vals in zip(top[1].tolist(), top[0].tolist())]
+        for r, (s, t, lp, slp) in enumerate(zip(live, tok_B.tolist(), raw_B.tolist(), slp_B.tolist())):
             if s.done is not None:          # static mode: finished rows keep decoding, output ignored
                 continue
             s.tokens.append(t)
             s.logprobs.append(lp)
             s.sampling_logprobs.append(slp)
+            if s.top_logprobs is not None:
+                s.top_logprobs.append(top[r][:s.params.top_logprobs])
             if t in s.eos:
                 s.done = "stop"
             elif s.params.stop and _stop_in_tail(s.tokens, s.params.stop, self.decode):
@@ -544,6 +574,8 @@ class Engine:
         c.valid_BS[dst] = c.valid_BS[src]
         self.routes_SLT[dst, :, :w] = self.routes_SLT[src, :, :w]
         self.tok_S[dst] = self.tok_S[src]
+        if self.penalty is not None:
+            self.penalty.move(src, dst)
 
     def _result(self, r: int, s: _Live, prompts, return_routes) -> GenResult:
         tokens, reason = s.tokens, s.done
@@ -568,7 +600,8 @@ class Engine:
             routes[:, :keep] = real[:, :keep].cpu()
         return GenResult(tokens=list(tokens), logprobs=s.logprobs[:n], sampling_logprobs=s.sampling_logprobs[:n],
                          finish_reason=reason, prompt_tokens=len(prompts[s.idx]), completion_tokens=n,
-                         text=text, routes=routes)
+                         text=text, routes=routes, top_logprobs=None if s.top_logprobs is None else s.top_logprobs[:n],
+                         prompt_logprobs=s.prompt_logprobs[0], prompt_top_logprobs=s.prompt_logprobs[1])
 
 
 # -----------------------------------------------------------------------------

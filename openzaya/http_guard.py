@@ -28,7 +28,16 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .openai_format import APIError
 from .scheduler import Metrics
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")   # others: "other"
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/version",
+             "/tokenize", "/detokenize", "/tokenizer_info")   # and /v1/models/{id}; others: "other"
+LATENCY_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+
+
+def endpoint_label(path: str) -> str:
+    """The endpoint label of a path in the metrics (a bounded set: an id in a path is not a label value)."""
+    if path in ENDPOINTS:
+        return path
+    return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
 
 
 async def read_body(receive, max_bytes: int, timeout_s: float) -> bytes | int:
@@ -78,16 +87,17 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 
 class GuardMiddleware:
     """The API key, the body cap and deadline, and the request metrics (count by status sent, latency) of every
-    HTTP request. `cfg` is the server's `ServeConfig` (api_key, max_body_bytes, read_timeout_s)."""
+    HTTP request. `cfg` is the server's `ServeConfig` (api_key, max_body_bytes, read_timeout_s); the key guards
+    /v1/* and the `protected` paths (serve_rl's weight-update routes)."""
 
-    def __init__(self, app, cfg, metrics: Metrics):
-        self.app, self.cfg, self.metrics = app, cfg, metrics
+    def __init__(self, app, cfg, metrics: Metrics, protected: tuple[str, ...] = ()):
+        self.app, self.cfg, self.metrics, self.protected = app, cfg, metrics, protected
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, cfg = scope.get("path", ""), self.cfg
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = endpoint_label(path)
         t0 = time.perf_counter()
         status = [0]
 
@@ -101,7 +111,7 @@ class GuardMiddleware:
 
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            if cfg.api_key and (path.startswith("/v1/") or path == "/update_weights_from_disk"):
+            if cfg.api_key and (path.startswith("/v1/") or path in self.protected):
                 auth = headers.get("authorization", "")
                 token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
                 if not secrets.compare_digest(token.encode(), cfg.api_key.encode()):
@@ -126,8 +136,8 @@ class GuardMiddleware:
             raise
         finally:
             self.metrics.count_request(endpoint, status[0] or 499)
-            if endpoint.startswith("/v1/") and endpoint != "/v1/models":
-                self.metrics.observe("openzaya_request_latency_seconds", endpoint, time.perf_counter() - t0)
+            if endpoint in LATENCY_ENDPOINTS:
+                self.metrics.observe_latency(endpoint, time.perf_counter() - t0)
 
 
 class TimedH11Protocol(H11Protocol):

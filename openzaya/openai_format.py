@@ -1,5 +1,11 @@
 """The OpenAI shapes the server writes: errors, whole choices (completions: text; chat: a message whose `<think>`
-block becomes reasoning_content), streamed chunk choices, the sampled tokens' logprobs, usage, and SSE framing.
+block becomes reasoning_content), streamed chunk choices, logprobs, usage, and SSE framing.
+
+Logprobs, as OpenAI and vLLM shape them. Completions: {"tokens", "token_logprobs", "top_logprobs", "text_offset"},
+top_logprobs one {token text: logprob} per token holding the k most likely tokens and the token itself (so up to
+k + 1 entries; with `logprobs: 0` just the token); an echoed prompt's first token has null for both (nothing
+predicts it). Chat: {"content": [{"token", "logprob", "bytes", "top_logprobs": [k x {"token", "logprob",
+"bytes"}]}]}. Every logprob is the raw model's at temperature 1 (engine.py).
 
 `Reply` is everything that differs between /v1/completions and /v1/chat/completions once the prompts are built;
 `ChoiceStream` turns one sequence's tokens into chunk choices that only ever add text (`tokenizer.TextStream` and
@@ -56,8 +62,8 @@ class Reply:
     tokenizer: Tokenizer
     chat: bool
     thinking: bool = True          # chat: the prompt opened a think block (split_reasoning's `thinking`)
-    logprobs: bool = False         # choices carry the sampled tokens' logprobs
-    top_logprobs: int = 0
+    logprobs: bool = False         # choices carry the tokens' logprobs
+    top_logprobs: int = 0          # and the k most likely alternatives at each
 
     def envelope(self, model_name: str, stream: bool) -> dict:
         obj = "chat.completion" if self.chat else "text_completion"
@@ -65,22 +71,26 @@ class Reply:
                 "object": obj + ".chunk" if stream and self.chat else obj, "created": int(time.time()),
                 "model": model_name}
 
-    def logprobs_of(self, tokens: list[int], logprobs: list[float]) -> dict:
+    def logprobs_of(self, tokens: list[int], logprobs: list, tops: list) -> dict:
+        """The logprobs object of tokens with their logprobs (None: an echoed prompt's first token) and their
+        alternatives (per token a list of (token id, logprob), or None)."""
         strs = [self.tokenizer.decode([t]) for t in tokens]
-        top = self.top_logprobs
+        alts = [[(self.tokenizer.decode([t]), lp) for t, lp in top or []] for top in tops]
         if self.chat:
-            entries = [{"token": s, "logprob": lp, "bytes": list(s.encode())} for s, lp in zip(strs, logprobs)]
-            return {"content": [{**e, "top_logprobs": [dict(e)] if top else []} for e in entries]}
+            def entry(s, lp):
+                return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+            return {"content": [{**entry(s, lp), "top_logprobs": [entry(*a) for a in alt]}
+                                for s, lp, alt in zip(strs, logprobs, alts)]}
         offsets, o = [], 0
         for s in strs:
             offsets.append(o)
             o += len(s)
-        return {"tokens": strs, "token_logprobs": list(logprobs),
-                "top_logprobs": [{s: lp} for s, lp in zip(strs, logprobs)] if top else None, "text_offset": offsets}
+        top_logprobs = [None if lp is None else {**dict(alt), s: lp} for s, lp, alt in zip(strs, logprobs, alts)]
+        return {"tokens": strs, "token_logprobs": list(logprobs), "top_logprobs": top_logprobs, "text_offset": offsets}
 
-    def choice(self, index: int, text: str, finish: str, tokens=(), logprobs=()) -> dict:
+    def choice(self, index: int, text: str, finish: str, tokens=(), logprobs=(), tops=()) -> dict:
         """A whole choice (non-streaming)."""
-        lp = self.logprobs_of(tokens, logprobs) if self.logprobs else None
+        lp = self.logprobs_of(tokens, logprobs, tops) if self.logprobs else None
         if self.chat:
             reasoning, answer = split_reasoning(text, thinking=self.thinking)
             return {"index": index, "finish_reason": finish,
@@ -90,7 +100,7 @@ class Reply:
     def delta(self, index: int, text: str | None = None, reasoning: str = "", finish: str | None = None,
               pairs: list | None = None, role: bool = False) -> dict:
         """A streamed choice: new answer text (chat: `content`, sent when not None), new reasoning, the finish
-        reason on the last one, the (token, logprob) pairs it covers."""
+        reason on the last one, the (token, logprob, alternatives) it covers."""
         if self.chat:
             delta = {"role": "assistant"} if role else {}
             if reasoning:
@@ -101,7 +111,7 @@ class Reply:
         else:
             ch = {"index": index, "text": text or "", "finish_reason": finish}
         if self.logprobs:
-            ch["logprobs"] = self.logprobs_of([t for t, _ in pairs], [lp for _, lp in pairs]) if pairs else None
+            ch["logprobs"] = self.logprobs_of(*zip(*pairs)) if pairs else None
         return ch
 
 
@@ -113,7 +123,7 @@ class ChoiceStream:
         self.reply, self.index = reply, index
         self.text = TextStream(reply.tokenizer, stops, eos)
         self.sent = ("", "")           # (reasoning, answer) sent so far
-        self.pending: list = []        # (token, logprob) not sent yet
+        self.pending: list = []        # (token, logprob, alternatives) not sent yet
         self.n_sent = 0                # tokens whose logprobs were sent
 
     def _deltas(self, text: str, final: bool) -> tuple[str, str]:
@@ -124,9 +134,9 @@ class ChoiceStream:
         self.sent = (r0 + dr, a0 + da)
         return dr, da
 
-    def token(self, token: int, logprob: float) -> dict | None:
+    def token(self, token: int, logprob: float, top=None) -> dict | None:
         """The chunk choice for a new token, or None while it adds no text that can no longer change."""
-        self.pending.append((token, logprob))
+        self.pending.append((token, logprob, top))
         dr, da = self._deltas(self.text.push(token), final=False)
         if not (dr or da):
             return None
@@ -137,5 +147,6 @@ class ChoiceStream:
     def done(self, res: GenResult) -> dict:
         """The last chunk choice: the rest of the final text, the finish reason, the remaining logprobs."""
         dr, da = self._deltas(res.text, final=True)
-        pairs = list(zip(res.tokens, res.logprobs))[self.n_sent:res.completion_tokens]
+        tops = res.top_logprobs or [None] * len(res.tokens)
+        pairs = list(zip(res.tokens, res.logprobs, tops))[self.n_sent:res.completion_tokens]
         return self.reply.delta(self.index, da or None, dr, finish=res.finish_reason, pairs=pairs)

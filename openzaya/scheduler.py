@@ -11,7 +11,8 @@
   sampling values on its own there) fails alone (400, or 500 for an unexpected error); an engine failure inside a
   step fails everything in flight (500).
 - `SchedulerBackend` is the scheduler seen as a `Backend`, so test-time compute (ttc.py) batches with all traffic.
-- `Metrics`: Prometheus text format, no client library.
+- `Metrics`: the Prometheus metrics through prometheus_client (one registry per server, so that several servers in
+  one process count apart), with the process collectors (CPU, memory, open files, Python GC).
 
 Errors are `SchedulerError(status, message, code)` with an HTTP status; this module knows nothing of HTTP, the
 server (serve.py) maps them to its OpenAI-shaped error responses.
@@ -25,6 +26,9 @@ import threading
 import time
 from collections import deque
 from typing import Awaitable, Callable
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
+                               PlatformCollector, ProcessCollector, generate_latest)
 
 from .backends import Backend, BackendError, Completion, Request, completion_from_result, engine_params
 from .engine import Engine, GenParams, GenResult
@@ -44,65 +48,56 @@ def _timed_out() -> SchedulerError:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# metrics (Prometheus text format, no client library)
+# metrics (prometheus_client)
 
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.prompt_tokens = self.completion_tokens = self.engine_steps = self.cancelled = 0
-        self.hist: dict[tuple[str, str], list] = {}    # (name, endpoint) -> [bucket counts..., sum, count]
+    """The server's metrics; names as before prometheus_client (counters expose `<name>_total`)."""
 
-    def observe(self, name: str, endpoint: str, value: float):
-        with self.lock:
-            h = self.hist.setdefault((name, endpoint), [0] * len(LATENCY_BUCKETS_S) + [0.0, 0])
-            for i, b in enumerate(LATENCY_BUCKETS_S):
-                if value <= b:
-                    h[i] += 1
-            h[-2] += value
-            h[-1] += 1
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=r)
+        self.requests = Counter("openzaya_requests", "HTTP requests by endpoint and the status sent",
+                                ["endpoint", "code"], registry=r)
+        self.prompt_tokens = Counter("openzaya_prompt_tokens", "prompt tokens of answered requests", registry=r)
+        self.completion_tokens = Counter("openzaya_completion_tokens", "completion tokens of answered requests",
+                                         registry=r)
+        self.engine_steps = Counter("openzaya_engine_steps", "engine steps (a prefill or a decode step)", registry=r)
+        self.cancelled = Counter("openzaya_cancelled_sequences", "sequences cancelled (client gone, timeout, "
+                                 "shutdown, engine error)", registry=r)
+        self.queue_depth = Gauge("openzaya_queue_depth", "sequences waiting for a slot", registry=r)
+        self.running = Gauge("openzaya_running_sequences", "sequences in the engine's slots", registry=r)
+        self.slots = Gauge("openzaya_slots", "engine slots (sequences decoded together)", registry=r)
+        self.latency = Histogram("openzaya_request_latency_seconds", "request latency (completions and chat)",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.ttft = Histogram("openzaya_time_to_first_token_seconds", "from a sequence's submission to its first "
+                              "token", ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=r)
+
+    def observe_latency(self, endpoint: str, seconds: float):
+        self.latency.labels(endpoint).observe(seconds)
 
     def count_request(self, endpoint: str, code: int):
-        with self.lock:
-            self.requests[(endpoint, code)] = self.requests.get((endpoint, code), 0) + 1
+        self.requests.labels(endpoint, str(code)).inc()
 
     def count_usage(self, prompt_tokens: int, completion_tokens: int):
-        with self.lock:
-            self.prompt_tokens += prompt_tokens
-            self.completion_tokens += completion_tokens
+        self.prompt_tokens.inc(prompt_tokens)
+        self.completion_tokens.inc(completion_tokens)
 
     def first_token(self, job: Job):
         """Observe a finished job's time to first token (when it produced one)."""
         if job.t_first is not None:
-            self.observe("openzaya_time_to_first_token_seconds", "all", job.t_first - job.t_submit)
+            self.ttft.labels("all").observe(job.t_first - job.t_submit)
 
     def render(self, sched: Scheduler) -> str:
-        out = ["# TYPE openzaya_requests_total counter"]
-        with self.lock:
-            out += [f'openzaya_requests_total{{endpoint="{e}",code="{c}"}} {n}' for (e, c), n in
-                    sorted(self.requests.items())]
-            out += ["# TYPE openzaya_prompt_tokens_total counter", f"openzaya_prompt_tokens_total {self.prompt_tokens}",
-                    "# TYPE openzaya_completion_tokens_total counter",
-                    f"openzaya_completion_tokens_total {self.completion_tokens}",
-                    "# TYPE openzaya_engine_steps_total counter", f"openzaya_engine_steps_total {self.engine_steps}",
-                    "# TYPE openzaya_cancelled_sequences_total counter",
-                    f"openzaya_cancelled_sequences_total {self.cancelled}",
-                    "# TYPE openzaya_queue_depth gauge", f"openzaya_queue_depth {sched.queue_depth()}",
-                    "# TYPE openzaya_running_sequences gauge", f"openzaya_running_sequences {sched.engine.num_running}",
-                    "# TYPE openzaya_slots gauge", f"openzaya_slots {sched.engine.max_slots}"]
-            for name in sorted({n for n, _ in self.hist}):
-                out.append(f"# TYPE {name} histogram")
-                for (n, e), h in sorted(self.hist.items()):
-                    if n != name:
-                        continue
-                    for b, c in zip(LATENCY_BUCKETS_S, h):
-                        out.append(f'{n}_bucket{{endpoint="{e}",le="{b}"}} {c}')
-                    out += [f'{n}_bucket{{endpoint="{e}",le="+Inf"}} {h[-1]}', f'{n}_sum{{endpoint="{e}"}} {h[-2]}',
-                            f'{n}_count{{endpoint="{e}"}} {h[-1]}']
-        return "\n".join(out) + "\n"
+        """The Prometheus text exposition, with the scheduler's gauges read now."""
+        self.queue_depth.set(sched.queue_depth())
+        self.running.set(sched.engine.num_running)
+        self.slots.set(sched.engine.max_slots)
+        return generate_latest(self.registry).decode()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -135,6 +130,7 @@ class Scheduler:
         self.inbox_jobs = 0
         self.jobs: dict[int, Job] = {}  # handle -> job (scheduler thread only)
         self.accepting, self.stopping = True, False
+        self.paused = False             # no engine step until resumed; commands (weight copies) still run (serve_rl)
         self.thread = threading.Thread(target=self._loop, name="openzaya-scheduler", daemon=True)
 
     def start(self):
@@ -181,6 +177,18 @@ class Scheduler:
             self.cond.notify()
         return await asyncio.wrap_future(fut)
 
+    def set_paused(self, paused: bool):
+        """Hold decoding (sequences keep their slots; vLLM's pause mode "keep") or restart it."""
+        with self.cond:
+            self.paused = paused
+            self.cond.notify()
+
+    def abort_all(self, message: str):
+        """Fail every sequence in flight (503), e.g. before a weight update (vLLM's pause mode "abort")."""
+        with self.cond:
+            self.inbox.append(("abort", [message]))
+            self.cond.notify()
+
     def shutdown(self, grace_s: float):
         """Refuse new work, let in-flight sequences finish for grace_s, cancel the rest, stop the thread."""
         with self.cond:
@@ -198,8 +206,9 @@ class Scheduler:
         last_deadline_check = 0.0
         while True:
             with self.cond:
-                while not self.inbox and not self.jobs and not self.stopping:
-                    self.cond.wait()
+                while not self.inbox and not self.stopping and not (self.jobs and not self.paused):
+                    if not self.cond.wait(0.25 if self.jobs else None):
+                        break                # paused with sequences: still watch their deadlines
                 cmds = list(self.inbox)
                 self.inbox.clear()
                 self.inbox_jobs = 0
@@ -217,7 +226,7 @@ class Scheduler:
                 last_deadline_check = now
                 for j in [j for j in self.jobs.values() if time.monotonic() > j.deadline]:
                     self._drop(j, ("error", _timed_out()), out)
-            if self.jobs:
+            if self.jobs and not self.paused:
                 self._step(out)
             self._deliver(out)
 
@@ -232,6 +241,9 @@ class Scheduler:
                         fut.set_exception(e)
                 elif kind == "submit":
                     self._submit_one(item, out)
+                elif kind == "abort":
+                    for j in list(self.jobs.values()):
+                        self._drop(j, ("error", SchedulerError(503, item, "aborted")), out)
                 elif item.handle is not None and not item.finished:   # cancelled by its caller: no event
                     self._drop(item, None, out)
 
@@ -242,7 +254,7 @@ class Scheduler:
             for j in list(self.jobs.values()):
                 self._drop(j, ("error", SchedulerError(500, f"engine error: {type(e).__name__}: {e}")), out)
             steps = []
-        self.metrics.engine_steps += 1
+        self.metrics.engine_steps.inc()
         t = time.perf_counter()
         for s in steps:
             j = self.jobs.get(s.handle)
@@ -250,8 +262,8 @@ class Scheduler:
                 continue
             if j.t_first is None:
                 j.t_first = t
-            if j.stream:
-                out.setdefault(j.loop, []).append((j, ("token", s.token, s.logprob)))
+            if j.stream and s.token is not None:
+                out.setdefault(j.loop, []).append((j, ("token", s.token, s.logprob, s.top)))
             if s.result is not None:
                 self._finish(j, ("done", s.result), out)
 
@@ -270,8 +282,7 @@ class Scheduler:
     def _drop(self, j: Job, event, out):
         if j.handle is not None:
             self.engine.cancel(j.handle)
-        with self.metrics.lock:
-            self.metrics.cancelled += 1
+        self.metrics.cancelled.inc()
         self._finish(j, event, out)
 
     def _finish(self, j: Job, event, out):
@@ -298,7 +309,7 @@ def _put_events(batch):
 
 async def wait_jobs(sched: Scheduler, jobs: list[Job], events: asyncio.Queue,
                     disconnected: Callable[[], Awaitable[bool]] | None, deadline: float):
-    """Yield (job index, event) until every job is done: ("token", id, logprob) while streaming, then
+    """Yield (job index, event) until every job is done: ("token", id, logprob, alternatives) while streaming, then
     ("done", GenResult). Raises SchedulerError (an error event, or the deadline passed). Returns early when
     `disconnected()` (the caller's client went away; polled about once a second). Cancels unfinished jobs on exit
     (disconnect, timeout, error, generator closed)."""

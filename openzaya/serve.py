@@ -1,28 +1,41 @@
 """An OpenAI-compatible HTTP server for ZAYA checkpoints, with test-time compute (Markovian RSA & co.) built in.
 
-    openzaya serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-slots 16]
+    openzaya serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-num-seqs 16]
 
-The HTTP layer: limits (`ServeConfig`), request schemas, request -> jobs (`ServerState`), the one response path of
-both endpoints (`respond`), the TTC endpoint, routes, the app and the CLI entry. Around it: http_guard.py (API key,
-body cap and read timeouts before FastAPI parses anything; each status counted as sent), scheduler.py (ONE engine
-serves every client through its thread: continuous batching across requests),
-openai_format.py (error, choice and chunk shapes; `Reply` is what differs between /v1/completions and
-/v1/chat/completions), tokenizer.py (`TextStream` / `split_stream`), ttc.py (the test-time compute itself).
+The HTTP layer: limits (`ServeConfig`), request -> jobs (`ServerState`), the one response path of both endpoints
+(`respond`), the TTC endpoint, routes, the app and the CLI entry. Around it: protocol.py (request schemas and the
+field policy: every field is honoured or refused with a 400 naming it), http_guard.py (API key, body cap and read
+timeouts before FastAPI parses anything; each status counted as sent), scheduler.py (ONE engine serves every client
+through its thread: continuous batching across requests; the Prometheus metrics), openai_format.py (error, choice
+and chunk shapes; `Reply` is what differs between /v1/completions and /v1/chat/completions), tokenizer.py
+(`TextStream` / `split_stream`), ttc.py (the test-time compute itself).
+
+Routes, in vLLM's shapes where vLLM has them: POST /v1/completions, /v1/chat/completions; GET /v1/models,
+/v1/models/{id}; POST /tokenize ({"prompt"} or {"messages"} -> {"count", "max_model_len", "tokens", "token_strs"}),
+/detokenize ({"tokens"} -> {"prompt"}); GET /tokenizer_info (special tokens and chat template: lm-eval's remote
+tokenizer), /version, /health, /metrics (prometheus_client: HELP / TYPE lines, process metrics). As in vLLM, the API
+key guards the /v1/ routes only.
 
 - A request with `n` choices (or a list of prompts) becomes n sequences ("jobs"). Streaming is real: every SSE chunk
   is sent as soon as the engine produced its token. Text that may still change is held back: an incomplete UTF-8
   character, a tail that could be the start of a stop string, and (chat) a tail that could be the start of
   `</think>`. Chat splits the `<think>` block into `reasoning_content`.
+- Logprobs are the raw model's log-softmax at temperature 1 (`GenResult.logprobs`, whatever the sampling knobs);
+  completions' `logprobs: k` and chat's `top_logprobs: k` add the k most likely tokens at each step (completions:
+  the sampled token is always listed too, as OpenAI and vLLM do). `echo` (completions, non-streaming) prepends the
+  prompt to the text and, with `logprobs`, its tokens' logprobs (the first token's null): log-likelihood
+  evaluation (lm-eval's local-completions) works, and `max_tokens: 0` scores the prompt alone.
 - Test-time compute: a body field `"ttc": {"method": "markovian_rsa", "n": 16, "c": 4, "t": 2, "tau": 4096,
   "beta": 16384}` (defaults: `ttc.TTCConfig`'s) runs `ttc.arun` on `SchedulerBackend`, so TTC calls batch with all
   other traffic; its longest prompt (`ttc.Run.longest_prompt_tokens`) plus beta must fit the context. The response
   is the winning candidate (`ProblemResult.winner_index`: its answer is the majority vote) plus a `ttc` object with
   the vote and the per-round accounting; `usage` sums every call. With `stream: true`, chunks with empty `choices`
   and a `ttc` progress object are sent after every round, then the answer.
-- RL trainers: `return_token_ids: true` (vLLM's field) adds each choice's sampled token ids (non-streaming), and with
-  `--enable-weight-updates` the server takes SGLang's `POST /update_weights_from_disk {"model_path": DIR}`: the
-  checkpoint is checked against the running model, then copied in by the scheduler thread between two engine steps
-  (sequences in flight continue on the new weights). Off by default (404); behind the API key when one is set.
+- RL trainers: `return_token_ids: true` (vLLM's field) adds each choice's sampled token ids (non-streaming);
+  `return_routed_experts: true` (with `--enable-return-routed-experts`) adds each choice's `routed_experts`, vLLM's
+  [positions][layers][1] shape over prompt + completion but the last token, -1 = skip class. With
+  `--enable-weight-updates` the trainer's weight pushes (from disk or by broadcast), pause/resume and the served
+  version are serve_rl.py's routes (vLLM's RL API); off by default (404), behind the API key when one is set.
 
 Limits and safety: bearer API key (401), body size cap (413, with or without Content-Length), a read timeout on
 a request's head, then on its body (408: slow clients cannot hold sockets), an explicit
@@ -33,9 +46,8 @@ their jobs (slots freed at the next step), and shutdown lets in-flight requests 
 then cancels the rest. A sequence the engine cannot start fails alone, never its batch-mates (scheduler.py). Every
 error has the OpenAI shape {"error": {"message", "type", "param", "code"}}; /metrics counts the status sent.
 
-Simplified: logprobs are those of the sampled tokens only (raw model log-softmax at temperature 1, as
-`GenResult.logprobs`); `top_logprobs` lists just the sampled token. No tools / function calling, no `echo`,
-no `best_of`, no `logit_bias` (ignored like any unknown field). TTC takes a single user message (or a prompt).
+Simplified: no tools / function calling, no JSON mode, no best-of selection (protocol.py lists what is refused);
+`echo` does not stream; TTC takes a single user message (or a prompt).
 """
 
 from __future__ import annotations
@@ -43,24 +55,25 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backends import BackendError, SamplingParams, engine_params, load_local, text_engine
-from .checkpoint import load_weights_into
-from .engine import Engine, GenResult
+from .engine import Engine, GenParams, GenResult
 from .http_guard import GuardMiddleware, error_response, http_protocol
 from .openai_format import SSE_DONE, APIError, ChoiceStream, Reply, sse, usage
-from .scheduler import Job, Metrics, Scheduler, SchedulerBackend, SchedulerError, collect, wait_jobs
+from .protocol import ChatBody, CompletionBody, DetokenizeBody, Message, TokenizeBody, refusal
+from . import package_version
+from .scheduler import (METRICS_CONTENT_TYPE, Job, Metrics, Scheduler, SchedulerBackend, SchedulerError, collect,
+                        wait_jobs)
+from .serve_rl import PATHS as RL_PATHS, WeightState, routed_experts, router as rl_router
 from .tokenizer import Tokenizer, eos_union, split_reasoning
-from .ttc import METHODS, ProblemResult, Run, TTCConfig, TTCProblem, arun
+from .ttc import ProblemResult, Run, TTCConfig, TTCProblem, arun
 
 
 @dataclass
@@ -77,118 +90,8 @@ class ServeConfig:
     shutdown_grace_s: float = 10.0      # in-flight work gets this long on shutdown, then is cancelled
     api_key: str | None = None          # bearer token for /v1/* (None = open)
     model_name: str | None = None       # id served by /v1/models (None = the checkpoint directory's name)
-    weight_updates: bool = False        # serve POST /update_weights_from_disk (RL rollouts; off = 404)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# request schemas (they make the OpenAPI spec that schemathesis fuzzes)
-
-
-MAX_COUNT = 2**31 - 1   # the upper bound of every count field (tokens, n, top_k, ttc sizes); servers cap lower
-
-
-def _unencodable(v) -> str | None:
-    """Where a string (or a list of them, nested) holds text that cannot be encoded as UTF-8 (lone surrogates)."""
-    if isinstance(v, str):
-        try:
-            v.encode()
-        except UnicodeEncodeError as e:
-            return f"character {e.start}"
-    elif isinstance(v, list):
-        for i, x in enumerate(v):
-            if (where := _unencodable(x)) is not None:
-                return f"item {i}, {where}"
-    return None
-
-
-class _Strict(BaseModel):
-    """Every request schema: unknown fields are ignored, every string must be valid Unicode (a lone surrogate, which
-    JSON's \\ud800 escapes can carry, is a 400 here rather than a failure in the tokenizer or the JSON writer)."""
-    model_config = ConfigDict(extra="ignore")
-
-    @field_validator("*")
-    @classmethod
-    def _valid_unicode(cls, v):
-        if (where := _unencodable(v)) is not None:
-            raise ValueError(f"text is not valid Unicode (a lone surrogate at {where})")
-        return v
-
-
-def _count(default, ge: int, description: str | None = None):
-    return Field(default, ge=ge, le=MAX_COUNT, description=description)
-
-
-def _unit(default, *, gt=None, ge=None, le=None):
-    return Field(default, gt=gt, ge=ge, le=le, allow_inf_nan=False)
-
-
-TokenId = Annotated[int, Field(ge=0, le=MAX_COUNT)]
-
-
-class TTCSpec(_Strict):   # the TTC knobs under the report's letters; every default is TTCConfig's
-    method: Literal[METHODS] = TTCConfig.method
-    n: int = _count(TTCConfig.population, 1, "population N")
-    c: int = _count(TTCConfig.candidates, 1, "candidates per aggregation prompt C")
-    t: int = _count(TTCConfig.rounds, 0, "aggregation rounds T")
-    tau: int = _count(TTCConfig.tail_tokens, 1, "tail tokens")
-    beta: int = _count(TTCConfig.budget_tokens, 1, "decode budget per call, tokens")
-    head_tokens: int = _count(TTCConfig.head_tokens, 0, "delethink: generated tokens kept after the question")
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class _Sampling(_Strict):
-    model: str
-    max_tokens: int | None = _count(None, 1)
-    temperature: float | None = _unit(None, ge=0, le=2)
-    top_p: float | None = _unit(None, gt=0, le=1)
-    top_k: int | None = _count(None, -1)
-    min_p: float | None = _unit(None, ge=0, le=1)
-    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)
-    stop: str | list[str] | None = Field(None, max_length=16)
-    n: int = _count(1, 1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    ttc: TTCSpec | None = None
-    return_token_ids: bool = Field(False, description="vLLM extension: each choice carries its sampled token_ids "
-                                                      "(non-streaming requests)")
-
-
-class CompletionBody(_Sampling):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    logprobs: int | None = Field(None, ge=0, le=20)
-
-
-class TextPart(_Strict):
-    type: Literal["text"] = "text"
-    text: str
-
-
-class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    reasoning_content: str | None = None
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-
-
-class UpdateWeightsBody(_Strict):
-    model_path: str
-
-
-class ChatTemplateKwargs(_Strict):
-    enable_thinking: bool = True
-
-
-class ChatBody(_Sampling):
-    messages: list[Message] = Field(..., min_length=1)
-    max_completion_tokens: int | None = _count(None, 1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    chat_template_kwargs: ChatTemplateKwargs | None = None
+    weight_updates: bool = False        # serve the weight-update routes of serve_rl.py (RL rollouts; off = 404)
+    return_routed_experts: bool = False  # record each sequence's experts (RL router replay; costs a little)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -203,23 +106,26 @@ class ServerState:
         self.metrics = Metrics()
         self.sched = Scheduler(engine, cfg.max_queue, self.metrics)
         self.created = int(time.time())
-        self.weights_version = 0        # weight updates applied (update_weights_from_disk)
+        self.weights_version = 0        # weight updates applied (serve_rl.py)
+        self.rl = WeightState()         # the version label a trainer gave, its transfer group
 
-    def check_model(self, name: str):
-        if name != self.model_name:
+    def check_model(self, name: str | None):
+        if name is not None and name != self.model_name:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
     def max_tokens(self, body, prompt_len: int, default: int | None) -> int:
-        """Requested max tokens, checked against the context (prompt + max tokens <= limit)."""
-        room = self.limit - prompt_len
-        if room < 1:
-            raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {self.limit} tokens",
-                           param="messages" if isinstance(body, ChatBody) else "prompt",
-                           code="context_length_exceeded")
+        """Requested max tokens, checked against the context (prompt + max tokens <= limit); 0 only with echo."""
         asked = body.max_tokens
         if isinstance(body, ChatBody) and body.max_completion_tokens is not None:
             asked = body.max_completion_tokens
+        if asked == 0 and not getattr(body, "echo", False):
+            raise APIError(400, "max_tokens 0 is for scoring a prompt: it needs echo (completions)", param="max_tokens")
+        room = self.limit - prompt_len
+        if room < (0 if asked == 0 else 1):
+            raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {self.limit} tokens",
+                           param="messages" if isinstance(body, ChatBody) else "prompt",
+                           code="context_length_exceeded")
         if asked is None:
             return min(room, default) if default else room
         if prompt_len + asked > self.limit:
@@ -227,35 +133,62 @@ class ServerState:
                                 f"of {self.limit} tokens", param="max_tokens", code="context_length_exceeded")
         return asked
 
-    def jobs_for(self, body, prompts: list[list[int]], max_tokens: list[int], deadline: float) -> list[Job]:
-        """n jobs per prompt, job p * n + j with seed + j; the body's unset sampling fields take OpenAI's defaults."""
-        n = body.n
-        if n * len(prompts) > self.cfg.max_n:
-            raise APIError(400, f"n x prompts = {n * len(prompts)} sequences; this server allows at most "
-                                f"{self.cfg.max_n} per request", param="n")
+    def gen_params(self, body, reply: Reply, max_tokens: int, sample: int) -> GenParams:
+        """The engine's parameters of one sequence; the body's unset sampling fields take OpenAI's defaults."""
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
                                 top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0),
                                 min_p=body.min_p or 0.0, stop=[s for s in stop if s], seed=body.seed)
-        return [Job(p * n + j, ids, engine_params(params, self.eos_ids, j, max_tokens[p]), body.stream, deadline)
+        eos = [] if body.ignore_eos else self.eos_ids + list(body.stop_token_ids or [])
+        echo_logprobs = getattr(body, "echo", False) and reply.logprobs
+        return replace(engine_params(params, eos, sample, max_tokens),
+                       presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                       repetition_penalty=body.repetition_penalty or 1.0, logit_bias=self.logit_bias(body),
+                       top_logprobs=reply.top_logprobs if reply.logprobs else 0,
+                       prompt_logprobs=reply.top_logprobs if echo_logprobs else None)
+
+    def logit_bias(self, body) -> dict[int, float] | None:
+        if not body.logit_bias:
+            return None
+        V = self.engine.config.vocab_size
+        bad = [k for k in body.logit_bias if not (k.strip().isdigit() and int(k) < V)]
+        if bad:
+            raise APIError(400, f"logit_bias keys must be token ids in [0, {V}); got {bad[0][:40]!r}",
+                           param="logit_bias")
+        return {int(k): v for k, v in body.logit_bias.items()}
+
+    def jobs_for(self, body, reply: Reply, prompts: list[list[int]], max_tokens: list[int],
+                 deadline: float) -> list[Job]:
+        """n jobs per prompt, job p * n + j with seed + j."""
+        n = body.n
+        if n * len(prompts) > self.cfg.max_n:
+            raise APIError(400, f"n x prompts = {n * len(prompts)} sequences; this server allows at most "
+                                f"{self.cfg.max_n} per request", param="n")
+        return [Job(p * n + j, ids, self.gen_params(body, reply, max_tokens[p], j), body.stream, deadline)
                 for p, ids in enumerate(prompts) for j in range(n)]
 
-    def chat_prompt(self, body: ChatBody) -> tuple[list[int], bool]:
-        thinking = body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else True
-        messages = []
-        for m in body.messages:
+    def chat_ids(self, messages: list[Message], thinking: bool, add_generation_prompt: bool = True,
+                 add_special_tokens: bool = False) -> list[int]:
+        """The chat template applied to messages (developer is system), tokenized (the template writes BOS itself:
+        add_special_tokens=True adds the tokenizer's special tokens on top, as vLLM's /tokenize does)."""
+        msgs = []
+        for m in messages:
             msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             if m.reasoning_content:
                 msg["reasoning_content"] = m.reasoning_content
-            messages.append(msg)
-        if not any(m["role"] == "user" for m in messages):
-            raise APIError(400, "messages must contain at least one user message", param="messages")
+            msgs.append(msg)
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=thinking,
-                                                     tokenize=True)
+            text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt,
+                                                      enable_thinking=thinking)
         except Exception as e:  # template errors (unknown role, ...) are the caller's input
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        return ids, thinking
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def chat_prompt(self, body: ChatBody) -> tuple[list[int], bool]:
+        thinking = body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else True
+        if not any(m.role == "user" for m in body.messages):
+            raise APIError(400, "messages must contain at least one user message", param="messages")
+        return self.chat_ids(body.messages, thinking), thinking
 
     def completion_prompts(self, body: CompletionBody) -> list[list[int]]:
         p = body.prompt
@@ -297,12 +230,17 @@ def _event_stream(chunks) -> StreamingResponse:
 
 
 async def respond(srv: ServerState, body, reply: Reply, prompts: list[list[int]], default_max_tokens: int | None,
-                  request: HTTPRequest, deadline: float):
-    """Both endpoints: prompts -> jobs -> a collected response, or an SSE stream."""
-    if body.stream and body.return_token_ids:
-        raise APIError(400, "return_token_ids is supported for non-streaming requests only", param="stream")
+                  request: HTTPRequest, deadline: float, echo: list[str] | None = None):
+    """Both endpoints: prompts -> jobs -> a collected response, or an SSE stream. `echo`: the prompts' texts, put
+    before each choice's text (with the prompt tokens' logprobs when logprobs are asked)."""
+    if body.stream and (body.return_token_ids or body.return_routed_experts):
+        raise APIError(400, "return_token_ids / return_routed_experts are for non-streaming requests", param="stream")
+    if body.return_routed_experts and not srv.cfg.return_routed_experts:
+        raise APIError(400, "start the server with --enable-return-routed-experts", param="return_routed_experts")
+    if body.stream and echo is not None:
+        raise APIError(400, "echo is supported for non-streaming requests only", param="stream")
     max_tokens = [srv.max_tokens(body, len(p), default_max_tokens) for p in prompts]
-    jobs = srv.jobs_for(body, prompts, max_tokens, deadline)
+    jobs = srv.jobs_for(body, reply, prompts, max_tokens, deadline)
     events = srv.sched.submit(jobs)
     head, prompt_tokens = reply.envelope(srv.model_name, body.stream), sum(len(p) for p in prompts)
     if body.stream:
@@ -314,9 +252,18 @@ async def respond(srv: ServerState, body, reply: Reply, prompts: list[list[int]]
     choices = []
     for j, res in zip(jobs, results):
         srv.metrics.first_token(j)
-        choices.append(reply.choice(j.index, res.text, res.finish_reason, res.tokens, res.logprobs))
+        n = len(res.tokens)
+        text, tokens, lps, tops = res.text, res.tokens, res.logprobs, res.top_logprobs or [None] * n
+        if echo is not None:
+            ids = prompts[j.index // body.n]
+            text, tokens = echo[j.index // body.n] + text, ids + tokens
+            lps = (res.prompt_logprobs or [None] * len(ids)) + lps
+            tops = (res.prompt_top_logprobs or [None] * len(ids)) + tops
+        choices.append(reply.choice(j.index, text, res.finish_reason, tokens, lps, tops))
         if body.return_token_ids:
             choices[-1]["token_ids"] = list(res.tokens)
+        if body.return_routed_experts:
+            choices[-1]["routed_experts"] = routed_experts(res.routes)
     completion_tokens = sum(r.completion_tokens for r in results)
     srv.metrics.count_usage(prompt_tokens, completion_tokens)
     return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
@@ -335,7 +282,7 @@ async def _stream(srv: ServerState, reply: Reply, jobs: list[Job], events, reque
             yield {**head, "choices": [reply.delta(j.index, role=True)]}
     async for idx, ev in wait_jobs(srv.sched, jobs, events, request.is_disconnected, deadline):
         if ev[0] == "token":
-            ch = streams[idx].token(ev[1], ev[2])
+            ch = streams[idx].token(ev[1], ev[2], ev[3])
             if ch is not None:
                 yield {**head, "choices": [ch]}
             continue
@@ -508,37 +455,79 @@ async def health(request: HTTPRequest):
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: HTTPRequest):
     srv: ServerState = request.app.state.srv
-    return PlainTextResponse(srv.metrics.render(srv.sched), media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(srv.metrics.render(srv.sched), media_type=METRICS_CONTENT_TYPE)
+
+
+@router.get("/version")
+async def version():
+    return {"version": package_version()}
+
+
+def _model_card(srv: ServerState) -> dict:
+    return {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "openzaya",
+            "max_model_len": srv.limit}
 
 
 @router.get("/v1/models")
 async def models(request: HTTPRequest):
-    srv: ServerState = request.app.state.srv
-    return {"object": "list", "data": [{"id": srv.model_name, "object": "model", "created": srv.created,
-                                        "owned_by": "openzaya", "max_model_len": srv.limit}]}
+    return {"object": "list", "data": [_model_card(request.app.state.srv)]}
 
 
-@router.post("/update_weights_from_disk")
-async def update_weights_from_disk(body: UpdateWeightsBody, request: HTTPRequest):
-    """SGLang's endpoint: load new weights (same config) from a checkpoint directory into the running engine,
-    between two engine steps; sequences in flight continue with the new weights (as PipelineRL does)."""
+@router.get("/v1/models/{model_id:path}")   # :path - a Hub repo id served as is holds a slash
+async def model(model_id: str, request: HTTPRequest):
     srv: ServerState = request.app.state.srv
-    if not srv.cfg.weight_updates:
-        raise APIError(404, "weight updates are off (start the server with --enable-weight-updates)",
-                       code="not_found")
-    path = Path(body.model_path)
-    try:   # load_weights_into checks the directory and every tensor before it changes anything
-        n = await srv.sched.call(lambda: load_weights_into(srv.engine.model, path))
-    except (KeyError, ValueError, OSError) as e:
-        raise APIError(400, f"cannot load {path}: {e}", param="model_path")
-    srv.weights_version += 1
-    return {"success": True, "message": f"loaded {n} tensors from {path}", "weights_version": srv.weights_version}
+    srv.check_model(model_id)
+    return _model_card(srv)
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: HTTPRequest):
+    """vLLM's endpoint (lm-eval's remote tokenizer reads it): the special tokens and the chat template."""
+    srv: ServerState = request.app.state.srv
+    tok = srv.tokenizer
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+            "pad_token": tok.pad_token, "chat_template": tok.chat_template, "model_max_length": srv.limit}
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeBody, request: HTTPRequest):
+    """vLLM's /tokenize: a prompt, or messages through the chat template."""
+    srv: ServerState = request.app.state.srv
+    srv.check_model(body.model)
+    _refuse(body)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+    if body.prompt is not None:
+        ids = srv.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+    else:
+        thinking = body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else True
+        ids = srv.chat_ids(body.messages, thinking, body.add_generation_prompt, bool(body.add_special_tokens))
+    strs = [srv.tokenizer.id_to_token(t) for t in ids] if body.return_token_strs else None
+    return {"count": len(ids), "max_model_len": srv.limit, "tokens": ids, "token_strs": strs}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeBody, request: HTTPRequest):
+    srv: ServerState = request.app.state.srv
+    srv.check_model(body.model)
+    V = srv.engine.config.vocab_size
+    if any(t >= V for t in body.tokens):
+        raise APIError(400, f"token ids must be in [0, {V})", param="tokens")
+    return {"prompt": srv.tokenizer.decode(body.tokens)}
+
+
+def _refuse(body):
+    """A 400 naming the first field this server refuses (protocol.py's policy)."""
+    if (refused := refusal(body)) is not None:
+        raise APIError(400, refused[1], param=refused[0], code="unsupported_parameter")
 
 
 def _accept(request: HTTPRequest, body) -> tuple[ServerState, float]:
-    """The server state and the request's deadline, once the body names the served model."""
+    """The server state and the request's deadline, once the body names the served model and sets no field this
+    server refuses."""
     srv: ServerState = request.app.state.srv
     srv.check_model(body.model)
+    _refuse(body)
     return srv, time.monotonic() + srv.cfg.request_timeout_s
 
 
@@ -551,7 +540,12 @@ async def completions(body: CompletionBody, request: HTTPRequest):
             raise APIError(400, "ttc takes one text prompt", param="prompt")
         return await respond_ttc(srv, body, body.prompt, Reply(srv.tokenizer, chat=False), request, deadline)
     reply = Reply(srv.tokenizer, chat=False, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0)
-    return await respond(srv, body, reply, prompts, 16, request, deadline)
+    echo = None
+    if body.echo:   # the prompts as given; token-id prompts decoded
+        p = body.prompt
+        echo = [p] if isinstance(p, str) else p if all(isinstance(x, str) for x in p) else \
+            [srv.tokenizer.decode(ids) for ids in prompts]
+    return await respond(srv, body, reply, prompts, 16, request, deadline, echo)
 
 
 @router.post("/v1/chat/completions")
@@ -563,6 +557,8 @@ async def chat(body: ChatBody, request: HTTPRequest):
             raise APIError(400, "ttc takes exactly one user message (the question)", param="messages")
         reply = Reply(srv.tokenizer, chat=True, thinking=thinking)
         return await respond_ttc(srv, body, body.messages[0].text(), reply, request, deadline)
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     reply = Reply(srv.tokenizer, chat=True, thinking=thinking, logprobs=body.logprobs,
                   top_logprobs=body.top_logprobs or 0)
     return await respond(srv, body, reply, [ids], None, request, deadline)
@@ -618,23 +614,50 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig | None = N
     app = FastAPI(title="openzaya", version="0.1.0", lifespan=_lifespan,
                   description="OpenAI-compatible ZAYA server with Markovian RSA test-time compute")
     app.state.srv = ServerState(engine, tokenizer, cfg, cfg.model_name or model_name)
-    app.add_middleware(GuardMiddleware, cfg=cfg, metrics=app.state.srv.metrics)
+    engine.record_routes = cfg.return_routed_experts
+    app.add_middleware(GuardMiddleware, cfg=cfg, metrics=app.state.srv.metrics, protected=RL_PATHS)
     for exc, handler in [(APIError, _api_error), (SchedulerError, _scheduler_error),
                          (RequestValidationError, _validation_error), (StarletteHTTPException, _http_error),
                          (Exception, _unexpected)]:
         app.add_exception_handler(exc, handler)
     app.include_router(router)
+    app.include_router(rl_router)
     return app
 
 
 def load_app(model_dir, cfg: ServeConfig | None = None, device: str = "cpu", dtype=None,
-             expert_cache_gb: float | None = None, compile: bool = False) -> FastAPI:
+             expert_cache_gb: float | None = None, compile: bool = False, chat_template: str | None = None) -> FastAPI:
+    """The app of a checkpoint directory (or Hub repo id); `chat_template` (Jinja text) replaces the tokenizer's."""
     cfg = cfg or ServeConfig()
     model, tokenizer = load_local(model_dir, dtype, device, expert_cache_gb)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     engine = text_engine(model, tokenizer, cfg.max_slots, cfg.max_len, compile)
     # served model id: the directory's name, or the repo id as given (as vLLM does)
     name = Path(model_dir).resolve().name if Path(model_dir).exists() else str(model_dir)
     return create_app(engine, tokenizer, cfg, model_name=name)
+
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")   # --dtype; auto = as the checkpoint's config says
+
+
+def resolve_serving(device: str, dtype: str, chat_template: str | None):
+    """`openzaya serve`'s --device (auto: CUDA when torch sees one), --dtype and --chat-template (a file, or the
+    Jinja text itself as vLLM takes it) as (device, torch dtype or None, template text or None)."""
+    import torch
+
+    from .train import resolve_device
+
+    device = resolve_device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA device here (use --device auto or cpu)")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if chat_template is not None and not ("{{" in chat_template or "{%" in chat_template):
+        if not Path(chat_template).is_file():
+            raise ValueError(f"--chat-template {chat_template}: no such file (give a Jinja file or the template)")
+        chat_template = Path(chat_template).read_text()
+    return device, None if dtype == "auto" else getattr(torch, dtype), chat_template
 
 
 def main(args) -> int:
@@ -649,12 +672,15 @@ def main(args) -> int:
                       request_timeout_s=args.request_timeout_s, max_ttc_population=args.max_ttc_population,
                       max_ttc_rounds=args.max_ttc_rounds, shutdown_grace_s=args.shutdown_grace_s,
                       api_key=args.api_key, model_name=args.served_model_name,
-                      weight_updates=args.enable_weight_updates)
+                      weight_updates=args.enable_weight_updates,
+                      return_routed_experts=args.enable_return_routed_experts)
+    device, dtype, template = resolve_serving(args.device, args.dtype, args.chat_template)
     gb = getattr(args, "expert_cache_gb", -1)
-    app = load_app(args.model, cfg, device=args.device, expert_cache_gb=gb if gb > 0 else None,
-                   compile=args.compile)
+    app = load_app(args.model, cfg, device=device, dtype=dtype, expert_cache_gb=gb if gb > 0 else None,
+                   compile=args.compile, chat_template=template)
     print(f"serving {app.state.srv.model_name} on http://{args.host}:{args.port}/v1 "
-          f"({cfg.max_slots} slots, context {app.state.srv.limit})", flush=True)
+          f"({cfg.max_slots} slots, context {app.state.srv.limit}, {device}, {app.state.srv.engine.model.dtype})",
+          flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=cfg.shutdown_grace_s,
                 http=http_protocol(cfg, app.state.srv.metrics))   # read timeouts on each request's head (http_guard)
     return 0

@@ -60,7 +60,9 @@ def test_sharded_roundtrip_and_bf16(tmp_path):
     assert half.routers()[0].balancing_biases.dtype == torch.float32
     with torch.no_grad():
         err = (half(_ids()) - model(_ids())).abs().max().item()
-    assert err < 0.5, err   # bf16 weights, fp32 residual stream
+    # bf16 weights, fp32 residual stream: measured 0.015; zeroing every expert's gate_up_proj moves the fp32
+    # logits by 0.11 here, so the bound (3x the measured error) still sees a lost expert
+    assert err < 0.05, err
 
 
 def test_crash_mid_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -141,9 +141,10 @@ def test_packed_logits_equal_documents_alone():
     model.zero_grad()
     for d in docs:
         model(d[None])[0].pow(2).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == set(packed_grads) == {n for n, _ in model.named_parameters()}   # every parameter, both ways
     for n, p in model.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(packed_grads[n], p.grad, atol=1e-4, rtol=1e-4, msg=n)
+        torch.testing.assert_close(packed_grads[n], p.grad, atol=1e-4, rtol=1e-4, msg=n)
 
 
 def test_build_windows_labels():

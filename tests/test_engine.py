@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from openzaya.engine import Engine, GenParams, _find_stop
+from openzaya.sampling import SamplingBatch, sample
 from openzaya.model import ZayaConfig, ZayaForCausalLM
+from zaya_ref import route_share_to_skip
 
 
 def toy_decode(ids):
@@ -37,6 +39,26 @@ def test_greedy_matches_full_forward_with_continuous_batching():
     for p, n, r in zip(PROMPTS, MAX_NEW, res):
         assert r.tokens == greedy_reference(model, p, n)
         assert (r.finish_reason, r.prompt_tokens, r.completion_tokens) == ("length", len(p), n)
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "static"])
+def test_greedy_and_routes_match_full_forward_with_skip_routes(continuous):
+    """About half of every layer's tokens routed to skip (-1): prefill, left padding (static mode) and cached decode
+    still give the full forward's greedy tokens and routes."""
+    model = tiny_model(seed=8, layer_types=["hybrid", "hybrid_sliding"], sliding_window=4)
+    route_share_to_skip(model, torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0)))
+    res = Engine(model, max_slots=3, max_len=32).generate(
+        PROMPTS, [GenParams(temperature=0, max_new_tokens=n) for n in MAX_NEW], continuous=continuous,
+        return_routes=True)
+    seen = []
+    for p, n, r in zip(PROMPTS, MAX_NEW, res):
+        assert r.tokens == greedy_reference(model, p, n)
+        _, routes = model(torch.tensor([p + r.tokens]), return_routes=True)
+        assert torch.equal(r.routes[:, :-1], routes[:, 0, :-1])
+        seen.append(r.routes[:, :-1])
+    seen = torch.cat(seen, dim=1)
+    for layer in seen:                                   # both skip and real experts were exercised in every layer
+        assert 0.2 < float((layer == -1).float().mean()) < 0.8 and layer.max() >= 0
 
 
 def test_continuous_equals_alone_and_static():
@@ -100,6 +122,55 @@ def test_decode_layout_of_experts_keeps_values_outputs_and_training(tmp_path):
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and not torch.equal(before, w.detach())
+
+
+def _sample(probs, u, temp=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """sampling.sample on rows of exact (dyadic) probabilities; returns (tokens, raw logprobs, sampling logprobs)."""
+    B = len(probs)
+    t = lambda x, dt=torch.float32: torch.tensor([x] * B if not isinstance(x, list) else x, dtype=dt)  # noqa: E731
+    filters = (any(m > 0 for m in ([min_p] if not isinstance(min_p, list) else min_p)),
+               any(k > 0 for k in ([top_k] if not isinstance(top_k, list) else top_k))
+               or any(p < 1 for p in ([top_p] if not isinstance(top_p, list) else top_p)))
+    sb = SamplingBatch(t(temp), t(top_k, torch.long), t(top_p), t(min_p), greedy_only=False, use_min_p=filters[0],
+                       use_sort=filters[1])
+    tok, raw, samp, _ = sample(torch.tensor(probs).log(), sb, torch.tensor(u))
+    return tok.tolist(), raw, samp
+
+
+def test_sample_hand_values():
+    """Inverse-CDF sampling by hand (cdf of [1/8, 1/8, 1/4, 1/2] is 1/8, 1/4, 1/2, 1): the token whose cdf step
+    holds u * total (right-continuous: u on a step boundary takes the next token), temperature, min-p, top-k and
+    top-p against hand-filtered distributions, and the sampling logprob of each."""
+    P = [0.125, 0.125, 0.25, 0.5]
+    tok, raw, samp = _sample([P] * 5, [0.05, 0.25, 0.3, 0.5, 0.99])
+    assert tok == [0, 2, 2, 3, 3]                                  # u = 1/4 and 1/2 sit on a step: the next token
+    torch.testing.assert_close(samp, torch.tensor([P[i] for i in tok]).log())
+    torch.testing.assert_close(raw, samp)                         # temperature 1, no filters: the same numbers
+    # temperature 1/2 squares and renormalises: [1, 1, 4, 16] / 22
+    tok, raw, samp = _sample([P, P], [0.03, 0.5], temp=0.5)       # cdf 1/22, 2/22, 6/22, 1
+    q = torch.tensor([1.0, 1.0, 4.0, 16.0]) / 22
+    assert tok == [0, 3] and torch.allclose(samp, q[[0, 3]].log()) and torch.allclose(raw, torch.tensor(P)[[0, 3]].log())
+    # temperature 0 in a sampled batch: greedy, sampling logprob 0; a tie goes to the first maximum
+    tok, raw, samp = _sample([[0.5, 0.5, 0.0, 0.0], P], [0.99, 0.99], temp=[0.0, 1.0])
+    assert tok == [0, 3] and samp[0] == 0.0 and torch.allclose(samp[1], torch.tensor(0.5).log())
+    # min-p 1/2 of each row's own maximum keeps probabilities >= the floor (1/4 stays): row 0 keeps [1/4, 1/2]
+    U = [[0.25, 0.25, 0.25, 0.25]]
+    tok, _, samp = _sample([P] + U, [0.2, 0.99], min_p=0.5)
+    assert tok == [2, 3] and torch.allclose(samp, torch.tensor([1 / 3, 1 / 4]).log())
+    Q = [0.375, 0.25, 0.25, 0.125]                                # the floor is per row: 0.6 * 3/8 here, not 0.6 * 1/2
+    tok, _, samp = _sample([P, Q], [0.99, 0.99], min_p=0.6)
+    assert tok == [3, 2] and torch.allclose(samp, torch.tensor([1.0, 2 / 7]).log())
+    # top-k 2 keeps the two most likely (sorted: 1/2 then 1/4); top-p 1/2 keeps tokens whose mass before them is
+    # below 1/2 (only the first)
+    tok, _, samp = _sample([P, P], [0.5, 0.99], top_k=2)
+    assert tok == [3, 2] and torch.allclose(samp, torch.tensor([2 / 3, 1 / 3]).log())
+    tok, _, samp = _sample([P, P], [0.0, 0.99], top_p=0.5)
+    assert tok == [3, 3] and torch.allclose(samp, torch.zeros(2))
+    # top-p is a share of what top-k kept: top-k 2 leaves 3/4, top-p 0.6 of it is 0.45 < 1/2: only the first
+    tok, _, samp = _sample([P], [0.99], top_k=2, top_p=0.6)
+    assert tok == [3] and torch.allclose(samp, torch.zeros(1))
+    tok, _, samp = _sample([P], [0.99], top_k=2, top_p=0.7)       # 0.7 * 3/4 = 0.525 > 1/2: both stay
+    assert tok == [2] and torch.allclose(samp, torch.tensor([1 / 3]).log())
 
 
 def test_seeds_reproduce():

@@ -5,6 +5,7 @@ Run: .venv/bin/python -m pytest tests/test_evaluate.py
 """
 
 import json
+import sys
 from math import comb
 
 import pytest
@@ -42,7 +43,7 @@ def test_avg_and_maj_at_k_hand_values():
     assert maj_at_k(["1", "2", "2", "1"], [1, 0, 0, 1], k=1, trials=4000) == pytest.approx(0.5, abs=0.05)
 
 
-def test_load_jsonl_fields_and_suites(tmp_path):
+def test_load_jsonl_fields_and_suites(tmp_path, monkeypatch):
     f = tmp_path / "b.jsonl"
     f.write_text(json.dumps({"id": "a/1", "problem": "1+1?", "answer": 2}) + "\n"
                  + json.dumps({"id": "b", "problem": "2+2?", "answer": "4"}) + "\n")
@@ -53,8 +54,10 @@ def test_load_jsonl_fields_and_suites(tmp_path):
     assert load_benchmark(str(g), question_field="q", answer_field="gold", id_field="idx")[0].id == "3"
     with pytest.raises(ValueError, match="no question field"):
         load_benchmark(str(g))
+    monkeypatch.setitem(sys.modules, "datasets", None)     # without the optional `datasets` package installed
     with pytest.raises(ValueError, match="neither a suite"):
         load_benchmark(str(tmp_path / "missing.jsonl"))
+    monkeypatch.undo()
     suite = load_benchmark("envs:tiny")
     assert len(suite) == 4 and all(it.score(f"\\boxed{{{it.answer}}}") == 1.0 for it in suite)
     assert load_benchmark("envs:tiny")[0].question == suite[0].question            # fixed seeds
@@ -146,6 +149,125 @@ def test_evaluate_tiny_local_model_end_to_end(tmp_path):
     assert 0.0 <= r["avg@k"] <= 1.0 and r["tokens_per_problem"] > 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["samples"] == 2
     assert (tmp_path / "out" / "trace_markovian_rsa.jsonl").exists()
+    # the reported numbers are the ones the trace recorded per run (2 problems x 2 runs)
+    for method in ("single", "markovian_rsa"):
+        recs = [json.loads(x) for x in (tmp_path / "out" / f"trace_{method}.jsonl").read_text().splitlines()]
+        runs = [x for x in recs if x["type"] == "problem"]
+        assert len(runs) == 4
+        m = res["methods"][method]
+        assert m["avg@k"] == pytest.approx(sum(x["majority_correct"] for x in runs) / 4, abs=1e-12)
+        assert m["pop_mean"] == pytest.approx(sum(x["population_mean"] for x in runs) / 4, abs=1e-12)
+
+
+# The answer of every call, by problem, run, round and index (the call key is "<problem>~s<run>/r<round>/i<index>");
+# None = a response with no boxed answer. Golds: a = 7, b = 3. Round 0 of majority and Markovian RSA (N = 3) shares
+# its keys with `single` (index 0), so one table serves all three methods.
+SCRIPT = {
+    ("a", 0, 0): ["7", "2", "2"], ("a", 1, 0): ["2", "7", "7"], ("a", 2, 0): ["7", None, "5"],
+    ("b", 0, 0): ["1", "1", "3"], ("b", 1, 0): ["3", "1", "1"], ("b", 2, 0): [None, None, None],
+    ("a", 0, 1): ["7", "7", "2"], ("a", 1, 1): ["2", "2", "7"], ("a", 2, 1): ["7", "7", "7"],
+    ("b", 0, 1): ["3", "3", "1"], ("b", 1, 1): ["3", None, None], ("b", 2, 1): ["1", "1", "1"],
+}
+
+
+class ScriptedByKey(Backend):
+    """Answers each call from SCRIPT by its call key, so the result does not depend on scheduling."""
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            problem, rnd, idx = r.id.split("/")
+            item, run = problem.split("~s")
+            ans = SCRIPT[(item, int(run), int(rnd[1:]))][int(idx[1:])]
+            text = f"<think>\nwork on {item}\n</think>\n\n" + (f"\\boxed{{{ans}}}" if ans is not None else "no idea")
+            reasoning, answer = split_reasoning(text)
+            out.append([Completion(text, reasoning, answer, "stop", 10, 20, 0.0)])
+        return out
+
+
+def test_evaluate_metrics_equal_hand_values(tmp_path):
+    """evaluate() end to end over a scripted backend whose every answer is known: avg@k, pass@1, pass@n, maj@k and
+    pop_mean per problem and per method against values computed by hand (k = n = 3 runs per problem), in the
+    results dict, results.json and the report's table."""
+    items = [Item("a", "What is 3 + 4?", "7"), Item("b", "What is 1 + 2?", "3")]
+    base = TTCConfig(population=3, candidates=2, rounds=1, tail_tokens=8, budget_tokens=16)
+    res = evaluate(items, ScriptedByKey(), base, ["single", "majority", "markovian_rsa"], samples=3,
+                   out_dir=tmp_path, match_calls=False)
+    # Per problem (avg@k, pass@1, pass@3, maj@k, pop_mean), by hand from SCRIPT:
+    # single   a: runs 7, 2, 7 -> right 1, 0, 1; maj "7".     b: 1, 3, none -> 0, 1, 0; maj: "1" and "3" tie, the
+    #          earliest ("1") wins -> 0. pass@3 = 1 for both (n - c < k); pop_mean = the run's own correctness.
+    # majority a: run majorities 2 (0), 7 (1), 7 (1; "7" and "5" tie, earliest); populations right 1/3, 2/3, 1/3.
+    #          b: 1 (0), 1 (0), none (0); populations 1/3, 1/3, 0.
+    # rsa      (final = round 1) a: 7 (1), 2 (0), 7 (1); populations 2/3, 1/3, 1.   b: 3, 3, 1 -> 1, 1, 0;
+    #          populations 2/3, 1/3, 0.
+    expected = {
+        "single": {"a": (2 / 3, 2 / 3, 1.0, 1.0, 2 / 3), "b": (1 / 3, 1 / 3, 1.0, 0.0, 1 / 3)},
+        "majority": {"a": (2 / 3, 2 / 3, 1.0, 1.0, 4 / 9), "b": (0.0, 0.0, 0.0, 0.0, 2 / 9)},
+        "markovian_rsa": {"a": (2 / 3, 2 / 3, 1.0, 1.0, 2 / 3), "b": (2 / 3, 2 / 3, 1.0, 1.0, 1 / 3)},
+    }
+    keys = ("avg@k", "pass@1", "pass@3", "maj@k", "pop_mean")
+    rows = {p["id"]: p["methods"] for p in res["problems"]}
+    for method, per_item in expected.items():
+        for item, values in per_item.items():
+            got = tuple(rows[item][method][k] for k in keys)
+            assert got == pytest.approx(values, abs=1e-12), (method, item)
+        mean = tuple((per_item["a"][i] + per_item["b"][i]) / 2 for i in range(5))
+        assert tuple(res["methods"][method][k] for k in keys) == pytest.approx(mean, abs=1e-12), method
+    assert rows["a"]["single"]["answers"] == ["7", "2", "7"] and rows["b"]["majority"]["answers"] == ["1", "1", None]
+    for method, calls in (("single", 1), ("majority", 3), ("markovian_rsa", 6)):
+        m = res["methods"][method]
+        assert m["calls_per_problem"] == calls and m["totals"]["calls"] == 2 * 3 * calls
+        assert m["tokens_per_problem"] == 30 * calls and m["completion_tokens_per_problem"] == 20 * calls
+    assert "pass@1" in res["methods"]["single"] and "pass@2" not in res["methods"]["single"]
+    assert json.loads((tmp_path / "results.json").read_text())["methods"]["single"]["pass@3"] == 1.0
+    report = (tmp_path / "report.md").read_text()
+    assert "| avg@k | pass@1 | pass@3 | maj@k | pop_mean |" in report   # each value ± its standard error over problems
+    assert ("| single | 1 | - | - | - | 16 | 0.500 ± 0.167 | 0.500 ± 0.167 | 1.000 ± 0.000 | 0.500 ± 0.500 | "
+            "0.500 ± 0.167 | 30 | 20 | 1 |") in report
+    assert ("| majority | 3 | - | - | - | 16 | 0.333 ± 0.333 | 0.333 ± 0.333 | 0.500 ± 0.500 | 0.500 ± 0.500 | "
+            "0.333 ± 0.111 | 90 | 60 | 3 |") in report
+    assert ("| markovian_rsa | 3 | 2 | 1 | 8 | 16 | 0.667 ± 0.000 | 0.667 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | "
+            "0.500 ± 0.167 | 180 | 120 | 6 |") in report
+
+
+def test_evaluate_defaults_errors_and_no_out_dir(tmp_path):
+    """One run per item by default, no files without out_dir, nested out_dir created, clear errors; majority gets
+    N x (T + 1) samples unless match_calls=False."""
+    from openzaya.evaluate import method_config
+
+    base = TTCConfig(population=3, candidates=2, rounds=1, tail_tokens=8, budget_tokens=16)
+    assert method_config(base, "majority").population == 6 and method_config(base, "majority", False).population == 3
+    assert method_config(base, "markovian_rsa").population == 3
+    items = [Item("a", "What is 3 + 4?", "7")]
+    res = evaluate(items, ScriptedByKey(), base, ["single"])
+    assert res["samples"] == 1 and res["methods"]["single"]["pass@1"] == 1.0 and "aggregation" not in res["methods"]["single"]
+    res = evaluate(items, ScriptedByKey(), base, ["single"], out_dir=tmp_path / "nested" / "out")
+    assert (tmp_path / "nested" / "out" / "results.json").exists()
+    with pytest.raises(ValueError, match="--samples must be >= 1, got 0"):
+        evaluate(items, ScriptedByKey(), base, ["single"], samples=0)
+    with pytest.raises(ValueError, match="empty benchmark"):
+        evaluate([], ScriptedByKey(), base, ["single"])
+
+
+def test_metric_edges_defaults_and_errors(tmp_path):
+    assert avg_at_k([]) == 0.0
+    answers, correct = ["1", "2", "2", "1", "3"], [1, 0, 0, 1, 0]
+    # maj@k for k < n is a seeded Monte Carlo estimate: the defaults (1000 trials, seed 0) reproduce it exactly
+    assert maj_at_k(answers, correct, k=2) == maj_at_k(answers, correct, k=2, trials=1000, seed=0)
+    assert maj_at_k(answers, correct, k=2) != maj_at_k(answers, correct, k=2, trials=1000, seed=1)
+    with pytest.raises(ValueError, match=r"maj@k needs 1 <= k <= n, got k=6 n=5"):
+        maj_at_k(answers, correct, k=6)
+    with pytest.raises(ValueError, match=r"pass@k needs 0 <= c <= n and 1 <= k <= n, got n=3 c=1 k=4"):
+        pass_at_k(3, 1, 4)
+    # aggregation calls that each show one candidate (C = 1), all keeping an agreeing answer
+    recs = [{"type": "call", "key": "a", "extracted": "4", "reward": 1.0},
+            {"type": "call", "key": "b", "extracted": "5", "reward": 0.0},
+            {"type": "call", "key": "x", "extracted": "4", "reward": 1.0, "candidate_ids": ["a"]},
+            {"type": "call", "key": "y", "extracted": "5", "reward": 0.0, "candidate_ids": ["b"]}]
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    a = aggregation_diagnostics(path)
+    assert a["random_copy"] == 0.5 and a["agreeing_calls"] == 2 and a["keeps_agreeing_answer"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------------------

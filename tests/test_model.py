@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from openzaya.model import ZayaCache, ZayaConfig, ZayaForCausalLM, count_params, zaya1_8b
-from zaya_ref import random_model, reference_from, tiny_config
+from zaya_ref import random_model, reference_from, route_share_to_skip, tiny_config
 
 CONFIGS = {
     "sliding": tiny_config(),
@@ -20,21 +20,38 @@ CONFIGS = {
 }
 
 
+def assert_skip_share(routes_LBT, num_experts, keep_BT=None, lo=0.2, hi=0.8):
+    """Every layer sends between lo and hi of the real tokens to skip (-1) and the rest to real experts: both paths
+    are exercised."""
+    for l, r in enumerate(routes_LBT):
+        real = r if keep_BT is None else r[keep_BT.bool()]
+        share = float((real == -1).float().mean())
+        assert lo < share < hi, f"layer {l}: skip share {share:.2f} outside ({lo}, {hi})"
+        assert real.min() >= -1 and real.max() < num_experts
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["no_skip", "skip"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_prefill_matches_transformers(name):
+def test_prefill_matches_transformers(name, skip):
     model = random_model(CONFIGS[name])
-    ref = reference_from(model)
     ids = torch.randint(0, 128, (3, 17))   # longer than every sliding window
+    if skip:                               # about half the tokens of every layer routed to skip
+        route_share_to_skip(model, ids)
+    ref = reference_from(model)
     with torch.no_grad():
-        ours, theirs = model(ids), ref(ids).logits
+        (ours, routes), theirs = model(ids, return_routes=True), ref(ids).logits
+    if skip:
+        assert_skip_share(routes, model.config.num_experts)
+    else:
+        assert (routes >= 0).all()
     err = (ours - theirs).abs().max().item()
     print(f"{name}: max |ours - transformers| = {err:.2e}")
     assert err < 1e-4
 
 
-def test_left_padded_batch_matches_each_row():
+@pytest.mark.parametrize("skip", [False, True], ids=["no_skip", "skip"])
+def test_left_padded_batch_matches_each_row(skip):
     model = random_model(CONFIGS["sliding"])
-    ref = reference_from(model)
     lengths = [15, 9, 4, 1]
     T = max(lengths)
     rows = [torch.randint(0, 128, (n,)) for n in lengths]
@@ -42,50 +59,74 @@ def test_left_padded_batch_matches_each_row():
     mask = torch.zeros(len(rows), T, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    if skip:
+        route_share_to_skip(model, ids, attention_mask=mask)
+    ref = reference_from(model)
     with torch.no_grad():
-        batch = model(ids, attention_mask=mask)
+        batch, routes = model(ids, attention_mask=mask, return_routes=True)
         positions = (mask.cumsum(1) - 1).clamp_min(0)
         theirs = ref(ids, attention_mask=mask, position_ids=positions).logits
         for i, r in enumerate(rows):
-            alone = model(r[None])[0]
-            assert (batch[i, T - len(r):] - alone).abs().max() < 1e-4
+            alone, alone_routes = model(r[None], return_routes=True)
+            assert torch.equal(alone_routes[:, 0], routes[:, i, T - len(r):])
+            assert (batch[i, T - len(r):] - alone[0]).abs().max() < 1e-4
             assert (batch[i, T - len(r):] - theirs[i, T - len(r):]).abs().max() < 1e-4
+    assert (routes[:, ~mask.bool()] == -1).all()           # padding: the sentinel, never expert 0
+    if skip:
+        assert_skip_share(routes, model.config.num_experts, mask)
+    else:
+        assert (routes[:, mask.bool()] >= 0).all()
     assert torch.isfinite(batch).all()
 
 
-def _decode(model, ids, mask, chunks):
+def _decode(model, ids, mask, chunks, routes=None):
+    """Logits of `ids` fed through a cache in chunks; the routes of each chunk are appended to `routes` if given."""
     cache = ZayaCache(model.config, ids.shape[0], 64)
     outs, t = [], 0
     for n in chunks:
-        outs.append(model(ids[:, t:t + n], attention_mask=mask[:, t:t + n], cache=cache))
+        logits, r = model(ids[:, t:t + n], attention_mask=mask[:, t:t + n], cache=cache, return_routes=True)
+        outs.append(logits)
+        if routes is not None:
+            routes.append(r)
         mask = mask.clone()
         mask[:, t:t + n] = 1  # only the first chunk carries left padding
         t += n
     return torch.cat(outs, dim=1)
 
 
-def test_cached_decode_matches_full_forward():
+@pytest.mark.parametrize("skip", [False, True], ids=["no_skip", "skip"])
+def test_cached_decode_matches_full_forward(skip):
     model = random_model(CONFIGS["sliding"])
     B, T = 3, 40
     ids = torch.randint(0, 128, (B, T))
     mask = torch.ones(B, T, dtype=torch.long)
     mask[1, :3] = 0
     mask[2, :6] = 0
-    with torch.no_grad():
-        full = model(ids, attention_mask=mask)
-        one_by_one = _decode(model, ids, mask, [8] + [1] * 32)    # prefill 8, then 32 single-token steps
-        chunked = _decode(model, ids, mask, [8, 5, 1, 13, 7, 6])  # multi-token continuation
+    if skip:
+        route_share_to_skip(model, ids, attention_mask=mask)
     keep = mask.bool()
-    for got in (one_by_one, chunked):
-        err = (got - full)[keep].abs().max().item()
-        print(f"cached vs full: {err:.2e}")
-        assert err < 1e-4
+    with torch.no_grad():
+        full, full_routes = model(ids, attention_mask=mask, return_routes=True)
+        for chunks in ([8] + [1] * 32,            # prefill 8, then 32 single-token steps
+                       [8, 5, 1, 13, 7, 6]):      # multi-token continuation
+            routes = []
+            got = _decode(model, ids, mask, chunks, routes)
+            err = (got - full)[keep].abs().max().item()
+            print(f"cached vs full: {err:.2e}")
+            assert err < 1e-4
+            assert torch.equal(torch.cat(routes, dim=2)[:, keep], full_routes[:, keep])   # same routing
+    if skip:
+        assert_skip_share(full_routes, model.config.num_experts, mask)
 
 
-def test_cached_decode_matches_transformers_cache():
+@pytest.mark.parametrize("skip", [False, True], ids=["no_skip", "skip"])
+def test_cached_decode_matches_transformers_cache(skip):
     model = random_model(CONFIGS["sliding"])
-    ref = reference_from(model)
     ids = torch.randint(0, 128, (2, 12))
+    if skip:
+        route_share_to_skip(model, ids)
+        assert_skip_share(model(ids, return_routes=True)[1], model.config.num_experts)
+    ref = reference_from(model)
     with torch.no_grad():
         out = ref(ids[:, :5], use_cache=True)
         theirs = [out.logits]
@@ -206,28 +247,42 @@ def test_padding_and_skip_use_sentinel_not_expert0():
     assert (routes[:, 0, :2] == -1).all() and (routes[:, 0, 2:] >= 0).all()
 
 
-def _train_load_balance(balance: bool, steps: int = 80):
+def _skewed_router_model():
+    """Two layers, 4 experts; routers whose choice depends on the token, skewed towards experts 0 and 1."""
     torch.manual_seed(0)
     cfg = tiny_config(num_experts=4, num_hidden_layers=2, layer_types=["hybrid"] * 2, sliding_window=None)
-    model = ZayaForCausalLM(cfg).train()
-    with torch.no_grad():  # a router whose choice depends on the token, skewed towards experts 0 and 1
+    model = ZayaForCausalLM(cfg)
+    with torch.no_grad():
         for r in model.routers():
             for p in r.parameters():
                 p.add_(torch.randn_like(p) * 0.5)
             r.balancing_biases[:2] += 0.05
+    return model
+
+
+def _pooled_load(counts):
+    """(max/mean expert load of the worst layer, smallest skip share over layers) of per-step load counts [L, E+1]
+    summed over the steps: pooling thousands of tokens takes the sampling noise (~1.1 at 512 tokens) out."""
+    c_LC = torch.stack(counts).sum(0)
+    e_LE = c_LC[:, :-1]
+    return float((e_LE.max(1).values / e_LE.mean(1)).max()), float((c_LC[:, -1] / c_LC.sum(1)).min())
+
+
+def _train_load_balance(balance: bool, steps: int = 80):
+    model = _skewed_router_model().train()
     model.balance_enabled, model.balance_lr = balance, 3e-2
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     data = torch.randint(0, 128, (64, 33))
-    loads = []
+    counts = []
     for step in range(steps):
-        batch = data[torch.randint(0, 64, (16,))]   # 512 tokens a step: sampling noise alone gives ~1.1
+        batch = data[torch.randint(0, 64, (16,))]   # 512 tokens a step
         loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
-        loads.append(max(s["max_mean"] for s in model.expert_load_stats()))  # worst layer
+        counts.append(torch.stack([r.load_counts for r in model.routers()]))
         model.update_balancing_biases()
-    return sum(loads[:5]) / 5, sum(loads[-10:]) / 10   # (start, end) averaged over a few steps
+    return _pooled_load(counts[:5])[0], _pooled_load(counts[-10:])[0]   # (start, end): 2560 and 5120 tokens
 
 
 def test_bias_balancing_evens_expert_load():
@@ -235,8 +290,90 @@ def test_bias_balancing_evens_expert_load():
     off_first, off_last = _train_load_balance(False)
     print(f"max/mean expert load: balancing on {on_first:.2f} -> {on_last:.2f}; off {off_first:.2f} -> {off_last:.2f}")
     assert on_last < on_first
-    assert on_last < 1.3
+    assert on_last < 1.3          # measured 1.15 (pooled over the last 10 steps)
     assert off_last > on_last
+    assert off_last > 1.5         # measured 1.92: without balancing the skew stays
+
+
+def test_balancing_update_hand_values_with_skip():
+    """Two updates by eq. 5 from given load counts, against hand values: p_e over routed tokens only (skip and
+    padding are not in the denominator), gradient p_e - 1/E, AdamW-style moments with bias correction; the skip
+    bias keeps its value."""
+    model = ZayaForCausalLM(tiny_config(num_hidden_layers=1, layer_types=["hybrid"], sliding_window=None))
+    model.balance_lr = 0.1
+    r = model.routers()[0]
+    b0 = r.balancing_biases.clone()
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    m, v, expected = [0.0] * 4, [0.0] * 4, b0.tolist()
+    for step, counts in enumerate([[40.0, 30.0, 20.0, 10.0, 100.0], [10.0, 20.0, 30.0, 40.0, 900.0]], start=1):
+        r.load_counts = torch.tensor(counts)
+        model.update_balancing_biases()
+        assert r.load_counts is None                                  # reset for the next window
+        for e in range(4):
+            g = counts[e] / 100.0 - 0.25                              # 100 routed tokens either way
+            m[e] = b1 * m[e] + (1 - b1) * g
+            v[e] = b2 * v[e] + (1 - b2) * g * g
+            expected[e] -= 0.1 * (m[e] / (1 - b1 ** step)) / ((v[e] / (1 - b2 ** step)) ** 0.5 + eps)
+        torch.testing.assert_close(r.balancing_biases, torch.tensor(expected), atol=1e-6, rtol=0)
+        if step == 1:   # Adam's first step is lr * g / |g|: overloaded experts 0, 1 down, underloaded 2, 3 up
+            torch.testing.assert_close(r.balancing_biases - b0, torch.tensor([-0.1, -0.1, 0.1, 0.1, 0.0]),
+                                       atol=1e-6, rtol=0)
+    assert r.balancing_biases[-1] == b0[-1] == -1.0
+
+
+def test_load_counts_keep_skip_apart_and_ignore_padding():
+    """A training forward counts each real token's class: experts 0..E-1, skip at index E; padding nowhere."""
+    model = random_model(CONFIGS["sliding"])
+    ids = torch.randint(0, 128, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    route_share_to_skip(model, ids, attention_mask=mask)
+    model.train()
+    with torch.no_grad():
+        _, routes = model(ids, attention_mask=mask, return_routes=True)
+    E = model.config.num_experts
+    for r, route_BT in zip(model.routers(), routes):
+        real = route_BT[mask.bool()]
+        expect = torch.bincount(torch.where(real < 0, E, real), minlength=E + 1).float()
+        assert torch.equal(r.load_counts, expect) and expect[E] > 0 and r.load_counts.sum() == mask.sum()
+    first = [r.load_counts.clone() for r in model.routers()]
+    with torch.no_grad():                                   # a second micro-batch before the update: counts add up
+        model(ids[:2])
+    for r, c in zip(model.routers(), first):
+        assert r.load_counts.sum() == c.sum() + 2 * 12 and (r.load_counts >= c).all()
+    model.update_balancing_biases()
+    assert all(s["max_mean"] != s["max_mean"] and s["skip"] != s["skip"] for s in model.expert_load_stats())  # nan
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    stats = model.expert_load_stats()
+    for s, r in zip(stats, model.routers()):
+        assert s["skip"] == pytest.approx(float(r.load_counts[E] / r.load_counts.sum()))
+        assert s["max_mean"] == pytest.approx(float(r.load_counts[:E].max() / r.load_counts[:E].mean()))
+
+
+def test_bias_balancing_with_skip_active():
+    """Balancing alone (routers fixed, no training) on a model that routes ~40% of tokens to skip: the expert load
+    evens out, the skip bias keeps its value, and skip keeps a share (balancing acts among the experts only).
+    Putting skip tokens into the load denominator makes every expert look underloaded, so all expert biases rise
+    and skip dies out (measured: skip share 0.00 at the end, vs 0.20 here)."""
+    model = _skewed_router_model()
+    data = torch.randint(0, 128, (64, 32))
+    route_share_to_skip(model.eval(), data, 0.4, sharpen=1.0)
+    skip_bias = [float(r.balancing_biases[-1]) for r in model.routers()]
+    model.train()
+    model.balance_lr = 3e-2
+    counts = []
+    with torch.no_grad():
+        for step in range(60):
+            model(data[torch.randint(0, 64, (16,))])
+            counts.append(torch.stack([r.load_counts for r in model.routers()]))
+            model.update_balancing_biases()
+    (load0, skip0), (load1, skip1) = _pooled_load(counts[:5]), _pooled_load(counts[-10:])
+    print(f"balancing with skip: load {load0:.2f} -> {load1:.2f}, skip share {skip0:.2f} -> {skip1:.2f}")
+    assert skip0 > 0.3 and load0 > 2.0                   # measured 0.47, 2.42
+    assert load1 < 1.3                                   # measured 1.15
+    assert skip1 > 0.1                                   # measured 0.20
+    assert [float(r.balancing_biases[-1]) for r in model.routers()] == skip_bias
 
 
 def test_overfits_fixed_batch():

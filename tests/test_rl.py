@@ -156,6 +156,117 @@ def test_padding_helpers():
     assert r.shape == (2, 2, 3) and r[:, 1].tolist() == [[3, -1, -1], [1, -1, -1]]
 
 
+# ---- boundaries, defaults and clamps (each pins behaviour a mutation run found unchecked: bench/mutation.py)
+
+def test_advantage_boundaries():
+    r64 = torch.tensor([4e-12, 0.0, 0.0, 0.0], dtype=torch.float64)          # mean exactly 1e-12: not "zero"
+    assert torch.equal(rl.maxrl_advantages(r64), torch.tensor([3.0, -1.0, -1.0, -1.0], dtype=torch.float64))
+    assert close(rl.grpo_advantages(torch.tensor([0.0, 1.0])), [-1 / math.sqrt(2), 1 / math.sqrt(2)], 1e-4)  # G = 2
+    s = math.sqrt(1 / 3)                                                      # eps is added to the std
+    assert close(rl.grpo_advantages(torch.tensor([1., 0., 0., 1.]), eps=0.5), [0.5 / (s + 0.5), -0.5 / (s + 0.5),
+                                                                              -0.5 / (s + 0.5), 0.5 / (s + 0.5)])
+    # the length bonus: mean exactly 1e-12 still divides; an all-zero group returns the advantages untouched
+    bonus = rl.with_length_reward(r64, [0.5, 0.0, 0.0, 0.0])
+    assert torch.equal(bonus, torch.tensor([3.0 + 0.5e12, -1.0, -1.0, -1.0], dtype=torch.float64))
+    assert torch.equal(rl.with_length_reward(torch.zeros(4), [0.1, 0.0, 0.0, 0.0]), torch.zeros(4))
+    exact = rl.with_length_reward(torch.tensor([1.0, 0.0], dtype=torch.float64), [0.1, 0.0])   # bonus in the dtype
+    assert exact.dtype == torch.float64 and exact[0].item() == 1.0 + 0.1 / 0.5
+
+
+def test_dynamic_sampling_boundaries():
+    assert not rl.group_has_signal([])                                       # an empty group: no signal, no error
+    assert not rl.group_has_signal([0.0, 1e-9]) and rl.group_has_signal([0.0, 2e-9])
+    assert rl.solve_rate([1.0]) == 1.0 and rl.solve_rate([]) == 0.0
+    assert rl.keep_group([0.0, 1.0], [1.0, 1.0])                             # default max_solve_rate 1.0 keeps 100%
+    assert rl.keep_group([0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0], 0.75)    # exactly at the warmup limit
+    assert not rl.keep_group([0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0], 0.75)
+
+
+def test_length_reward_boundaries():
+    # default c = 1: p = 0.5, the shortest correct gets c * p * 0.5
+    assert rl.length_reward([10, 20, 30, 40], [1, 1, 0, 0], 0.0, 40) == pytest.approx([0.25, 0.5 * (0.5 - 10 / 30), 0, 0])
+    # p must be strictly above p* - T_acc (0.75 - 0.25 = 0.5 exactly) and above 1/G
+    assert rl.length_reward([10, 20, 30, 40], [1, 1, 0, 0], 0.75, 40, t_acc=0.25) == [0.0] * 4
+    assert rl.length_reward([10, 20, 30, 40], [1, 1, 0, 0], 0.0, 40, c=1.0) != [0.0] * 4
+    eight = [10, 20, 30, 40, 50, 60, 70, 80]
+    assert rl.length_reward(eight, [1, 1, 0, 0, 0, 0, 0, 0], 0.0, 80) == pytest.approx([0.125, 0.25 * (0.5 - 10 / 70)]
+                                                                                     + [0.0] * 6)   # p = 2/G > 1/G
+    assert rl.length_reward(eight, [1, 0, 0, 0, 0, 0, 0, 0], 0.0, 80) == [0.0] * 8                 # p = 1/G
+    # l_min + T_l exactly (span 10, T_l 1.0) still counts as short; one token more does not
+    assert rl.length_reward([10, 11, 12], [1, 1, 1], 0.0, 20) == pytest.approx([0.5, 0.5, 0.5 - 0.2])
+    # span at least 1 token; lengths beyond l_max clamp at lambda = -1/2
+    assert rl.length_reward([10, 11], [1, 1], 0.0, 11) == pytest.approx([0.5, -0.5])
+    assert rl.length_reward([10, 40], [1, 1], 0.0, 20) == pytest.approx([0.5, -0.5])
+
+
+def _lz77_oracle(text: str, chunk: int = 1024) -> list[float]:
+    """The canary's documented measurement, written out: one raw-deflate stream (level 1, 1 KB window), a sync flush
+    per chunk, compressed bytes / raw bytes; a short trailing chunk (< chunk // 2) is not judged."""
+    import zlib
+    raw, comp, out = text.encode(), zlib.compressobj(1, zlib.DEFLATED, -10), []
+    for i in range(0, len(raw), chunk):
+        piece = raw[i:i + chunk]
+        n = len(comp.compress(piece)) + len(comp.flush(zlib.Z_SYNC_FLUSH))
+        if len(piece) >= chunk // 2 or i == 0:
+            out.append(n / len(piece))
+    return out
+
+
+def test_lz77_ratios_follow_the_documented_parameters():
+    rng = random.Random(3)
+    words = [''.join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))) for _ in range(60)]
+    prose = " ".join(rng.choice(words) for _ in range(700))
+    noise = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(1536))
+    far_repeat = noise[:1024] + noise[1024:1536] + noise[:512]      # the repeat sits 1.5 KB back: outside the window
+    for text in (prose, far_repeat, prose[:1536], prose[:1535]):
+        assert rl.lz77_chunk_ratios(text) == _lz77_oracle(text), len(text)
+    assert len(rl.lz77_chunk_ratios(prose[:1536])) == 2 and len(rl.lz77_chunk_ratios(prose[:1535])) == 1
+    assert len(rl.lz77_chunk_ratios(prose[:1537], 1025)) == 2                # 512 = 1025 // 2 is judged
+    assert len(rl.lz77_chunk_ratios(prose[:1400])) == 1                      # 376 < 512 is not
+    assert rl.lz77_chunk_ratios(far_repeat)[1] > 0.6    # 1 KB window: no match 1.5 KB back (a 2 KB one gives 0.36)
+
+
+def test_canary_threshold_and_chunking():
+    rng = random.Random(4)
+    noise = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(1024))
+    text = noise + "a" * 512                                                  # a looping 512-byte tail
+    assert rl.repetition_canary(text)                                         # judged at the default 1024
+    assert not rl.repetition_canary(text, chunk_bytes=2048)                   # one mixed chunk
+    r = rl.lz77_chunk_ratios(noise)[0]
+    assert not rl.repetition_canary(noise, threshold=r) and rl.repetition_canary(noise, threshold=r + 1e-9)
+
+
+def test_trust_region_defaults_boundaries_and_clamps():
+    one, half = torch.tensor([[0.0]]), torch.log(torch.tensor([[0.5]]))       # p = 1 and 0.5 exactly: |dp| = 0.5
+    assert not rl.dppo_tv_mask(one, half)[0, 0]                               # default delta 0.1
+    assert rl.dppo_tv_mask(one, half, 0.5)[0, 0]                              # |dp| = delta is inside
+    loss, keep = rl.dppo_loss(one, half, torch.tensor([1.0]), delta=0.6)
+    assert keep[0, 0] and close(loss, [[-2.0]])                               # ratio 1 / 0.5
+    assert not rl.dppo_loss(one, half, torch.tensor([1.0]))[1][0, 0]          # default delta 0.1
+    far = torch.tensor([[0.0, -30.0]]), torch.tensor([[-30.0, 0.0]])          # log-ratios +30, -30: clamped to 20
+    loss, _ = rl.dppo_loss(*far, torch.tensor([1.0]), delta=2.0)
+    torch.testing.assert_close(loss, -torch.tensor([[math.exp(20), math.exp(-20)]]), rtol=1e-5, atol=0)
+    loss, _ = rl.ppo_clip_loss(*far, torch.tensor([-1.0]))                    # A < 0: the unclipped large ratio wins
+    torch.testing.assert_close(loss[0, 0], torch.tensor(math.exp(20)), rtol=1e-5, atol=0)
+    loss, _ = rl.ppo_clip_loss(*far, torch.tensor([1.0]))                     # A > 0: -A r for the tiny ratio
+    torch.testing.assert_close(loss[0, 1], torch.tensor(-math.exp(-20)), rtol=1e-5, atol=0)
+    new, old = torch.log(torch.tensor([[0.3, 0.9]])), torch.log(torch.tensor([[0.2, 0.6]]))   # ratios 1.5, 1.5
+    loss, _ = rl.ppo_clip_loss(new, old, torch.tensor([1.0]))                 # default clip 0.2 / 0.2: 1.5 -> 1.2
+    assert close(loss, [[-1.2, -1.2]])
+    loss, _ = rl.ppo_clip_loss(old, new, torch.tensor([-1.0]))                # ratio 2/3 -> 0.8 with A < 0
+    assert close(loss, [[0.8, 0.8]])
+    w = rl.tis_weights(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]))   # default cap 2: e -> 2
+    assert close(w, [[2.0, 1.0]])
+    w = rl.tis_weights(*far, cap=1e10)                                        # the log-ratio clamp holds under the cap
+    torch.testing.assert_close(w, torch.tensor([[math.exp(20), math.exp(-20)]]), rtol=1e-5, atol=0)
+
+
+def test_token_mean_of_one_token_and_single_route():
+    assert close(rl.token_mean(torch.tensor([[3.0, 5.0]]), torch.tensor([[1.0, 0.0]])), 3.0)
+    routes = rl.pad_routes([torch.tensor([[1, 2], [0, -1]])], 3)              # one rollout, two layers
+    assert torch.equal(routes, torch.tensor([[[1, 2, -1]], [[0, -1, -1]]]))
+
+
 # ---- router replay (R3)
 
 def test_router_replay_reproduces_behaviour_logprobs():

@@ -9,6 +9,7 @@ its output distribution toward the 10 digit bytes, which MaxRL + DPPO does in ~2
 """
 
 import json
+import math
 import time
 import zlib
 from dataclasses import replace
@@ -236,7 +237,7 @@ def test_rollouts_through_an_openai_server_with_weight_sync(tmp_path):
     trained = res["model"].state_dict()
     for k, v in srv.engine.model.state_dict().items():
         assert torch.equal(v, trained[k]), k                   # the server runs the trainer's final policy
-    assert 'openzaya_requests_total{endpoint="/v1/chat/completions",code="200"}' in served, served[:2000]
+    assert 'openzaya_requests_total{code="200",endpoint="/v1/completions"}' in served, served[:2000]   # token ids in
     assert all(m["stale_max"] <= 2 for m in res["metrics"])
     fresh = [m["mismatch"] for m in res["metrics"] if m["stale_max"] == 0]
     assert fresh and max(fresh) < 1e-4     # samples of the trainer's current weights: the server's logprobs = ours
@@ -295,7 +296,7 @@ def test_cli_rl_flags():
     assert a.stage == "rlve" and a.steps == 3 and a.rollout_workers == 2 and a.max_staleness == 1 and a.resume
     a = build_parser().parse_args(["rl", "--server-url", "http://h:1/v1", "--server-model", "m", "--no-server-reload",
                                    "--max-difficulty", "1"])
-    assert a.server_url == "http://h:1/v1" and a.server_model == "m" and a.no_server_reload and a.max_difficulty == 1
+    assert a.server_url == ["http://h:1/v1"] and a.server_model == "m" and a.no_server_reload and a.max_difficulty == 1
     a = build_parser().parse_args(["rl", "--cascade", "--init", "sft"])
     assert a.cascade and a.init == "sft"
 
@@ -314,3 +315,98 @@ def test_cascade_chains_stages_from_a_checkpoint(tmp_path):
     b = from_pretrained(res[1]["ckpt"]).state_dict()["model.embed_tokens.weight"]
     assert not torch.equal(w, b)                               # behavioral trained on top of warmup
     assert not torch.equal(w, from_pretrained(tmp_path / "sft").state_dict()["model.embed_tokens.weight"])
+
+
+# ---- each stage's advantages, seen through run()'s metrics
+
+@pytest.mark.parametrize("stage", ["warmup", "rlve", "math-code-ttc", "behavioral"])
+def test_each_stage_scales_gradients_by_its_advantages(tmp_path, stage):
+    """The stage preset's advantage algorithm reaches the policy gradient: MaxRL (r - mean) / mean in warmup, rlve
+    and math-code-ttc, GRPO (r - mean) / (std + 1e-6) in behavioral. With lr 0 the policy, hence every rollout and
+    reward, is the same in two runs of the stage, one with its own advantages and one with Dr-GRPO (r - mean); the
+    loss is linear in the advantages, so with one group per step the gradient norms differ by exactly the factor
+    by hand: 1 / mean (MaxRL) or 1 / (std + 1e-6) (GRPO; binary rewards: std^2 = G m (1 - m) / (G - 1))."""
+    G = 4
+
+    def run(**kw):
+        model, tok = tiny_policy()
+        cfg = rl_loop.STAGES[stage](steps=3, prompts_per_step=1, samples_per_prompt=G, max_new_tokens=6,
+                                    max_prompt_tokens=96, lr=0.0, reward="accuracy", length_reward_c=0.0, **kw)
+        cfg = replace(cfg, envs=cfg.envs[:6] if stage != "math-code-ttc" else cfg.envs[:3] + cfg.envs[-3:])
+        return cfg, rl_loop.run(cfg, model=model, tokenizer=tok, envs=_coin_envs(cfg.envs))["metrics"]
+
+    cfg, own = run(out=str(tmp_path / "own"))
+    _, base = run(out=str(tmp_path / "base"), advantage="drgrpo")
+    assert cfg.advantage == ("grpo" if stage == "behavioral" else "maxrl")
+    assert len(own) == len(base) == 3
+    for a, b in zip(own, base):
+        m = a["reward"]
+        assert m == b["reward"] and 0 < m < 1 and b["gnorm"] > 0                     # the same (mixed) group
+        std = math.sqrt(G * m * (1 - m) / (G - 1))
+        factor = 1 / (std + 1e-6) if stage == "behavioral" else 1 / m
+        assert a["gnorm"] / b["gnorm"] == pytest.approx(factor, rel=1e-4), (a["gnorm"], b["gnorm"], m)
+
+
+# ---- resume equals an uninterrupted run
+
+def _resume_config(tmp_path, name, steps):
+    return digits_config(tmp_path, steps=steps, save_every=2, curriculum="zaya", env_sampling="least_sampled",
+                         out=str(tmp_path / name))
+
+
+def _whole_and_resumed(tmp_path):
+    """4 steps in one go, and 2 steps + a stop + a resume to 4 (inline rollouts: deterministic)."""
+    model, tok = tiny_policy()
+    whole = rl_loop.run(_resume_config(tmp_path, "whole", 4), model=model, tokenizer=tok, envs=digits_env())
+    model, tok = tiny_policy()
+    first = rl_loop.run(_resume_config(tmp_path, "split", 2), model=model, tokenizer=tok, envs=digits_env())
+    assert first["steps"] == 2
+    rest = rl_loop.run(_resume_config(tmp_path, "split", 4), envs=digits_env(), resume=True)
+    assert [m["step"] for m in rest["metrics"]] == [3, 4]
+    return whole, rest
+
+
+def _assert_same_run(tmp_path, whole, rest):
+    """Same metrics row by row (timings aside), final weights, optimizer state and problem-source state."""
+    timing = {"tok_s", "gen_s", "step_s", "elapsed_s"}
+    for a, b in zip(whole["metrics"][2:], rest["metrics"]):
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    for k, v in whole["model"].state_dict().items():
+        assert torch.equal(v, rest["model"].state_dict()[k]), k
+    sw = torch.load(tmp_path / "whole" / "ckpt" / "trainer_state.pt", weights_only=False)
+    sr = torch.load(tmp_path / "split" / "ckpt" / "trainer_state.pt", weights_only=False)
+    assert (sw["step"], sw["version"]) == (sr["step"], sr["version"]) == (4, 4)
+    assert sw["source"] == sr["source"]
+    ow, orr = sw["optimizer"]["state"], sr["optimizer"]["state"]
+    assert ow.keys() == orr.keys() and len(ow) > 0
+    for i in ow:
+        for key in ow[i]:
+            assert torch.equal(torch.as_tensor(ow[i][key]), torch.as_tensor(orr[i][key])), (i, key)
+
+
+def test_resume_restores_weights_optimizer_and_source(tmp_path, monkeypatch):
+    """A resumed run continues exactly as an uninterrupted one: weights, optimizer moments, curriculum, sampler and
+    problem seeds all come back. The rollouts' sampling seeds are made independent of the job counter here (the
+    same G seeds for every job); the test below keeps the loop's own seeds."""
+    monkeypatch.setattr(rl_loop.rl, "group_sample_seeds", lambda base_seed, group_size: list(range(group_size)))
+    whole, rest = _whole_and_resumed(tmp_path)
+    _assert_same_run(tmp_path, whole, rest)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    """The same as above with the loop's own sampling seeds."""
+    whole, rest = _whole_and_resumed(tmp_path)
+    _assert_same_run(tmp_path, whole, rest)
+
+
+def test_resume_with_self_aggregation_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """The resume test above with half of the jobs self-aggregation prompts (sampling seeds as there)."""
+    monkeypatch.setattr(rl_loop.rl, "group_sample_seeds", lambda base_seed, group_size: list(range(group_size)))
+    plain = _resume_config
+    monkeypatch.setitem(globals(), "_resume_config",
+                        lambda tmp, name, steps: replace(plain(tmp, name, steps), ttc_fraction=0.5,
+                                                         ttc_template="{question}|{candidates}", ttc_candidates=2,
+                                                         ttc_tail_tokens=8, samples_per_prompt=4,
+                                                         prompts_per_step=2))   # short prompts, few rollouts
+    whole, rest = _whole_and_resumed(tmp_path)
+    _assert_same_run(tmp_path, whole, rest)

@@ -123,6 +123,22 @@ def test_fork_bomb_is_contained(mode):
 
 
 @pytest.mark.parametrize("mode", ISOLATED)
+def test_fork_bomb_is_stopped_by_the_process_limit(mode):
+    """Not only "the run failed" (a wall-clock kill does that too): every process of the bomb forks without end, the
+    first fork that fails does so with EAGAIN (RLIMIT_NPROC) after fewer than `processes` forks, and the run ends on
+    its own well before the wall clock (init then kills the rest of the bomb with the PID namespace)."""
+    code = ("import errno, os, time\nn = 0\nwhile True:\n    try:\n        if os.fork() == 0:\n"
+            "            while True:\n                try:\n                    os.fork()\n"
+            "                except OSError:\n                    time.sleep(0.01)\n        n += 1\n"
+            "    except OSError as e:\n        print('FAILED', errno.errorcode[e.errno], n, flush=True)\n"
+            "        break\n")
+    r = run_python(code, limits=Limits(wall_s=8, cpu_s=5, processes=8), mode=mode)
+    words = r.stdout.split()
+    assert words[:2] == ["FAILED", "EAGAIN"] and 1 <= int(words[2]) < 8, r.stdout + r.stderr
+    assert r.ok and not r.timed_out and r.wall_s < 4, (r.killed_reason, r.wall_s)
+
+
+@pytest.mark.parametrize("mode", ISOLATED)
 def test_process_limit_counts_only_this_run(mode):
     code = ("import os, time\nn = 0\nfor _ in range(30):\n    try:\n        if os.fork() == 0:\n"
             "            time.sleep(5); os._exit(0)\n        n += 1\n    except OSError:\n        break\nprint('FORKED', n)\n")

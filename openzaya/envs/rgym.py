@@ -31,6 +31,10 @@ INSTRUCTION = "Put your final answer in \\boxed{} (or between <answer> and </ans
 MAX_LEVEL_OVERRIDES = {"jugs": 2, "zebra_puzzles": 4}
 GEN_TIMEOUT_OVERRIDES = {"sokoban": 120.0, "zebra_puzzles": 60.0}
 NO_REFERENCE = frozenset({"composite", "boxnet", "graph_color", "propositional_logic", "rubiks_cube", "rush_hour"})
+# datasets whose own score_answer is wrong, rescored here. game_of_life_halting (reasoning-gym 0.1.25) compares
+# bool(answer) with bool(entry["answer"]), both non-empty strings, so every answer scored 1: its answer is "True" or
+# "False", compared case-insensitively (tests/test_envs_wrong_answers.py).
+RESCORE = {"game_of_life_halting": lambda answer, entry: float(answer.strip().lower() == entry["answer"].lower())}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,6 +104,8 @@ def _w_generate(name: str, level: int, seed: int) -> dict:
 
 
 def _w_score(name: str, level: int, seed: int, entry: dict, answer: str) -> float:
+    if name in RESCORE:
+        return RESCORE[name](answer, entry)
     return float(_dataset(name, level, seed).score_answer(answer, entry))
 
 
