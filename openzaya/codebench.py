@@ -525,7 +525,8 @@ def mini_benchmark(seed: int = 0) -> list[Item]:
         if stdin:
             tests = [CodeTest("".join(json.dumps(x) + "\n" for x in a), json.dumps(v) + "\n", i < MINI_PUBLIC)
                      for i, (a, v) in enumerate(zip(public + hidden, values))]
-            shown = "\n\n".join(f"Input:\n{t.input.rstrip()}\nOutput:\n{t.output.rstrip()}" for t in tests[:MINI_PUBLIC])
+            shown = "\n\n".join(f"Input:\n{t.input.rstrip()}\nOutput:\n{t.output.rstrip()}"
+                                for t in tests[:MINI_PUBLIC])
             prompt = (f"Write a Python 3 program that reads the arguments of `{sig}` from standard input, one JSON "
                       f"value per line, and prints `json.dumps` of the result, where `{name}` is: {doc}\n\n"
                       f"Examples:\n\n{shown}")

@@ -10,6 +10,7 @@ import base64
 import json
 import pickle
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -55,24 +56,19 @@ def test_stdout_comparison_follows_livecodebench():
 # LiveCodeBench rows
 
 
-def lcb_rows(private_compression="pickle"):
-    functional_private = json.dumps([{"input": "[1, 2, 3]\n2", "output": "true", "testtype": "functional"},
-                                     {"input": "[5]\n9", "output": "false", "testtype": "functional"}])
-    packed = (pickle.dumps(functional_private) if private_compression == "pickle"
-              else functional_private.encode())
-    return [
-        {"question_title": "has-element", "question_content": "Return whether target is in nums.",
-         "platform": "leetcode", "question_id": "3001", "contest_id": "weekly-1", "contest_date": "2024-08-03T00:00:00",
-         "starter_code": "class Solution:\n    def hasElement(self, nums: List[int], target: int) -> bool:\n        ",
-         "difficulty": "easy", "metadata": json.dumps({"func_name": "hasElement"}),
-         "public_test_cases": json.dumps([{"input": "[4, 7]\n7", "output": "true", "testtype": "functional"}]),
-         "private_test_cases": base64.b64encode(zlib.compress(packed)).decode()},
-        {"question_title": "sum-two", "question_content": "Read two integers and print their sum.",
-         "platform": "atcoder", "question_id": "abc300_a", "contest_id": "abc300", "contest_date": "2025-03-01T00:00:00",
-         "starter_code": "", "difficulty": "medium", "metadata": "{}",
-         "public_test_cases": json.dumps([{"input": "1 2\n", "output": "3\n", "testtype": "stdin"}]),
-         "private_test_cases": json.dumps([{"input": "10 -4\n", "output": "6\n", "testtype": "stdin"}])},
-    ]
+# two hand-made rows in LiveCodeBench's released layout (a LeetCode functional problem, an AtCoder stdin one), their
+# private tests packed as the released files pack them: base64(zlib(pickle(JSON text))), pickle protocol 4
+LCB_SAMPLE = Path(__file__).parent / "assets" / "lcb_code_generation_sample.jsonl"
+
+
+def test_lcb_sample_asset_is_packed_as_released():
+    rows = [json.loads(line) for line in LCB_SAMPLE.read_text().splitlines()]
+    assert len(rows) == 2 and LCB_SAMPLE.stat().st_size < 1 << 20
+    for row in rows:
+        packed = row["private_test_cases"]
+        assert not packed.lstrip().startswith("[")                        # not plain JSON: the decoder has to work
+        assert zlib.decompress(base64.b64decode(packed))[:1] == b"\x80"   # a pickle inside
+    assert [len(decode_tests(r["private_test_cases"])) for r in rows] == [2, 1]
 
 
 def test_lcb_private_tests_decode_and_pickle_is_never_unpickled(tmp_path, monkeypatch):
@@ -101,16 +97,15 @@ def test_lcb_private_tests_decode_and_pickle_is_never_unpickled(tmp_path, monkey
 
 
 def test_lcb_rows_load_and_score(tmp_path):
-    f = tmp_path / "lcb.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in lcb_rows()))
-    func, stdin = codebench.load(str(f))                              # layout detected from the fields
+    func, stdin = codebench.load(str(LCB_SAMPLE))                     # layout detected from the fields
     assert func.code.entry_point == "hasElement" and stdin.code.entry_point is None
     assert [t.public for t in func.code.tests] == [True, False, False]
     assert func.code.tests[1].input == [[1, 2, 3], 2] and func.code.tests[1].output is True
     assert (func.code.difficulty, func.code.date, func.code.platform) == ("easy", "2024-08-03", "leetcode")
     assert "class Solution" in func.question and "```python" in func.question
     assert "standard input" in stdin.question and stdin.code.tests[1].input == "10 -4\n"
-    right = "class Solution:\n    def hasElement(self, nums: List[int], target: int) -> bool:\n        return target in nums"
+    right = ("class Solution:\n    def hasElement(self, nums: List[int], target: int) -> bool:\n"
+             "        return target in nums")
     assert run_tests(func.code, right, FAST).verdict == "passed"      # List needs the prelude, as under LCB
     wrong = right.replace("target in nums", "True")
     v = run_tests(func.code, wrong, FAST)
@@ -208,7 +203,7 @@ class CodeScripted(Backend):
     def generate(self, requests):
         out = []
         for r in requests:
-            content = r.messages[0]["content"]
+            content = r.messages[0]["content"] if r.messages else r.prompt     # delethink sends raw prompts
             self.prompts.append(content)
             it = next(it for it in self.items if content.startswith(it.question))
             i = self.calls[it.id] = self.calls.get(it.id, -1) + 1
@@ -288,6 +283,53 @@ def test_populations_select_by_public_outputs_and_report_the_mean(tmp_path):
     assert res["code"]["selection_rule"] == codebench.SELECTION_RULE
 
 
+def test_every_ttc_method_scores_code_by_execution(tmp_path):
+    """Every method of ttc.METHODS on two mini problems: right programs everywhere -> 1.0 with every final candidate
+    passed; broken ones everywhere -> 0.0 with every final candidate a wrong answer."""
+    from openzaya.ttc import METHODS
+
+    items = mini_subset()[:2]
+    base = TTCConfig(population=3, candidates=2, rounds=1, tail_tokens=16, budget_tokens=64, head_tokens=8)
+    for name, program in (("right", lambda it: it.answer), ("broken", broken)):
+        backend = CodeScripted(items, lambda it, i: program(it), aggregate=program)
+        res = evaluate_code(items, backend, base, list(METHODS), FAST, samples=1, out_dir=tmp_path / name,
+                            match_calls=False)
+        for m in METHODS:
+            r, code = res["methods"][m], res["code"]["methods"][m]
+            want = 1.0 if name == "right" else 0.0
+            assert (r["avg@k"], r["pop_mean"]) == (want, want), m
+            verdict = "passed" if name == "right" else "wrong answer"
+            assert code["verdicts"] == {v: 2 * (v == verdict) for v in codebench.VERDICTS}, m
+            finals = 2 * (1 if m == "single" else base.population)
+            assert code["population_verdicts"][verdict] == finals == sum(code["population_verdicts"].values()), m
+
+
+def test_splits_by_difficulty_contest_month_and_window(tmp_path):
+    """Hand values: a (easy, Jan) always right, b (easy, Feb) always wrong, c (hard, Feb) right on its first sample
+    only; 2 samples each."""
+    rows = [{"id": pid, "prompt": f"Return {pid}.", "entry_point": "f", "difficulty": diff, "date": date,
+             "tests": [{"input": [], "output": 1}]}
+            for pid, diff, date in (("a", "easy", "2025-01-10"), ("b", "easy", "2025-02-10"),
+                                    ("c", "hard", "2025-02-20"))]
+    f = tmp_path / "own.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = codebench.load(str(f), task="code")
+    good, bad = "def f():\n    return 1", "def f():\n    return 2"
+    program = lambda it, i: good if it.id == "a" or (it.id == "c" and i == 0) else bad   # noqa: E731
+    res = evaluate_code(items, CodeScripted(items, program), TTCConfig(budget_tokens=64, tail_tokens=16),
+                        ["single"], FAST, samples=2, out_dir=tmp_path / "out", cutoff_date="2025-02-01")
+    code = res["code"]["methods"]["single"]
+
+    def cell(split, key):
+        return {g: (s["n"], s[key]) for g, s in code[split].items()}
+    assert cell("by_difficulty", "avg@k") == {"easy": (2, 0.5), "hard": (1, 0.5)}
+    assert cell("by_difficulty", "pass@2") == {"easy": (2, 0.5), "hard": (1, 1.0)}
+    assert cell("by_contest_month", "avg@k") == {"2025-01": (1, 1.0), "2025-02": (2, 0.25)}
+    assert cell("by_window", "avg@k") == {"before 2025-02-01": (1, 1.0), "from 2025-02-01": (2, 0.25)}
+    assert code["by_difficulty"]["easy"]["stderr"]["avg@k"] == pytest.approx(0.5)    # sd of (1, 0) / sqrt(2)
+    assert code["pass@k"]["1"]["value"] == pytest.approx(0.5) and code["pass@k"]["2"]["value"] == pytest.approx(2 / 3)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the CLI over the local, openai and hf backends
 
@@ -296,12 +338,10 @@ def test_eval_cli_local_backend_code_file(tmp_path, capsys):
     from openzaya.cli import main
     from test_local_backend import make_checkpoint
 
-    f = tmp_path / "lcb.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in lcb_rows()))
-    rc = main(["eval", "--benchmark", str(f), "--task", "code", "--backend", "local", "--model",
+    rc = main(["eval", "--benchmark", str(LCB_SAMPLE), "--task", "code", "--backend", "local", "--model",
                str(make_checkpoint(tmp_path / "m")), "--method", "single,markovian_rsa", "--samples", "2",
-               "--population", "2", "--candidates", "2", "--rounds", "1", "--budget-tokens", "8", "--tail-tokens", "4", "--out",
-               str(tmp_path / "out"), "--cutoff-date", "2025-01-01", "--sandbox-workers", "2"])
+               "--population", "2", "--candidates", "2", "--rounds", "1", "--budget-tokens", "8", "--tail-tokens", "4",
+               "--out", str(tmp_path / "out"), "--cutoff-date", "2025-01-01", "--sandbox-workers", "2"])
     out = capsys.readouterr().out
     assert rc in (0, None) and "verdicts:" in out and codebench.SELECTION_RULE in out
     res = json.loads((tmp_path / "out" / "results.json").read_text())
