@@ -1,15 +1,18 @@
 """Code-evaluation throughput: tests per second through openzaya/codebench.py (one sandbox per test, samples in
 parallel), and the sandbox's overhead per test against running the same programs in a plain subprocess (same
 interpreter, same main.py, no namespaces, no limits). The workload is every test of `code:mini` run on its
-reference solutions (all pass, so every test runs). Prints a table and writes runs/bench/code_eval.json.
+reference solutions (all pass, so every test runs). Then every test once more in the sandbox and plainly, back to back:
+the median per-test ratio and overhead, robust to the load bursts of a shared machine (the totals are not). Prints
+a table and writes runs/bench/code_eval.json.
 
-Run: .venv/bin/python bench/code_eval.py                      (about a minute on 2 cores)
+Run: .venv/bin/python bench/code_eval.py                      (2-3 minutes on 2 shared cores)
      .venv/bin/python bench/code_eval.py --workers 1,2,4 --limit 10
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -17,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from openzaya.codebench import CodeLimits, extract_code, load, program_source, run_tests, stdout_matches
+from openzaya.codebench import CodeLimits, extract_code, load, program_source, run_test, run_tests, stdout_matches
 from openzaya.sandbox import PYTHON, resolve_mode, results_equal
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,6 +77,24 @@ def plain(workers: int) -> dict:
     return {"workers": workers, "tests": n_tests, "seconds": round(dt, 2), "tests_per_s": round(n_tests / dt, 2)}
 
 
+def paired() -> dict:
+    """Each test run in the sandbox and then plainly, back to back (one at a time): the median per-test ratio and
+    difference, which a load burst on the shared machine moves far less than the totals above."""
+    pairs = []
+    for task, code in programs:
+        program = program_source(task, code)
+        for i in range(len(task.tests)):
+            t0 = time.perf_counter()
+            assert run_test(task, program, i, lim).verdict == "passed"
+            t1 = time.perf_counter()
+            assert plain_one(task, program, i)
+            pairs.append((t1 - t0, time.perf_counter() - t1))
+    return {"tests": len(pairs), "median_sandbox_ms": round(1000 * statistics.median(a for a, _ in pairs), 1),
+            "median_plain_ms": round(1000 * statistics.median(b for _, b in pairs), 1),
+            "median_ratio": round(statistics.median(a / b for a, b in pairs), 2),
+            "median_overhead_ms": round(1000 * statistics.median(a - b for a, b in pairs), 1)}
+
+
 # -----------------------------------------------------------------------------
 # measure (alternating, so load drifts hit both alike) and report
 
@@ -87,6 +108,10 @@ for w in [int(x) for x in args.workers.split(",")]:
     print(f"workers {w}: sandbox {s['tests_per_s']:7.1f} tests/s | plain subprocess {p['tests_per_s']:7.1f} tests/s "
           f"| sandbox/plain time {s['seconds'] / p['seconds']:.2f}x | overhead {overhead_ms:.0f} ms per test "
           f"(per worker)", file=sys.stderr)
+results["paired"] = paired()
+pr = results["paired"]
+print(f"paired, one test at a time: sandbox {pr['median_sandbox_ms']} ms | plain {pr['median_plain_ms']} ms per test "
+      f"(medians) | ratio {pr['median_ratio']}x | overhead {pr['median_overhead_ms']} ms per test", file=sys.stderr)
 results["load_avg_after"] = os.getloadavg()[0]
 os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
 with open(args.out, "w") as f:
