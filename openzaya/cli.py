@@ -208,7 +208,10 @@ def add_solve(sub):
 
 
 def _eval(a):
-    from openzaya.evaluate import benchmark_name, evaluate, load_benchmark
+    from dataclasses import replace
+
+    from openzaya import codebench
+    from openzaya.evaluate import benchmark_name, evaluate
 
     methods = [m.strip() for m in a.method.split(",") if m.strip()]
     if not methods:
@@ -216,15 +219,32 @@ def _eval(a):
     for m in methods:
         _ttc_config(a, m).validate()
     base = _ttc_config(a, methods[0])
-    items = load_benchmark(a.benchmark, question_field=a.question_field, answer_field=a.answer_field,
-                           id_field=a.id_field, split=a.split, limit=a.limit)
+    windowed = a.start_date is not None or a.end_date is not None
+    items = codebench.load(a.benchmark, task=a.task, question_field=a.question_field, answer_field=a.answer_field,
+                           id_field=a.id_field, split=a.split, limit=None if windowed else a.limit)
+    code = items[0].code is not None
+    if not code and (windowed or a.cutoff_date is not None):
+        raise ValueError("--start-date / --end-date / --cutoff-date go by contest date: code benchmarks only")
+    lim = codebench.CodeLimits(time_s=a.test_time_s, memory_mb=a.test_memory_mb,
+                               workers=a.sandbox_workers or os.cpu_count() or 1)
+    lim.validate()
+    codebench.check_date("--cutoff-date", a.cutoff_date)
+    if windowed:
+        items = codebench.in_window(items, a.start_date, a.end_date)[:a.limit]
     a.out = a.out or f"runs/eval/{benchmark_name(a.benchmark)}"
+    if code and a.template_file is None:   # aggregation prompts that ask for a program, not a \boxed{} answer
+        base = replace(base, template_file=codebench.code_template_file(a.out))
     backend = _backend(a)
     base = _fit(a, base, methods, backend, [it.question for it in items])
     run_config = {"model": a.model, "backend": a.backend, "base_url": a.base_url, "benchmark": a.benchmark,
                   "split": a.split, "limit": a.limit, "samples": a.samples}
-    res = evaluate(items, backend, base, methods, samples=a.samples, out_dir=a.out,
-                   match_calls=not a.no_match_calls, task=benchmark_name(a.benchmark), run_config=run_config)
+    if code:
+        res = codebench.evaluate_code(items, backend, base, methods, lim, samples=a.samples, out_dir=a.out,
+                                      match_calls=not a.no_match_calls, task=benchmark_name(a.benchmark),
+                                      run_config=run_config, cutoff_date=a.cutoff_date)
+    else:
+        res = evaluate(items, backend, base, methods, samples=a.samples, out_dir=a.out,
+                       match_calls=not a.no_match_calls, task=benchmark_name(a.benchmark), run_config=run_config)
     k = res["samples"]
     for m, r in res["methods"].items():
         se = r["stderr"]
@@ -232,6 +252,17 @@ def _eval(a):
               f" | pass@1 {r['pass@1']:.3f} ± {se['pass@1']:.3f} | pop_mean {r['pop_mean']:.3f} ± "
               f"{se['pop_mean']:.3f} | tokens/problem {r['tokens_per_problem']:.0f} | calls/problem "
               f"{r['calls_per_problem']:.0f} | wall/problem {r['wall_s_per_problem']:.2f}s")
+        if code:
+            c = res["code"]["methods"][m]
+            print(f"{'':14s} verdicts: {codebench.verdict_line(c)} | by difficulty: "
+                  + ", ".join(f"{d} {s['avg@k']:.3f} ± {s['stderr']['avg@k']:.3f} (n={s['n']})"
+                              for d, s in c["by_difficulty"].items())
+                  + f" | {c['sandbox'].get('tests_run', 0)} tests at {c['sandbox'].get('tests_per_s') or 0:.1f}/s"
+                  + "".join(f" | pass@{kk} {x['value']:.3f} ± {x['stderr']:.3f}" for kk, x in c["pass@k"].items()
+                            if kk != "1"))
+    if code:
+        print(f"code: pass@1 = avg@{k} of each run's program; populations pick theirs by this rule: "
+              f"{codebench.SELECTION_RULE}")
     print(f"± = standard error over {res['benchmark_size']} problems; wrote {a.out}/results.json, report.md, "
           f"accuracy_vs_tokens.png and lm-eval's results_<date>.json, samples_<task>_<date>.jsonl")
 
@@ -239,8 +270,11 @@ def _eval(a):
 def add_eval(sub):
     p = sub.add_parser("eval", help="evaluate methods on a benchmark file or suite; writes results, report, plot")
     p.add_argument("--benchmark", required=True,
-                   help="a .jsonl/.json/.parquet file, a suite (envs:tiny, envs:easy, envs:nano), or a Hugging Face "
-                        "dataset id or folder (pip install 'openzaya[datasets]')")
+                   help="a .jsonl/.json/.parquet file, a suite (envs:tiny, envs:easy, envs:nano, code:mini), or a "
+                        "Hugging Face dataset id or folder (pip install 'openzaya[datasets]')")
+    p.add_argument("--task", choices=["auto", "answer", "code"], default="auto",
+                   help="answer: a gold answer per row; code: LiveCodeBench rows or our code JSONL, scored by running "
+                        "tests in the sandbox; auto: code when the first row has a code layout")
     _add_backend_and_ttc_flags(p)
     # Evaluation
     p.add_argument("--samples", type=int, default=1, help="k: independent runs of each method per problem")
@@ -253,6 +287,15 @@ def add_eval(sub):
     p.add_argument("--split", default="test", help="Hugging Face split")
     p.add_argument("--no-match-calls", action="store_true",
                    help="majority uses N samples instead of N x (T+1) (matched calls with Markovian RSA)")
+    # Code benchmarks (openzaya/codebench.py)
+    p.add_argument("--sandbox-workers", type=int, default=None,
+                   help="code: samples whose tests run at once, each in its own sandbox (default: one per CPU core)")
+    p.add_argument("--test-time-s", type=int, default=6, help="code: CPU seconds per test (wall: 2x + 1 s)")
+    p.add_argument("--test-memory-mb", type=int, default=1024, help="code: address-space limit per test")
+    p.add_argument("--start-date", default=None, help="code: only problems of contests on or after YYYY-MM-DD")
+    p.add_argument("--end-date", default=None, help="code: only problems of contests on or before YYYY-MM-DD")
+    p.add_argument("--cutoff-date", default=None,
+                   help="code: also split the scores into contests before / from YYYY-MM-DD (a training cutoff)")
     p.set_defaults(func=_eval)
 
 

@@ -25,6 +25,8 @@ Benchmarks:
 - built-in suites from our own environments at fixed held-out seeds (10_000+), scored by the env's own `score`:
   `envs:tiny` (4 problems), `envs:easy` (16). Math files are scored by `openzaya.verify` (last \\boxed{} /
   <answer> after </think>, checked against the gold answer with math-verify).
+- code (LiveCodeBench's rows, our code JSONL, the `code:mini` suite): openzaya/codebench.py, whose judge runs each
+  sample's program on the tests in the sandbox (`evaluate(..., judge=...)`; `codebench.evaluate_code`).
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ class Item:
     question: str
     answer: str
     score: Callable[[str], float] | None = None   # response -> correctness; None = math verifier
+    code: object = None   # a codebench.CodeTask: scored by running its tests (codebench.evaluate_code), not `score`
 
 
 def env_suite(pairs: list[tuple[str, int]], seeds_per_env: int = 1) -> list[tuple[str, int, int]]:
@@ -169,8 +172,9 @@ def math_scorer(gold: str) -> Callable[[str], float]:
     return score
 
 
-def _rows_to_items(rows: list[dict], source: str, question_field: str | None, answer_field: str,
-                   id_field: str) -> list[Item]:
+def rows_to_items(rows: list[dict], source: str, question_field: str | None = None, answer_field: str = "answer",
+                  id_field: str = "id") -> list[Item]:
+    """Answer-scored items of benchmark rows (a question field, a gold answer, an id), ids unique."""
     items = []
     for i, row in enumerate(rows):
         qf = question_field or next((f for f in ("problem", "question") if f in row), None)
@@ -181,6 +185,8 @@ def _rows_to_items(rows: list[dict], source: str, question_field: str | None, an
             raise ValueError(f"{source} row {i}: no answer field {answer_field!r}; fields: {sorted(row)}")
         pid = str(row.get(id_field, i)).replace("/", "_")
         items.append(Item(id=pid, question=str(row[qf]), answer=str(row[answer_field])))
+    if len({it.id for it in items}) != len(items):
+        raise ValueError(f"{source}: duplicate ids")
     return items
 
 
@@ -245,10 +251,20 @@ def _read_hf_dataset(spec: str, split: str) -> list[dict]:
                          f".jsonl file needs neither)") from e
 
 
+def read_rows(spec: str, split: str = "test") -> list[dict]:
+    """The rows of a local .jsonl/.json/.parquet file or of a Hugging Face dataset (id or local dataset folder)."""
+    path = Path(spec)
+    if path.is_file():
+        return _read_file(path)
+    if path.suffix in FILE_FORMATS:
+        raise ValueError(f"{spec!r} is neither a suite ({', '.join(SUITES)}) nor an existing file: no such file")
+    return _read_hf_dataset(spec, split)
+
+
 def load_benchmark(spec: str, question_field: str | None = None, answer_field: str = "answer", id_field: str = "id",
                    split: str = "test", limit: int | None = None) -> list[Item]:
     """Items of a suite name (envs:...), a local .jsonl/.json/.parquet file, or a Hugging Face dataset (id or
-    local dataset folder)."""
+    local dataset folder). Code benchmarks load through `codebench.load`."""
     if spec in SUITES:
         from .envs.registry import get_env
 
@@ -261,17 +277,7 @@ def load_benchmark(spec: str, question_field: str | None = None, answer_field: s
         return items[:limit]
     if spec.startswith("envs:"):
         raise ValueError(f"unknown suite {spec!r}; built-in suites: {', '.join(SUITES)}")
-    path = Path(spec)
-    if path.is_file():
-        rows = _read_file(path)
-    elif path.suffix in FILE_FORMATS:
-        raise ValueError(f"{spec!r} is neither a suite ({', '.join(SUITES)}) nor an existing file: no such file")
-    else:
-        rows = _read_hf_dataset(spec, split)
-    items = _rows_to_items(rows, spec, question_field, answer_field, id_field)
-    if len({it.id for it in items}) != len(items):
-        raise ValueError(f"{spec}: duplicate ids")
-    return items[:limit]
+    return rows_to_items(read_rows(spec, split), spec, question_field, answer_field, id_field)[:limit]
 
 
 def benchmark_name(spec: str) -> str:
@@ -418,7 +424,7 @@ async def _aevaluate(items, backend, cfgs, samples, out_dir, bar):
     out = {}
     for method, cfg in cfgs.items():
         problems = [TTCProblem(id=f"{it.id}~s{s}", question=it.question, answer=it.answer,
-                               score=it.score or math_scorer(it.answer))
+                               score=None if it.code is not None else it.score or math_scorer(it.answer))
                     for it in items for s in range(samples)]
         bar.set_description(method)
         trace = Path(out_dir) / f"trace_{method}.jsonl" if out_dir else None
@@ -431,12 +437,25 @@ def _winner_text(r) -> str:
     return r.final_texts[i] if i is not None else (r.final_texts[0] if r.final_texts else "")
 
 
+def judge_answers(method: str, items: list[Item], runs_by_item: dict) -> list[dict]:
+    """Per item, from the runs' own scoring: each run's majority answer, its correctness and vote key (mathematical
+    equivalence on math-scored items, None = normalised strings), the final-population mean, the winner's text."""
+    out = []
+    for it in items:
+        runs = runs_by_item[it.id]
+        answers = [r.answer for r in runs]
+        out.append({"correct": [r.majority_correct or 0.0 for r in runs], "answers": answers,
+                    "keys": math_vote_keys(answers) if it.score is None else None,
+                    "pop": [r.population_mean or 0.0 for r in runs], "texts": [_winner_text(r) for r in runs]})
+    return out
+
+
 def evaluate(items: list[Item], backend, base: TTCConfig, methods: list[str], samples: int = 1,
              out_dir: str | os.PathLike | None = None, match_calls: bool = True, task: str = "benchmark",
-             run_config: dict | None = None) -> dict:
+             run_config: dict | None = None, judge: Callable = judge_answers) -> dict:
     """Run every method `samples` times on every item; returns (and writes under out_dir) the results dict. `task`
     names the benchmark in the lm-eval files (task = <task>_<method>), `run_config` (model, backend, ...) goes into
-    their "config"."""
+    their "config". `judge(method, items, runs_by_item)` scores the runs (`judge_answers`; code: codebench)."""
     from tqdm import tqdm
 
     from .backends import run_sync
@@ -464,22 +483,19 @@ def evaluate(items: list[Item], backend, base: TTCConfig, methods: list[str], sa
             by_item.setdefault(r.id.rsplit("~s", 1)[0], []).append(r)
         rows = []
         responses[method] = []
-        for it in items:
-            runs = by_item[it.id]
-            correct = [r.majority_correct or 0.0 for r in runs]
-            answers = [r.answer for r in runs]
-            keys = math_vote_keys(answers) if it.score is None else None
+        for it, j in zip(items, judge(method, items, by_item)):
+            runs, correct, answers = by_item[it.id], j["correct"], j["answers"]
             n, c = len(runs), int(sum(1 for x in correct if x >= 1.0))
             row = {"avg@k": avg_at_k(correct), "pass@1": pass_at_k(n, c, 1), f"pass@{n}": pass_at_k(n, c, n),
-                   "maj@k": maj_at_k(answers, correct, vote_keys=keys),
-                   "pop_mean": avg_at_k([r.population_mean or 0.0 for r in runs]), "answers": answers,
+                   "maj@k": maj_at_k(answers, correct, vote_keys=j["keys"]), "pop_mean": avg_at_k(j["pop"]),
+                   "answers": answers, **j.get("extra", {}),
                    "tokens": sum(r.prompt_tokens + r.completion_tokens for r in runs) / n,
                    "completion_tokens": sum(r.completion_tokens for r in runs) / n,
                    "calls": sum(r.calls for r in runs) / n, "wall_s": sum(r.wall_s for r in runs) / n,
                    "rounds": [[asdict(x) for x in r.rounds] for r in runs]}
             per_problem[it.id]["methods"][method] = row
             rows.append(row)
-            responses[method].append([_winner_text(r) for r in runs])
+            responses[method].append(j["texts"])
         mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
         accuracies = ("avg@k", "pass@1", f"pass@{samples}", "maj@k", "pop_mean")
         results["methods"][method] = {
@@ -540,6 +556,7 @@ def write_lm_eval(results: dict, items: list[Item], responses: dict[str, list[li
                                                     "arg_1": doc["configs"][name]["generation_kwargs"]}},
                        "resps": [[t] for t in resps], "filtered_resps": row["answers"], "filter": "none",
                        "metrics": list(names.values()), **{m: row[key] for key, m in names.items()},
+                       **({"code": row["code"]} if "code" in row else {}),   # per-sample verdicts and tests
                        "doc_hash": _sha(it.question + "\n" + it.answer), "prompt_hash": _sha(it.question),
                        "target_hash": _sha(it.answer)}
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")

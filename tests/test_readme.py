@@ -63,6 +63,7 @@ RULES = [
     (r" (pretrain|sft) ", "run+", TRAIN_SMALL, "the nano presets train for 300 steps"),
     (r" eval --benchmark envs:", "run+", ["--limit", "2", "--samples", "1"], "4 runs x 16 problems x 3 methods"),
     (r" eval --benchmark runs/aime_example.jsonl --backend local", "run+", ["--samples", "1"], "4 runs x 2 methods"),
+    (r" eval --benchmark code:mini", "run+", ["--limit", "3", "--samples", "1"], "33 problems x 4 samples"),
     (r"^cat > \S+ <<'EOF'", "run", None, "writes a file"),
     (r"^kill %1$", "run", None, "stops the block's background servers"),
 ]

@@ -443,6 +443,13 @@ def _inputs(gen, rng: random.Random, level: int, count: int) -> list[list]:
     return [gen(rng, n) for _ in range(count)]
 
 
+def reference_program(name: str, rng: random.Random, level: int, count: int) -> tuple[str, int, list[list]]:
+    """(source, complexity 1..3, `count` argument lists at input level `level`) of the seed program `name`: the
+    reference solutions and test inputs of the offline code benchmark (`code:mini`, openzaya/codebench.py)."""
+    _, complexity, src, gen = _BY_NAME[name]
+    return src, complexity, _inputs(gen, rng, level, count)
+
+
 def _reference_value(prog, rng, level):
     """One random argument list for the program and what the reference implementation returns for it."""
     name, _, src, gen = prog
