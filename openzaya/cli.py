@@ -448,7 +448,8 @@ def _train_flags(p, stage: str):
     p.add_argument("--offload-optimizer", action="store_true", default=None,
                    help="keep sharded params, grads and optimizer state on the CPU (FSDP2 CPU offload)")
     p.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32"], default=None,
-                   help="auto: bf16 compute on CUDA (fp32 master weights and reduction), fp32 on CPU")
+                   help="auto: bf16 compute (fp32 master weights and reduction) on CUDA and on CPUs with native bf16 "
+                        "matmuls (AVX512-BF16 / AMX), fp32 elsewhere")
     p.set_defaults(func=lambda a: _train(a, stage))
 
 
@@ -508,6 +509,9 @@ def add_speedrun(sub):
     p.add_argument("--no-rl", action="store_true", help="skip the four RL stages (quick runs)")
     p.add_argument("--rl-steps", type=int, default=None, help="optimizer steps per RL stage")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    p.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32"], default=None,
+                   help="pretraining and SFT compute: auto = the preset's choice (bf16 where the device has native bf16 "
+                        "matmuls, unless the preset measured fp32 faster at its size)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default: CUDA when present) | cpu | cuda; RL stays on the CPU")
     p.add_argument("--log-to", choices=["", "tensorboard", "wandb"], default=None,

@@ -993,3 +993,14 @@ def count_params(cfg: ZayaConfig) -> dict:
     embed = cfg.vocab_size * D * (1 if cfg.tie_word_embeddings else 2)
     active = L * (attn + router + one_expert + small) + (L - 1) * R + 2 * D + D
     return {"total": non_embed + embed, "non_embedding": non_embed, "embedding": embed, "active_per_token": active}
+
+
+def flops_per_token(cfg: ZayaConfig, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token (the MFU numerator, as nanochat/PaLM count them): 2 per active parameter per token
+    forward, with N_active = count_params' active_per_token (one expert per token) + the LM head (V x D), plus the
+    attention matmuls (QK^T and PV: 4 * H * Dh per key attended, a causal window of seq_len attends (seq_len + 1) / 2
+    keys on average, per layer); training = 3x forward (backward = 2x forward). Skip-routed tokens and the CCA
+    convolution's composition are not discounted: an upper estimate of the useful work of a step."""
+    n_active = count_params(cfg)["active_per_token"] + cfg.vocab_size * cfg.hidden_size
+    attn = 4 * cfg.num_attention_heads * cfg.head_dim * (seq_len + 1) / 2 * cfg.num_hidden_layers
+    return (3 if training else 1) * (2 * n_active + attn)

@@ -120,11 +120,16 @@ class SpeedrunConfig:
     rl_max_groups_per_step: int = 256      # a stage with no signal in this many groups stops (reported)
     # evaluation: single vs Markovian RSA (N, C, T, tau, beta) at the same temperature and per-call budget
     eval_envs: list[str] = field(default_factory=lambda: list(EVAL_ENVS))
-    eval_problems: int = 24                # per environment and difficulty, held-out seeds
-    # `single` runs per problem (avg@k); Markovian RSA runs once. 8, not 4: on one cascade (dev/LOG.md, session 11)
-    # the four avg@4 blocks put single after RL vs SFT at +0.016 / +0.045 / +0.049 / +0.043 (SE ~0.016), avg@16
-    # at +0.038 +- 0.012; one avg@4 draw is too noisy for the table. Costs ~5-10 s per evaluation here.
-    eval_single_samples: int = 8
+    # After SFT and after the last RL stage: `single` on eval_problems held-out problems per env and difficulty,
+    # eval_single_samples runs each (avg@k), Markovian RSA (one run) on the first eval_rsa_problems of them; after
+    # the other RL stages, `single` once on the first eval_mid_problems (0 = no evaluation there). The paired SE
+    # of a difference between two stages is mostly the per-problem change, not the sampling noise of avg@k
+    # (dev/LOG.md, session 11 and issue 26: variance split of the avg@8 runs), so more problems with fewer runs
+    # each buy more power for the same number of generations: 96 x 2 instead of 24 x 8.
+    eval_problems: int = 96
+    eval_single_samples: int = 2
+    eval_rsa_problems: int = 24
+    eval_mid_problems: int = 48
     eval_max_tokens: int = TTCConfig.budget_tokens     # beta (also single's budget)
     eval_temperature: float = 0.7
     ttc_population: int = TTCConfig.population         # N
@@ -135,6 +140,7 @@ class SpeedrunConfig:
     ablation_seq_len: int = 64         # tight budget: most samples (77-101 tokens) must be trimmed
     ablation_steps: int = 120
     threads: int = 1
+    mixed_precision: str = "auto"      # pretraining and SFT: auto (bf16 where native, train.resolve_precision) | bf16 | fp32
     seed: int = 0
     log_to: str = ""                   # "" | tensorboard | wandb: every training and RL stage logs there too
 
@@ -160,7 +166,7 @@ def smoke(**kw) -> SpeedrunConfig:
     return nano(**{**dict(name="smoke", envs=envs, difficulties=[0], samples_per_env_level=60,
                           agg_samples_per_env_level=10, vocab_size=300, pretrain_steps=3, sft_steps=3,
                           agg_sft_steps=2, agg_sft_problems_per_env_level=4, device_batch_size=8, eval_envs=envs,
-                          eval_problems=2, eval_max_tokens=16, ablation_steps=2, rl_steps=1, rl_prompts_per_step=2,
+                          eval_problems=2, eval_rsa_problems=2, eval_mid_problems=2, eval_max_tokens=16, ablation_steps=2, rl_steps=1, rl_prompts_per_step=2,
                           rl_samples_per_prompt=4, rl_max_new_tokens=16, ttc_tail_tokens=4, rl_max_groups_per_step=8,
                           rl_rollout_workers=0,
                           rl_stage_envs={s: (envs, 0, o) for s, (_, _, o) in RL_STAGE_ENVS.items()}),
@@ -232,9 +238,17 @@ def held_out_items(envs: list[str], difficulties: list[int], n: int):
     return items
 
 
-def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, template_file: str, out_dir: Path) -> dict:
-    """`single` and `markovian_rsa` through LocalBackend (our engine) on the same items, same temperature and beta.
-    Returns per method: accuracy, its standard error, per-cell accuracy and the per-problem correctness vector."""
+def first_per_cell(items, n: int) -> list:
+    """The first n items of every env/difficulty cell (item ids are `<env>-d<difficulty>-<index>`)."""
+    return [it for it in items if int(it.id.rsplit("-", 1)[1]) < n]
+
+
+def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, template_file: str, out_dir: Path,
+                           single_samples: int, rsa_items=None) -> dict:
+    """`single` (`single_samples` runs per item, avg@k) on `items` and, given `rsa_items`, `markovian_rsa` (one run)
+    on those, through LocalBackend (our engine), same temperature and beta. Returns per method: accuracy, its
+    standard error, per-cell accuracy, per-problem correctness by item id (differences are paired on the ids both
+    rows share)."""
     from .backends import LocalBackend
     from .evaluate import evaluate
     from .ttc import TTCConfig
@@ -243,21 +257,29 @@ def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, te
                      tail_tokens=cfg.ttc_tail_tokens, budget_tokens=cfg.eval_max_tokens,
                      temperature=cfg.eval_temperature, seed=cfg.seed, max_concurrency=256, template_file=template_file)
     out = {"wall_s": 0.0}
-    for m, k in (("single", cfg.eval_single_samples), ("markovian_rsa", 1)):
-        res = evaluate(items, backend, base, [m], samples=k, out_dir=out_dir / m)
-        correct = [row["methods"][m]["avg@k"] for row in res["problems"]]
-        pop = [row["methods"][m]["pop_mean"] for row in res["problems"]]   # = correct for `single`
+    runs = [("single", items, single_samples)] + ([("markovian_rsa", rsa_items, 1)] if rsa_items else [])
+    for m, its, k in runs:
+        res = evaluate(its, backend, base, [m], samples=k, out_dir=out_dir / m)
+        correct = {row["id"]: row["methods"][m]["avg@k"] for row in res["problems"]}
+        pop = {row["id"]: row["methods"][m]["pop_mean"] for row in res["problems"]}   # = correct for `single`
         cells: dict[str, list[float]] = {}
-        for row, c in zip(res["problems"], correct):
-            cells.setdefault(row["id"].rsplit("-", 1)[0], []).append(c)
-        acc = sum(correct) / len(correct)
-        out[m] = {"accuracy": acc, "se": mean_se(correct), "n": len(correct), "runs": k, "correct": correct,
-                  "cells": {c: sum(v) / len(v) for c, v in cells.items()},
+        for i, c in correct.items():
+            cells.setdefault(i.rsplit("-", 1)[0], []).append(c)
+        vals = list(correct.values())
+        out[m] = {"accuracy": sum(vals) / len(vals), "se": mean_se(vals), "n": len(vals), "runs": k,
+                  "correct": correct, "cells": {c: sum(v) / len(v) for c, v in cells.items()},
                   "completion_tokens_per_problem": res["methods"][m]["completion_tokens_per_problem"],
                   "aggregation": res["methods"][m].get("aggregation"),
-                  "pop_mean": sum(pop) / len(pop), "pop_correct": pop}
+                  "pop_mean": sum(pop.values()) / len(pop), "pop_correct": pop}
         out["wall_s"] += res["wall_s"]
     return out
+
+
+def paired(x: dict, y: dict) -> tuple[float, float, int]:
+    """(mean of y - x, its paired standard error, n) over the problem ids both per-problem dicts share."""
+    ids = [i for i in y if i in x]
+    a, b = [x[i] for i in ids], [y[i] for i in ids]
+    return (sum(b) - sum(a)) / len(ids), paired_se(a, b), len(ids)
 
 
 def evaluate_held_out(model_dir: str | Path, envs: list[str], difficulties: list[int], n: int, max_tokens: int,
@@ -293,6 +315,7 @@ def evaluate_held_out(model_dir: str | Path, envs: list[str], difficulties: list
 # expected cost of each stage in seconds of the nano preset on the 2-core CPU (dev/LOG.md: ~0.9 s per pretrain or
 # SFT step, ~5.5 s per RL step, ~45 s per evaluation): only their ratios matter, the ETA scales them to this run
 SECONDS_PER_TRAIN_STEP, SECONDS_PER_RL_STEP, SECONDS_PER_EVAL = 0.9, 5.5, 45.0
+MID_EVAL_SHARE = 0.15          # an evaluation between RL stages: ~1/7 of the generations of a full one
 
 
 def stage_plan(cfg: SpeedrunConfig) -> dict[str, float]:
@@ -304,7 +327,10 @@ def stage_plan(cfg: SpeedrunConfig) -> dict[str, float]:
     plan["eval sft"] = SECONDS_PER_EVAL
     for stage in (cfg.rl_stages if cfg.rl else []):
         plan[f"rl {stage}"] = SECONDS_PER_RL_STEP * cfg.rl_steps
-        plan[f"eval {stage}"] = SECONDS_PER_EVAL
+        if stage == cfg.rl_stages[-1]:
+            plan[f"eval {stage}"] = SECONDS_PER_EVAL
+        elif cfg.eval_mid_problems > 0:   # single once on fewer problems, no Markovian RSA
+            plan[f"eval {stage}"] = SECONDS_PER_EVAL * MID_EVAL_SHARE
     if cfg.ablation_trim:
         plan["ablation"] = 2 * (SECONDS_PER_TRAIN_STEP * cfg.ablation_steps + SECONDS_PER_EVAL)
     return plan
@@ -378,7 +404,8 @@ def train_settings(cfg: SpeedrunConfig, tok_dir: Path, device: str) -> dict:
     """The TrainConfig fields pretraining and every SFT run share."""
     return dict(tokenizer=str(tok_dir), seq_len=cfg.seq_len, tokens_per_step=cfg.device_batch_size * cfg.seq_len,
                 device_batch_size=cfg.device_batch_size, save_every=-1, threads=cfg.threads, seed=cfg.seed,
-                lr=cfg.lr, model_preset=cfg.model_preset, device=device, log_to=cfg.log_to)
+                lr=cfg.lr, model_preset=cfg.model_preset, device=device, log_to=cfg.log_to,
+                mixed_precision=cfg.mixed_precision)
 
 
 def supervised_finetune(cfg: SpeedrunConfig, out: Path, tok_dir: Path, device: str, pretrained: dict):
@@ -448,9 +475,26 @@ def rl_cascade(cfg: SpeedrunConfig, out: Path, init_dir: str, items, laps: Stage
                         f"{rc.advantage}, length c {rc.length_reward_c}, max solve rate {rc.max_solve_rate}, "
                         f"ttc fraction {rc.ttc_fraction}")
         laps(f"rl {stage}")
-        evals[stage] = evaluate_single_vs_rsa(cur, items, cfg, str(out / "agg_template.txt"), out / "eval" / stage)
+        if stage == cfg.rl_stages[-1]:
+            evals[stage] = full_evaluation(cfg, out, cur, items, stage)
+        elif cfg.eval_mid_problems > 0:
+            evals[stage] = evaluate_single_vs_rsa(cur, first_per_cell(items, cfg.eval_mid_problems), cfg,
+                                                  str(out / "agg_template.txt"), out / "eval" / stage, 1)
+        else:
+            continue
         laps(f"eval {stage}")
+    if evals and cfg.rl_stages[-1] not in evals:   # the last stage stopped: the final policy gets the full evaluation
+        stage = list(evals)[-1]
+        evals[stage] = full_evaluation(cfg, out, cur, items, stage)
+        laps(f"eval {stage} (final, full)")
     return evals, curves, notes
+
+
+def full_evaluation(cfg: SpeedrunConfig, out: Path, model_dir: str, items, stage: str) -> dict:
+    """The evaluation after SFT and after the last RL stage: `single` on every held-out item, Markovian RSA on the
+    first eval_rsa_problems of each cell."""
+    return evaluate_single_vs_rsa(model_dir, items, cfg, str(out / "agg_template.txt"), out / "eval" / stage,
+                                  cfg.eval_single_samples, first_per_cell(items, cfg.eval_rsa_problems))
 
 
 def trim_ablation(cfg: SpeedrunConfig, out: Path, sft_cfg, device: str) -> dict:
@@ -497,8 +541,7 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
         sft, agg_sft_stats = aggregation_sft(cfg, out, sft_cfg, sft, sft_mix)
         laps("aggregation sft")
     items = held_out_items(cfg.eval_envs, cfg.difficulties, cfg.eval_problems)
-    evals = {"sft": evaluate_single_vs_rsa(sft["model_dir"], items, cfg, str(out / "agg_template.txt"),
-                                          out / "eval" / "sft")}
+    evals = {"sft": full_evaluation(cfg, out, sft["model_dir"], items, "sft")}
     laps("eval sft")
     rl_evals, rl_curves, rl_notes = rl_cascade(cfg, out, sft["model_dir"], items, laps)
     evals.update(rl_evals)
@@ -508,14 +551,15 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
         laps("ablation")
     plot_curves(out, bool(agg_sft_stats), ablation, rl_curves)
     wall = time.time() - laps.t0
-    result = {"wall_s": wall, "timings_s": laps.timings, "evals": evals, "rl_notes": rl_notes, "device": device,
-              "model_params": pre["params"], "pretrain_final_loss": pre["final_loss"],
+    result = {"wall_s": wall, "timings_s": laps.timings, "cpu_s": laps.cpu_s, "load": laps.load, "evals": evals,
+              "rl_notes": rl_notes, "device": device, "precision": pre["precision"], "model_params": pre["params"], "pretrain_final_loss": pre["final_loss"],
               "sft_final_loss": sft_final_loss, "agg_sft": agg_sft_stats, "corpus_samples": manifest["samples"],
               "aggregation_samples": n_agg, "ablation": ablation, "config": cfg.__dict__}
     (out / "results.json").write_text(json.dumps(result, indent=1))   # 7b. results and the report
     write_report(out / "report.md", result, items)
     print(f"[speedrun] done in {wall:.0f}s; held-out accuracy single / markovian_rsa: "
-          + "; ".join(f"{k} {v['single']['accuracy']:.3f} / {v['markovian_rsa']['accuracy']:.3f}"
+          + "; ".join(f"{k} {v['single']['accuracy']:.3f} / "
+                      + (f"{v['markovian_rsa']['accuracy']:.3f}" if "markovian_rsa" in v else "-")
                       for k, v in evals.items()) + f"; report at {out / 'report.md'}", flush=True)
     return result
 
@@ -543,19 +587,60 @@ def aggregation_table(aggs: dict) -> list[str]:
     return lines
 
 
+def phase_table(r: dict) -> list[str]:
+    """Report lines: wall time, CPU seconds (this process and its finished children) and the 1-minute load average
+    at the end of every stage; on a shared machine the CPU seconds are the comparable figure."""
+    lines = ["| stage | wall s | CPU s | load avg |", "|---|---|---|---|"]
+    for k, v in r["timings_s"].items():
+        lines.append(f"| {k} | {v:.0f} | {r['cpu_s'].get(k, float('nan')):.0f} | {r['load'].get(k, float('nan')):.1f} |")
+    return lines + [f"| **total** | **{r['wall_s']:.0f}** | {sum(r['cpu_s'].values()):.0f} | |"]
+
+
+def accuracy_table(r: dict) -> list[str]:
+    """Report lines: single and Markovian RSA after every stage with standard errors; differences paired on the
+    problems both rows share (n next to each)."""
+    ev, c = r["evals"], r["config"]
+    base = ev["sft"]
+    lines = ["| after | single (problems x runs) | markovian_rsa (problems) | RSA - single | RSA pop mean - single | "
+             "vs SFT (single) | vs SFT (RSA) | decode tokens single / RSA |", "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda d: f"{d[0]:+.3f} ± {d[1]:.3f} (n {d[2]})"   # noqa: E731
+    for stage, e in ev.items():
+        s, m = e["single"], e.get("markovian_rsa")
+        cells = [f"{s['accuracy']:.3f} ± {s['se']:.3f} ({s['n']} x {s['runs']})"]
+        if m:
+            cells += [f"{m['accuracy']:.3f} ± {m['se']:.3f} ({m['n']})", fmt(paired(s["correct"], m["correct"])),
+                      fmt(paired(s["correct"], m["pop_correct"]))]
+        else:
+            cells += ["-", "-", "-"]
+        cells.append("" if stage == "sft" else fmt(paired(base["single"]["correct"], s["correct"])))
+        cells.append(fmt(paired(base["markovian_rsa"]["correct"], m["correct"])) if m and stage != "sft" else "")
+        cells.append(f"{s['completion_tokens_per_problem']:.0f} / "
+                     + (f"{m['completion_tokens_per_problem']:.0f}" if m else "-"))
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines += ["", "Per env and difficulty (single / markovian_rsa):", "",
+              "| cell | " + " | ".join(ev) + " |", "|---|" + "---|" * len(ev)]
+    for cell in base["single"]["cells"]:
+        lines.append(f"| {cell} | " + " | ".join(
+            f"{e['single']['cells'][cell]:.2f} / " + (f"{e['markovian_rsa']['cells'][cell]:.2f}"
+                                                      if "markovian_rsa" in e else "-") for e in ev.values()) + " |")
+    return lines
+
+
 def write_report(path: Path, r: dict, items):
     c = r["config"]
     ev = r["evals"]
     n = ev["sft"]["single"]["n"]
     lines = [f"# Speedrun `{c['name']}`", "",
-             f"Wall time **{r['wall_s']:.0f} s** (" + ", ".join(f"{k} {v:.0f}s" for k, v in r["timings_s"].items())
-             + ").",
+             f"Wall time **{r['wall_s']:.0f} s**; per stage (CPU seconds and the load average tell how busy the "
+             f"machine was):", "", *phase_table(r), "",
              f"Corpus: {r['corpus_samples']} solver-trace samples from {len(c['envs'])} environments at difficulties "
              f"{c['difficulties']}, plus {r['aggregation_samples']} aggregation chats in the SFT mix; tokenizer BPE "
              f"{c['vocab_size']}; pretrain {c['pretrain_steps']} steps (final loss {r['pretrain_final_loss']:.3f}), "
              f"SFT {c['sft_steps']} steps (final loss {r['sft_final_loss']:.3f}), {c['device_batch_size']} x "
              f"{c['seq_len']} tokens per step; model `{c['model_preset']}` ({r['model_params'] / 1e6:.2f}M parameters), "
-             f"pretraining, SFT and evaluation on {r['device']} (RL on the CPU).", ""]
+             f"pretraining, SFT and evaluation on {r['device']} (RL on the CPU). Precision: pretraining and SFT "
+             f"**{r['precision']}** (`mixed_precision={c['mixed_precision']}`), RL policy update fp32 (rl_loop has no "
+             f"autocast yet), rollouts and evaluation fp32 (engine).", ""]
     a = r.get("agg_sft")
     if a:
         lines += [f"Aggregation SFT (TR §VI-B; the held-out row `sft` is after it): the SFT model sampled "
@@ -572,35 +657,16 @@ def write_report(path: Path, r: dict, items):
         lines += ["", "![RL reward per stage](rl_reward.png)" if (path.parent / "rl_reward.png").exists() else "", ""]
     lines += [f"## Held-out accuracy ({n} problems: {c['eval_problems']} per env and difficulty over "
               f"{', '.join(c['eval_envs'])} at difficulties {c['difficulties']}, seeds >= 10000)", "",
-              f"`single` = one sample, averaged over {c['eval_single_samples']} runs per problem (avg@k); "
-              f"`markovian_rsa` = N={c['ttc_population']}, C={c['ttc_candidates']}, "
-              f"T={c['ttc_rounds']}, tau={c['ttc_tail_tokens']}, beta={c['eval_max_tokens']} (answer = majority of "
-              f"the final population; `RSA pop mean` = mean correctness over the final population, the number the "
-              f"ZAYA1 TR reports); both at temperature {c['eval_temperature']} and beta tokens per call. "
-              "± = standard error over problems; differences carry the paired standard error.", "",
-              "| after | single | markovian_rsa | RSA - single | RSA pop mean - single | vs SFT (single) | "
-              "vs SFT (RSA) | decode tokens single / RSA |", "|---|---|---|---|---|---|---|---|"]
-    base = ev["sft"]
-    for stage, e in ev.items():
-        s, m = e["single"], e["markovian_rsa"]
-        d_rs = f"{m['accuracy'] - s['accuracy']:+.3f} ± {paired_se(s['correct'], m['correct']):.3f}"
-        d_pop = f"{m['pop_mean'] - s['accuracy']:+.3f} ± {paired_se(s['correct'], m['pop_correct']):.3f}"
-        vs = ("" if stage == "sft" else
-              f"{s['accuracy'] - base['single']['accuracy']:+.3f} ± "
-              f"{paired_se(base['single']['correct'], s['correct']):.3f}")
-        vm = ("" if stage == "sft" else
-              f"{m['accuracy'] - base['markovian_rsa']['accuracy']:+.3f} ± "
-              f"{paired_se(base['markovian_rsa']['correct'], m['correct']):.3f}")
-        lines.append(f"| {stage} | {s['accuracy']:.3f} ± {s['se']:.3f} | {m['accuracy']:.3f} ± {m['se']:.3f} | "
-                     f"{d_rs} | {d_pop} | {vs} | {vm} | {s['completion_tokens_per_problem']:.0f} / "
-                     f"{m['completion_tokens_per_problem']:.0f} |")
-    lines += ["", "Per env and difficulty (single / markovian_rsa):", "",
-              "| cell | " + " | ".join(ev) + " |", "|---|" + "---|" * len(ev)]
-    for cell in base["single"]["cells"]:
-        lines.append(f"| {cell} | " + " | ".join(f"{e['single']['cells'][cell]:.2f} / "
-                                                 f"{e['markovian_rsa']['cells'][cell]:.2f}" for e in ev.values())
-                     + " |")
-    lines += aggregation_table({stage: e["markovian_rsa"].get("aggregation") for stage, e in ev.items()})
+              f"`single` = one sample, averaged over {c['eval_single_samples']} runs per problem (avg@k) after SFT and "
+              f"after the last RL stage, once on the first {c['eval_mid_problems']} problems per cell between RL "
+              f"stages; `markovian_rsa` (first {c['eval_rsa_problems']} problems per cell) = N={c['ttc_population']}, "
+              f"C={c['ttc_candidates']}, T={c['ttc_rounds']}, tau={c['ttc_tail_tokens']}, beta={c['eval_max_tokens']} "
+              f"(answer = majority of the final population; `RSA pop mean` = mean correctness over the final "
+              f"population, the number the ZAYA1 TR reports); both at temperature {c['eval_temperature']} and beta "
+              "tokens per call. ± = standard error over problems; differences are paired over the problems both "
+              "sides share (n) and carry the paired standard error.", "", *accuracy_table(r)]
+    lines += aggregation_table({stage: e["markovian_rsa"].get("aggregation") for stage, e in ev.items()
+                                if "markovian_rsa" in e})
     lines += ["", "Traces and per-method reports: `eval/<stage>/`.", ""]
     if r["ablation"]:
         lines += [f"## Ablation: answer-preserving trimming vs plain truncation (SFT at {c['ablation_seq_len']} "
@@ -615,7 +681,8 @@ def write_report(path: Path, r: dict, items):
 def main(a):
     cfg = PRESETS[a.preset]()
     over = {k: getattr(a, k) for k in ("name", "pretrain_steps", "sft_steps", "threads", "seed", "eval_problems",
-                                       "rl_steps", "device", "log_to") if getattr(a, k, None) is not None}
+                                       "rl_steps", "device", "log_to", "mixed_precision")
+            if getattr(a, k, None) is not None}
     if a.ablation_trim:
         over["ablation_trim"] = True
     if getattr(a, "no_rl", False):
