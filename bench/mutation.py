@@ -72,7 +72,9 @@ TARGETS = {
                                "xǁZayaForCausalLMǁexpert_load_stats*", "xǁZayaForCausalLMǁrouters*"],
                     undecorate={"ZayaForCausalLM.update_balancing_biases": "torch.no_grad()",
                                 "ZayaForCausalLM.expert_load_stats": "torch.no_grad()"}),
-    "engine_sampler": Target("openzaya/engine.py", ["tests/test_engine.py"], functions=["x_sample*"]),
+    # the sampler moved from engine.py to sampling.py (penalties, logit bias, top-k/p, min-p, temperature)
+    "engine_sampler": Target("openzaya/sampling.py", ["tests/test_sampling.py", "tests/test_engine.py"],
+                             functions=["x_sample*", "x_adjust_logits*", "x_sampling_batch*", "xǁPenaltyStateǁ*"]),
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",

@@ -142,7 +142,8 @@ def atomic_dir(out_dir: str | Path, fill: Callable[[Path], object], replace: boo
     return out_dir
 
 
-def _state_for_saving(model: ZayaForCausalLM) -> dict[str, torch.Tensor]:
+def state_for_saving(model: ZayaForCausalLM) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint holds, by their native names (a tied lm_head is not written)."""
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop(TIED_KEY, None)
@@ -154,7 +155,7 @@ def save_pretrained(model: ZayaForCausalLM, out_dir: str | Path, max_shard_bytes
     """Write `out_dir` atomically: config.json, safetensors shard(s) (+ index when sharded), extra files.
 
     extra_files maps a file name to its contents (e.g. tokenizer files) so the directory is swapped in whole."""
-    sd = _state_for_saving(model)
+    sd = state_for_saving(model)
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() and k.split(".")[-1] != "balancing_biases" else v)
               for k, v in sd.items()}

@@ -299,7 +299,9 @@ def add_serve(sub):
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
     p.add_argument("--served-model-name", default=None, help="model id (default: the directory's name)")
     p.add_argument("--enable-weight-updates", action="store_true",
-                   help="serve POST /update_weights_from_disk {model_path} (RL trainers push new policies)")
+                   help="RL trainers push new policies (from disk or by broadcast; vLLM's RL API, serve_rl.py)")
+    p.add_argument("--enable-return-routed-experts", action="store_true",
+                   help="requests may ask for routed_experts (RL router replay)")
     p.add_argument("--device", default="auto", help="auto (CUDA when torch sees one) | cpu | cuda[:N]")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights and compute (auto = the checkpoint's)")
@@ -377,14 +379,27 @@ def add_rl(sub):
     p.add_argument("--rollout-workers", type=int, default=None, help="worker processes (0 = inline)")
     p.add_argument("--max-staleness", type=int, default=None, help="max policy versions a sample may lag")
     p.add_argument("--sync-every", type=int, default=None, help="push weights every k trainer steps")
-    p.add_argument("--server-url", default=None, help="OpenAI-compatible server for rollouts (see rl_loop docs)")
-    p.add_argument("--server-model", default=None, help="the server's model id (default: first of /v1/models)")
+    p.add_argument("--server-url", action="append", default=None,
+                   help="inference server for rollouts (openzaya serve --enable-weight-updates, vLLM); repeatable")
+    p.add_argument("--server-file", default=None, help="a file listing server URLs, one per line")
+    p.add_argument("--server-model", default=None, help="the servers' model id (default: first of /v1/models)")
+    p.add_argument("--weight-sync", default=None, choices=["disk", "broadcast"],
+                   help="how new weights reach the servers (default disk: a checkpoint each reloads)")
+    p.add_argument("--probe-tolerance", type=float, default=None,
+                   help="mean |logprob difference| of the probe that verifies each push (default 0.05)")
     p.add_argument("--no-server-reload", action="store_true",
-                   help="do not POST update_weights_from_disk after each publish (reload the server yourself)")
+                   help="do not push weights to the servers (reload them yourself from <out>/policy_sync; unverified)")
+    p.add_argument("--reward-workers", type=int, default=None, help="threads scoring groups as they arrive (0 = none)")
+    # Trainer (torchrun for several ranks)
+    p.add_argument("--device", default=None, help="auto (default: CUDA when present) | cpu | cuda")
+    p.add_argument("--dp-shard", type=int, default=None, help="torchrun: FSDP2 shard degree (-1 = all ranks)")
+    p.add_argument("--ep", type=int, default=None, help="torchrun: expert-parallel degree")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--log-to", choices=["", "tensorboard", "wandb"], default=None,
                    help="also log per-step metrics to TensorBoard or W&B (optional packages)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="--resume even when the run was saved with other settings")
     p.set_defaults(func=_rl)
 
 
@@ -513,7 +528,7 @@ def add_speedrun(sub):
                    help="pretraining and SFT compute: auto = the preset's choice (bf16 where the device has native bf16 "
                         "matmuls, unless the preset measured fp32 faster at its size)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="auto (default: CUDA when present) | cpu | cuda; RL stays on the CPU")
+    p.add_argument("--device", default=None, help="auto (default: CUDA when present) | cpu | cuda")
     p.add_argument("--log-to", choices=["", "tensorboard", "wandb"], default=None,
                    help="also log every training and RL stage's per-step metrics to TensorBoard or W&B")
     p.set_defaults(func=_speedrun)

@@ -114,15 +114,24 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def gathered_model(model):
+    """Rank 0: the whole (sharded) model as a plain one-process model on the CPU, built on the gathered tensors
+    (in one process on the CPU: a view of `model`'s own weights, no copy); other ranks: None. Every rank calls this."""
+    from .model import ZayaForCausalLM
+    sd = full_state_dict(model)
+    if _rank() != 0:
+        return None
+    with torch.device("meta"):
+        plain = ZayaForCausalLM(model.config)
+    plain.load_state_dict(sd, assign=True, strict=True)
+    return plain.eval()
+
+
 def export_hf(model, out_dir: str | Path, extra_files: dict | None = None, dtype: torch.dtype | None = None):
     """Save a (sharded) training model in the Hugging Face native layout at `out_dir`; every rank calls this."""
     from .checkpoint import save_pretrained
-    from .model import ZayaForCausalLM
-    sd = full_state_dict(model)
-    if _rank() == 0:
-        with torch.device("meta"):
-            plain = ZayaForCausalLM(model.config)
-        plain.load_state_dict(sd, assign=True, strict=True)
+    plain = gathered_model(model)
+    if plain is not None:
         save_pretrained(plain, out_dir, extra_files=extra_files, dtype=dtype)
     _barrier()
     return Path(out_dir)

@@ -52,7 +52,8 @@ row; either way it returns the new token of every row that produced one, with th
 request finished (its slot is free again at once). `cancel` drops a waiting request or frees a running one's slot
 immediately. The interface shares the cache with `generate`, so the two must not be mixed (generate raises while
 incremental requests are in flight), and it is single-threaded: one thread calls submit/step/cancel (serve.py's
-scheduler thread). No router replay here (routes are for RL, which uses `generate`).
+scheduler thread). With `record_routes = True` every result carries its routes as in `generate(return_routes=True)`
+(openzaya serve --enable-return-routed-experts: RL trainers replay them).
 
 Shape legend: B active rows (slots in use), S slots, T tokens, V vocab, L layers.
 """
@@ -283,6 +284,7 @@ class Engine:
         self._inc_prompts: dict[int, list[int]] = {}
         self._inc_params: dict[int, GenParams] = {}
         self._inc_sp = None               # sampling tensors of the live rows (None = rebuild)
+        self.record_routes = False        # incremental interface: GenResult.routes too (serve: RL router replay)
         self._next_handle = 0
 
     # --- validation --------------------------------------------------------------------------------
@@ -348,8 +350,7 @@ class Engine:
             stale = [r for r, s in enumerate(slots) if s.done is not None]   # static mode only
             logits_BV, routes_LB1 = self.decode_fn(self.model, cache.rows(0, B), self.tok_S[:B], return_routes)
             if return_routes:
-                write_B = cache.write_B[:B] - 1
-                self.routes_SLT[torch.arange(B, device=dev)[:, None], :, write_B[:, None]] = routes_LB1[:, :, 0].T[:, None]
+                self._store_decode_routes(routes_LB1)
             if stale:   # finished rows of a static group decode in place, so their cache rows never overflow
                 stale_R = torch.tensor(stale, device=dev)
                 cache.write_B[stale_R] -= 1
@@ -407,14 +408,17 @@ class Engine:
             a = len(slots)
             admit = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
             for group in self._groups(admit, self._inc_prompts, self._inc_params, limit):
-                self._admit(group, self._inc_prompts, self._inc_params, slots, False, limit)
+                self._admit(group, self._inc_prompts, self._inc_params, slots, self.record_routes, limit)
             new = slots[a:]
             self._inc_sp = None
         elif slots:
             B = len(slots)
             if self._inc_sp is None:
                 self._inc_sp = sampling_batch([s.params for s in slots], self.device, self.config.vocab_size)
-            logits_BV, _ = self.decode_fn(self.model, self.cache.rows(0, B), self.tok_S[:B], False)
+            logits_BV, routes_LB1 = self.decode_fn(self.model, self.cache.rows(0, B), self.tok_S[:B],
+                                                   self.record_routes)
+            if self.record_routes:
+                self._store_decode_routes(routes_LB1)
             self._sample(logits_BV, slots, self._inc_sp, 0)
             new = list(slots)
         else:
@@ -423,11 +427,18 @@ class Engine:
                                  top=s.top_logprobs[-1] if s.top_logprobs else None) for s in new}
         for r in sorted((r for r, s in enumerate(slots) if s.done is not None), reverse=True):
             h = slots[r].idx
-            out[h].result = self._result(r, slots[r], self._inc_prompts, False)
+            out[h].result = self._result(r, slots[r], self._inc_prompts, self.record_routes)
             self._free_row(r)
             self._inc_prompts.pop(h)
             self._inc_params.pop(h)
         return list(out.values())
+
+    def _store_decode_routes(self, routes_LB1):
+        """Record the experts of one decode step's rows [0, B) at their cache positions."""
+        B = routes_LB1.shape[1]
+        write_B = self.cache.write_B[:B] - 1
+        rows_B1 = torch.arange(B, device=self.device)[:, None]
+        self.routes_SLT[rows_B1, :, write_B[:, None]] = routes_LB1[:, :, 0].T[:, None]
 
     def _free_row(self, r: int):
         """Remove live row r, moving the last active row into the hole (incremental interface)."""

@@ -87,10 +87,11 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 
 class GuardMiddleware:
     """The API key, the body cap and deadline, and the request metrics (count by status sent, latency) of every
-    HTTP request. `cfg` is the server's `ServeConfig` (api_key, max_body_bytes, read_timeout_s)."""
+    HTTP request. `cfg` is the server's `ServeConfig` (api_key, max_body_bytes, read_timeout_s); the key guards
+    /v1/* and the `protected` paths (serve_rl's weight-update routes)."""
 
-    def __init__(self, app, cfg, metrics: Metrics):
-        self.app, self.cfg, self.metrics = app, cfg, metrics
+    def __init__(self, app, cfg, metrics: Metrics, protected: tuple[str, ...] = ()):
+        self.app, self.cfg, self.metrics, self.protected = app, cfg, metrics, protected
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -110,7 +111,7 @@ class GuardMiddleware:
 
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            if cfg.api_key and (path.startswith("/v1/") or path == "/update_weights_from_disk"):
+            if cfg.api_key and (path.startswith("/v1/") or path in self.protected):
                 auth = headers.get("authorization", "")
                 token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
                 if not secrets.compare_digest(token.encode(), cfg.api_key.encode()):

@@ -26,7 +26,9 @@ What we do differently from the reference (same numbers, less work):
 
 Training-only pieces (each tested): bias balancing by the report's eq. 5 (`update_balancing_biases`),
 router replay (`forward(..., replay_routes=...)`, `return_routes=True`), and per-layer expert-load statistics.
-NOTE: route index -1 is the sentinel for "no expert" (skip class or padding), never expert 0.
+NOTE: route index -1 is the sentinel for "no expert" (skip class or padding), never expert 0. In replayed routes,
+-2 (`ZERO_OR_SKIP`) means "expert 0 or the skip class": vLLM reports a skipped token as expert 0 with weight 0 and
+returns only the ids, so the router takes whichever of the two it scores higher (rl.routes_from_server).
 
 Shape legend: B batch rows, T new tokens, S cached positions, D hidden, H query heads, K kv heads,
 Dh head dim, C conv channels (=(H+K)*Dh), R router latent, E experts, I expert intermediate, N = B*T tokens, V vocab.
@@ -516,6 +518,9 @@ class RouterMLP(nn.Module):
         return self.out_proj(F.gelu(self.fc2(h)))
 
 
+ZERO_OR_SKIP = -2   # a replayed route that is expert 0 or the skip class (see the module NOTE)
+
+
 class Router(nn.Module):
     """TR eqs. 1-5: down-projection, EDA, MLP over E experts + skip, fp32 softmax, top-1 with balancing biases."""
 
@@ -538,10 +543,13 @@ class Router(nn.Module):
         if r_prev_NR is not None and hasattr(self, "router_states_scale"):
             r_NR = r_NR + r_prev_NR * self.router_states_scale           # EDA (eq. 2)
         probs_NE1 = torch.softmax(self.router_mlp(r_NR).float(), dim=-1)  # fp32 softmax (eq. 3)
+        biased_NE1 = probs_NE1.detach() + self.balancing_biases
         if replay_N is None:
-            choice_N = torch.argmax(probs_NE1.detach() + self.balancing_biases, dim=-1)   # eq. 4
+            choice_N = torch.argmax(biased_NE1, dim=-1)   # eq. 4
         else:
+            zero_or_skip_N = torch.where(biased_NE1[:, 0] >= biased_NE1[:, self.E], 0, self.E)
             choice_N = torch.where(replay_N < 0, self.E, replay_N)
+            choice_N = torch.where(replay_N == ZERO_OR_SKIP, zero_or_skip_N, choice_N)
         if keep_N is not None:
             choice_N = torch.where(keep_N, choice_N, self.E + 1)           # padding: counted nowhere
         if self.training:
@@ -818,7 +826,7 @@ class ZayaForCausalLM(nn.Module):
         remembers which earlier positions were real. RoPE positions count real tokens only, so a left-padded
         row gives the same logits as the row alone. With `cache`, the tokens are appended to each row at its
         own write position (prefill, one-token decode or multi-token continuation).
-        replay_routes [L, B, T] (expert id, -1 = none) forces the routing (router replay); with
+        replay_routes [L, B, T] (expert id, -1 = none, -2 = expert 0 or skip) forces the routing (router replay); with
         `return_routes=True` the chosen routes [L, B, T] are returned as well: (logits, routes).
         `return_hidden=True` returns the final normed hidden states instead of logits (for chunked losses).
         segment_ids_BT [B, T] (packed training, no cache): document id of each token; attention is block-diagonal

@@ -48,7 +48,7 @@ UNSUPPORTED: dict[str, tuple] = {
 # sampling fields a TTC run (ttc.py) does not use: set with `ttc`, a 400
 TTC_UNUSED = ("max_tokens", "max_completion_tokens", "top_k", "min_p", "stop", "stop_token_ids", "ignore_eos",
               "logprobs", "top_logprobs", "echo", "best_of", "presence_penalty", "frequency_penalty",
-              "repetition_penalty", "logit_bias", "return_token_ids")
+              "repetition_penalty", "logit_bias", "return_token_ids", "return_routed_experts")
 
 
 def _unencodable(v) -> str | None:
@@ -128,6 +128,8 @@ class _Sampling(_Strict):
     ttc: TTCSpec | None = None
     return_token_ids: bool = Field(False, description="vLLM extension: each choice carries its sampled token_ids "
                                                       "(non-streaming requests)")
+    return_routed_experts: bool = Field(False, description="each choice carries routed_experts (non-streaming; "
+                                                           "server started with --enable-return-routed-experts)")
 
 
 class CompletionBody(_Sampling):
@@ -149,10 +151,6 @@ class Message(_Strict):
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-
-
-class UpdateWeightsBody(_Strict):
-    model_path: str
 
 
 class ChatTemplateKwargs(_Strict):

@@ -1,6 +1,6 @@
 """The ZAYA1 RL spine as small pure functions: group sampling, advantages, trust regions, loss aggregation, dynamic
-sampling, the length reward, the LZ77 repetition canary and router-replay plumbing (TR §IV-B/D/E, Table IV;
-spec training-recipe.md §2, §4, §5, §6). The loop that uses them is `rl_loop.py`.
+sampling, the length reward, the LZ77 repetition canary and router-replay plumbing, server-returned routes included
+(TR §IV-B/D/E, Table IV; spec training-recipe.md §2, §4, §5, §6). The loop that uses them is `rl_loop.py`.
 
 One function per algorithm (house style): the loop picks functions, no `loss_type` string switch in here.
 
@@ -15,6 +15,9 @@ Our readings where the report is silent (each also noted at the function):
   the importance-weighted policy gradient ratio * A (the ratio's gradient is ratio * grad log pi).
 - Length reward: l_min = the shortest correct response in the group, l_max = the response budget, T_l = 10% of
   (l_max - l_min), T_acc = 0.1 (all unpublished).
+- Routes from vLLM: it reports a skip-class token as expert 0 (weight 0) and returns only ids, so its 0 is "expert 0
+  or skip" (model.ZERO_OR_SKIP) and the trainer's router, replaying every other choice, picks the one of the two it
+  scores higher; with the routing upstream replayed, that is the server's own choice up to float rounding.
 - LZ77 canary: chunk = 1024 raw bytes (unpublished), ratio = compressed bytes / raw bytes of the chunk, one
   compressor across chunks (so repetition of earlier chunks within the 1 KB window also compresses); a trailing
   chunk shorter than half a chunk is not judged (its flush overhead and size make the ratio meaningless).
@@ -27,6 +30,8 @@ from __future__ import annotations
 import zlib
 
 import torch
+
+from .model import ZERO_OR_SKIP
 
 # -----------------------------------------------------------------------------
 # Group sampling
@@ -177,6 +182,19 @@ def ppo_clip_loss(logp_BT, old_logp_BT, adv_B, eps_low: float = 0.2, eps_high: f
     return torch.maximum(l1, l2), (l1 >= l2)
 
 
+def pg_loss(logp_BT, behav_logp_BT, adv_B):
+    """No trust region: the plain policy gradient -A * log pi on every token. Returns (loss_BT, keep_BT)."""
+    return -adv_B[:, None] * logp_BT, torch.ones_like(logp_BT, dtype=torch.bool)
+
+
+def decoupled_tis_loss(logp_BT, behav_logp_BT, adv_B, region, cap: float = 2.0):
+    """Decoupled trust region with truncated importance sampling: `region` (dppo_loss, ppo_clip_loss, pg_loss) is
+    anchored at the trainer's own logprobs, and TIS weights min(pi_trainer / pi_sampler, cap) correct for the
+    sampler/trainer mismatch. Returns (loss_BT, keep_BT)."""
+    loss_BT, keep_BT = region(logp_BT, logp_BT.detach(), adv_B)
+    return loss_BT * tis_weights(logp_BT, behav_logp_BT, cap), keep_BT
+
+
 def tis_weights(old_logp_BT: torch.Tensor, behav_logp_BT: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
     """Truncated importance weights min(pi_old_trainer / pi_sampler, C) for the sampler/trainer mismatch (no grad)."""
     return torch.exp((old_logp_BT - behav_logp_BT).clamp(-20, 20)).clamp(max=cap).detach()
@@ -229,3 +247,26 @@ def pad_routes(routes: list[torch.Tensor], T: int) -> torch.Tensor:
     for b, r in enumerate(routes):
         out[:, b, :r.shape[1]] = r
     return out
+
+
+def routes_from_server(routed, n_tokens: int, skip_as_zero: bool) -> torch.Tensor:
+    """A server's routed experts, JSON [n_pos][L][1] (vLLM's `routed_experts` shape; openzaya serve returns the same),
+    as replay routes [L, n_tokens] aligned with prompt + completion (pad_routes' input). Positions the server did not
+    report (the last sampled token is never fed) are -1. Skip class: openzaya serve reports -1; vLLM reports expert 0
+    (weight 0, ids only), so with skip_as_zero every 0 becomes ZERO_OR_SKIP and the trainer's router picks between
+    expert 0 and the skip class (model.Router)."""
+    r_NL1 = torch.tensor(routed, dtype=torch.long)
+    if r_NL1.dim() != 3 or r_NL1.shape[2] != 1 or r_NL1.shape[0] > n_tokens:
+        raise ValueError(f"routed experts of shape {tuple(r_NL1.shape)} do not fit {n_tokens} tokens x layers x top-1")
+    out_LT = torch.full((r_NL1.shape[1], n_tokens), -1, dtype=torch.long)
+    out_LT[:, :r_NL1.shape[0]] = r_NL1[:, :, 0].T
+    if skip_as_zero:
+        out_LT = torch.where(out_LT == 0, ZERO_OR_SKIP, out_LT)
+    return out_LT
+
+
+def logprob_mismatch(logp_BT: torch.Tensor, behav_logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> tuple[float, float]:
+    """(sum, max) of |trainer logprob - sampler logprob| over the completion tokens (prime-rl and verl log the mean
+    and max per step; the caller divides the sum by its token count)."""
+    diff_BT = (logp_BT.detach() - behav_logp_BT).abs() * mask_BT
+    return float(diff_BT.sum()), float(diff_BT.max()) if diff_BT.numel() else 0.0

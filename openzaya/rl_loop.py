@@ -1,36 +1,36 @@
-"""`openzaya rl`: the ZAYA1 four-stage RL cascade with PipelineRL-style asynchronous rollouts (TR §IV, Fig. 5).
+"""`openzaya rl`: the ZAYA1 four-stage RL cascade with PipelineRL-style asynchronous rollouts (TR §IV, Fig. 5), on one
+process or a torchrun job, with rollouts from the trainer's own engine, worker processes or a pool of inference
+servers.
 
-How a run goes (a flat narrative in `run()`; the pure pieces live in `rl.py`):
-- The trainer process owns the policy, the optimizer, the problem source (`envs/curriculum.ProblemSource`:
-  environments, curriculum, sampler position) and the scoring. It keeps up to `max_inflight_groups` jobs (one
-  prompt, G samples) in the job queue.
-- Rollout workers (`rollout_workers` processes, torch.multiprocessing "spawn") take several jobs at a time and run
-  them through one continuous-batching `Engine.generate` call, recording per token the raw behaviour logprob and
-  the expert chosen per layer (router replay, R3). Each result carries the policy version that generated it.
-- The trainer scores the group, updates the curriculum, applies dynamic sampling (drops all-equal groups, and in
-  warmup groups solved > 75%), and drops groups more than `max_staleness` versions old, refilling from new jobs.
-- With `prompts_per_step` groups, one optimizer step: advantages (MaxRL / GRPO / Dr-GRPO) plus the length bonus,
-  a replayed forward (`model(ids, replay_routes=...)`), the trust region (DPPO TV mask / PPO clip, optional TIS),
-  aggregation (sum within rollout, mean over rollouts / token-mean). No KL term.
-- Every `sync_every` steps the new weights are pushed to every worker's weight queue (a state_dict, moved to shared
-  memory by torch.multiprocessing); a worker swaps them in between engine calls.
-- `rollout_workers = 0` runs the very same `generate_jobs` inline (synchronous, staleness 0): tests and debugging.
+`run()` is the algorithm; the pieces live elsewhere: rl.py (pure functions: advantages, trust regions, aggregation,
+dynamic sampling, length reward, canary, router-replay plumbing), rl_trainer.py (the policy on its device and ranks,
+checkpoints, one optimizer step), rollout.py (the pools), weight_sync.py / transfer.py (pushing weights to servers).
+- Rank 0 owns the problem source (`envs/curriculum.ProblemSource`: environments, curriculum, sampler position), the
+  rollout pool and the scoring. It keeps up to `max_inflight_groups` jobs (one prompt, G samples) in flight; each
+  result carries the policy version that generated it, the sampler's logprobs and, where the sampler returns them,
+  the expert chosen per token and layer (router replay, R3; vLLM's skip-as-expert-0 is normalised, rl.py). A
+  `Scorer` rewards each group (env scorer, reward kind, canary), with `reward_workers` threads as soon as it arrives.
+- A batch: groups are scored, the curriculum updated, dynamic sampling applied (all-equal groups dropped, and in
+  warmup groups solved > 75%), and groups more than `max_staleness` versions old dropped, refilling from new jobs.
+- With `prompts_per_step` groups, one optimizer step on every rank (`rl_trainer.train_step`): advantages (MaxRL /
+  GRPO / Dr-GRPO) plus the length bonus, a replayed forward, the policy loss (`policy_loss`: DPPO TV mask / PPO clip /
+  none, optionally decoupled with TIS), aggregation (sum within rollout, mean over rollouts / token mean). No KL.
+  The step logs the trainer-vs-sampler logprob mismatch (mean |difference| and max), as prime-rl and verl do.
+- Every `sync_every` steps the new weights are published to the pool: inline = the engine runs the trainer's model
+  itself; workers = a state_dict on each worker's queue; servers = pushed to every admitted server (`weight_sync`
+  disk or broadcast) and verified (the server reports the version, and a probe's logprobs match the trainer's), a
+  server down since the last publish re-admitted if it answers again.
 
-OpenAI-compatible server (`--server-url`): the workers then send the jobs' chat messages to the server instead of
-running the engine (asking for `return_token_ids` and logprobs), and the weights sync through a directory: at the
-start and every `sync_every` steps the trainer writes the policy (HF layout + tokenizer) to `<out>/policy_sync/`
-(+ `VERSION`) and POSTs `{"model_path": ...}` to `<server>/update_weights_from_disk` (SGLang's endpoint; `openzaya
-serve --enable-weight-updates` serves it too), which returns once the server swapped the weights in between two
-decode steps. Only then do the workers learn the new version, so a result's version tag is never newer than the
-weights that produced it (sequences in flight at the swap finish on the new weights, tagged old, as in PipelineRL).
-For a server without that endpoint (vLLM) set `server_reload=False` and reload it yourself from the sync
-directory; the tags then assume the reload is immediate. Without token ids in the response the trainer
-re-tokenises the text and uses its own logprobs as the behaviour; router replay is always off for server samples.
-Tested against `openzaya serve` on loopback (tests/test_rl_loop.py).
+Servers (`server_url`, repeatable, or `server_file`): `openzaya serve --enable-weight-updates` or vLLM (0.34), on
+loopback or elsewhere; rollouts are /v1/completions requests with the prompt's token ids (the trainer's own chat
+formatting), `n = G`, logprobs and token ids. Several trainer ranks need servers (the inline engine and the workers
+run one process's model). Orchestration is torchrun for the trainer and servers the user starts (README: RL at
+scale); no cluster manager of our own.
 
-Checkpoints (`<out>/ckpt/`, every `save_every` steps and at the end): the policy (HF layout + tokenizer) and
-`trainer_state.pt` (optimizer, step, policy version, curriculum + least-sampled sampler + seed counter, RNG, best
-solve rates). `--resume` continues from it; jobs in flight at the kill are skipped (the seed counter moved on).
+Checkpoints (`<out>/ckpt/`, every `save_every` steps and at the end; rl_trainer.py): the policy (HF layout + tokenizer)
+and the trainer state (step, policy version, curriculum + least-sampled sampler + seed counter, config, optimizer or
+DCP shards). `--resume` continues from it (refused when the settings changed, unless allow_config_change); jobs in
+flight at the kill are skipped (the seed counter moved on), and metrics.jsonl keeps the rows up to the checkpoint.
 
 The four stages (`warmup`, `rlve`, `math_code_ttc`, `behavioral`) are preset functions returning `RLConfig`; the
 cascade runs them in order, each starting from the previous stage's final checkpoint. Nano-scale simplifications
@@ -40,16 +40,20 @@ are listed in each preset's docstring.
 from __future__ import annotations
 
 import json
-import queue as queue_mod
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from openzaya import rl
 from openzaya.envs.curriculum import ProblemSource
+from openzaya.rl_trainer import AGGREGATIONS, init_policy, save_checkpoint, share, train_step
+from openzaya.runlog import external_logger, fmt_eta, plot_rl_rewards, read_metrics
+from openzaya.tokenizer import eos_union
 from openzaya.ttc import TTCConfig
 
 # -----------------------------------------------------------------------------
@@ -81,6 +85,7 @@ class RLConfig:
     length_reward_c: float = 0.0      # c of eqs. 8-10; 0 = off
     canary: bool = True               # LZ77 repetition canary
     max_solve_rate: float = 1.0       # warmup: 0.75
+    reward_workers: int = 0           # threads scoring each group as it arrives; 0 = on the trainer's thread
     # Curriculum
     curriculum: str = "fixed"         # fixed | zaya
     difficulty: int = 0               # starting (zaya) or lowest (fixed) difficulty
@@ -95,20 +100,30 @@ class RLConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0
     max_prompt_tokens: int = 512
-    rollout_workers: int = 0          # processes; 0 = inline
-    server_url: str | None = None     # OpenAI-compatible server instead of the engine
-    server_model: str | None = None   # the server's model id (None = the first of its /v1/models)
-    server_reload: bool = True        # POST <server>/update_weights_from_disk after each publish (SGLang, openzaya)
+    rollout_workers: int = 0          # processes; 0 = inline (no servers)
+    server_url: str | list[str] | None = None  # OpenAI-compatible servers (openzaya serve, vLLM) instead of the engine
+    server_file: str | None = None    # a file listing server URLs, one per line (added to server_url)
+    server_model: str | None = None   # the servers' model id (None = the first of each one's /v1/models)
+    server_reload: bool = True        # push each version to the servers (False: reload them yourself, unverified)
+    weight_sync: str = "disk"         # disk (a checkpoint directory each server reloads) | broadcast (vLLM's protocol)
+    sync_dtype: str = "auto"          # broadcast: the dtype weights travel in (auto: bf16 on CUDA, else fp32)
+    probe_tolerance: float = 0.05     # a push is verified when the probe's mean |logprob difference| is within this
     engine_slots: int = 64
     max_staleness: int = 2
     sync_every: int = 1               # push weights every k trainer steps
     max_inflight_groups: int = 0      # 0 = 2 * prompts_per_step
     max_groups_per_step: int = 256    # give up (clear error) when this many groups gave no usable batch
     result_timeout_s: float = 600.0   # give up (clear error) when live workers return nothing for this long
+    # Trainer
+    device: str = "auto"              # auto (CUDA when present) | cpu | cuda
+    mixed_precision: str = "auto"     # auto (bf16 where native: parallel.resolve_precision) | bf16 | fp32
+    dp_shard: int = -1                # torchrun: FSDP2 shard degree (-1 = all ranks), parallel.py
+    ep: int = 1                       # torchrun: expert-parallel degree
     # Run
     seed: int = 0
     out: str = "runs/rl"
     save_every: int = 10
+    allow_config_change: bool = False  # resume even when the run was saved with other settings
     chat: bool = True                 # format prompts with the chat template
     log_to: str = ""                  # "" | tensorboard | wandb: per-step metrics there too (runlog.external_logger)
 
@@ -193,114 +208,198 @@ def stage_reward(kind: str, score, text: str, canary: bool = True) -> float:
     return float(r)
 
 
+
+
+class Later:
+    """A computation run when its result is asked for (scoring on the trainer's thread, reward_workers = 0)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+
+class Scorer:
+    """The rewards of each finished job (env scorer, `stage_reward`, canary; reasoning tails for TTC prompts), applied
+    by the pool to each result as it arrives. With `reward_workers` threads a group is scored at once, off the
+    trainer's path (sandboxed code and math-verify run in processes of their own, so threads overlap them with
+    training; pure-Python scorers share the GIL); without, when the loop takes the group."""
+
+    def __init__(self, cfg: RLConfig, envs: dict, tokenizer, eos_ids: list[int]):
+        self.cfg, self.envs, self.tokenizer, self.eos_ids = cfg, envs, tokenizer, eos_ids
+        self.pending: dict[int, dict] = {}          # job_id -> {kind, env, problem, prompt_ids}
+        self.threads = ThreadPoolExecutor(cfg.reward_workers) if cfg.reward_workers > 0 else None
+
+    def __call__(self, res: dict):
+        info = self.pending.pop(res["job_id"])
+        return self.threads.submit(self.score, res, info) if self.threads else Later(self.score, res, info)
+
+    def score(self, res: dict, info: dict) -> dict:
+        from openzaya.tokenizer import split_reasoning, tail_text
+        cfg, env, problem = self.cfg, self.envs[info["env"]], info["problem"]
+        rewards, accs, texts = [], [], []
+        for s in res["samples"]:
+            text = self.tokenizer.decode([t for t in s["tokens"] if t not in self.eos_ids])
+            sc = env.score(problem, text)
+            rewards.append(stage_reward(cfg.reward, sc, text, cfg.canary))
+            accs.append(float(sc.accuracy))
+            texts.append(text)
+        tails = []     # the last tau tokens of each sample's reasoning, as Markovian RSA passes them on
+        if cfg.ttc_fraction > 0:
+            tails = [tail_text(self.tokenizer, split_reasoning(t)[0], cfg.ttc_tail_tokens) for t in texts]
+        return {**info, **res, "rewards": rewards, "accs": accs, "texts": texts, "tails": tails}
+
+    def close(self):
+        if self.threads:
+            self.threads.shutdown(wait=False, cancel_futures=True)
+
+
 # -----------------------------------------------------------------------------
-# Rollouts: the same function inline and in worker processes
+# The rollout side (rank 0): jobs, a pool, batches
 
 
-def generate_jobs(engine, jobs: list[dict], version: int, return_routes: bool) -> list[dict]:
-    """Run jobs (prompt ids, G, sampling params) through one continuous-batching engine call."""
-    from openzaya.engine import GenParams
+@dataclass
+class Feed:
+    """Rank 0's rollout side: the pool, the scorer on its results, the jobs in flight, scored groups not yet used."""
+    pool: object
+    scorer: Scorer
+    source: ProblemSource
+    eos_ids: list[int]
+    max_inflight: int
+    inflight: int = 0
+    buffer: deque = field(default_factory=deque)
 
-    prompts, params = [], []
-    for j in jobs:
-        for s in rl.group_sample_seeds(j["seed"], j["G"]):
-            prompts.append(j["prompt_ids"])
-            params.append(GenParams(temperature=j["temperature"], max_new_tokens=j["max_new_tokens"],
-                                    eos_ids=j["eos_ids"], seed=s))
-    t0 = time.perf_counter()
-    res = engine.generate(prompts, params, return_routes=return_routes)
-    dt = time.perf_counter() - t0
+
+def server_urls(cfg: RLConfig) -> list[str]:
+    urls = [cfg.server_url] if isinstance(cfg.server_url, str) else list(cfg.server_url or [])
+    if cfg.server_file:
+        urls += [u.strip() for u in Path(cfg.server_file).read_text().splitlines() if u.strip()]
+    return urls
+
+
+def chat_ids(cfg: RLConfig, tokenizer, text: str) -> list[int]:
+    msgs = [{"role": "user", "content": text}]
+    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True) if cfg.chat else \
+        tokenizer.encode(text)
+    return ids[-cfg.max_prompt_tokens:]
+
+
+def open_feed(cfg: RLConfig, pol, envs: dict, source: ProblemSource) -> Feed:
+    """The pool the config names (servers, worker processes, or inline) with the scorer on its results."""
+    from openzaya import rollout, weight_sync
+    from openzaya.rl_trainer import tokenizer_files
+    eos_ids = eos_union(pol.model.config.eos_ids, pol.tokenizer)
+    scorer = Scorer(cfg, envs, pol.tokenizer, eos_ids)
+    urls, max_len = server_urls(cfg), cfg.max_prompt_tokens + cfg.max_new_tokens + 8
+    assert urls or pol.world == 1, "several trainer ranks need inference servers for rollouts (--server-url)"
+    if urls:
+        assert cfg.weight_sync in ("disk", "broadcast"), f"weight_sync: disk or broadcast, not {cfg.weight_sync!r}"
+        sync = None
+        if cfg.server_reload and cfg.weight_sync == "disk":
+            sync = weight_sync.DiskSync(Path(cfg.out) / "policy_sync", tokenizer_files(pol.tokenizer))
+        elif cfg.server_reload:
+            auto = torch.bfloat16 if pol.device.type == "cuda" else torch.float32
+            dtype = {"auto": auto, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.sync_dtype]
+            sync = weight_sync.BroadcastSync(pol.device, dtype)
+        pool = rollout.ServerPool(urls, sync, scorer, chat_ids(cfg, pol.tokenizer, "What is 2 + 3?"),
+                                  cfg.probe_tolerance, cfg.result_timeout_s, model_name=cfg.server_model)
+    elif cfg.rollout_workers > 0:
+        pool = rollout.WorkerPool(cfg.rollout_workers, pol.model, cfg.engine_slots, max_len, cfg.router_replay,
+                                  cfg.samples_per_prompt, cfg.result_timeout_s, scorer, version=pol.version)
+    else:
+        pool = rollout.InlinePool(pol.model, cfg.engine_slots, max_len, cfg.router_replay, scorer,
+                                  version=lambda: pol.version)
+    return Feed(pool, scorer, source, eos_ids, cfg.max_inflight_groups or 2 * cfg.prompts_per_step)
+
+
+def submit_jobs(cfg: RLConfig, feed: Feed, tokenizer, needed: int):
+    """Keep `max_inflight` jobs in flight (a synchronous pool: just the `needed` ones)."""
+    target = needed if getattr(feed.pool, "synchronous", False) else feed.max_inflight
+    while feed.inflight < target:
+        j = feed.source.drawn              # the job id: checkpointed with the source, so a resume goes on with it
+        kind, name, problem, text = feed.source.next_problem()
+        ids = chat_ids(cfg, tokenizer, text)
+        feed.scorer.pending[j] = {"kind": kind, "env": name, "problem": problem, "prompt_ids": ids}
+        feed.pool.submit({"job_id": j, "prompt_ids": ids, "G": cfg.samples_per_prompt,
+                          "seed": cfg.seed * 1_000_003 + j, "temperature": cfg.temperature,
+                          "max_new_tokens": cfg.max_new_tokens, "eos_ids": feed.eos_ids})
+        feed.inflight += 1
+
+
+def collect_batch(cfg: RLConfig, feed: Feed, tokenizer, version: int) -> tuple[list[dict], dict]:
+    """`prompts_per_step` fresh-enough, informative scored groups (the module docstring), and the drop counts."""
+    batch, stats, scanned = [], {"drop_stale": 0, "drop_flat": 0, "gen_tokens": 0}, 0
+    while len(batch) < cfg.prompts_per_step:
+        if scanned > cfg.max_groups_per_step:
+            raise NoLearningSignal(
+                f"stage {cfg.stage}: {scanned} groups scanned for the next step, {len(batch)} kept "
+                f"({stats['drop_flat']} with equal rewards or solve rate > {cfg.max_solve_rate}, {stats['drop_stale']} "
+                "stale): the policy gets no learning signal here; lower --difficulty or pick other environments")
+        scanned += 1
+        if not feed.buffer:
+            submit_jobs(cfg, feed, tokenizer, cfg.prompts_per_step - len(batch))
+            done = feed.pool.results()
+            feed.inflight -= len(done)
+            for pending in done:
+                g = pending.result()
+                stats["gen_tokens"] += sum(len(s["tokens"]) for s in g["samples"])
+                feed.buffer.append(g)
+        g = feed.buffer.popleft()
+        if g["version"] < version - cfg.max_staleness:      # too old: never trained on
+            stats["drop_stale"] += 1
+            continue
+        feed.source.update(g["env"], g["problem"], g["kind"], g["accs"], g["rewards"], g["tails"])
+        if not rl.keep_group(g["rewards"], g["accs"], cfg.max_solve_rate):   # dynamic sampling
+            stats["drop_flat"] += 1
+            continue
+        batch.append(g)
+    return batch, stats
+
+
+def to_rollouts(cfg: RLConfig, batch: list[dict], adv_fn, source: ProblemSource, envs: dict) -> list[dict]:
+    """Advantages (+ the length bonus in the numerator), one per rollout: {prompt, tokens, logprobs, routes, adv,
+    version}; empty completions are left out."""
     out = []
-    for j, group in zip(jobs, rl.split_groups(res, jobs[0]["G"]) if jobs else []):
-        out.append({"job_id": j["job_id"], "version": version, "gen_s": dt, "samples": [
-            {"tokens": list(r.tokens), "logprobs": list(r.logprobs), "finish_reason": r.finish_reason,
-             "routes": r.routes} for r in group]})
+    for g in batch:
+        r_G = torch.tensor(g["rewards"])
+        bonus = [0.0] * len(r_G)
+        if cfg.length_reward_c > 0:
+            src = envs[g["env"]].source
+            p = rl.solve_rate(g["accs"])
+            bonus = rl.length_reward([len(s["tokens"]) for s in g["samples"]], g["accs"],
+                                     source.best_solve.get(src, 0.0), cfg.max_new_tokens, c=cfg.length_reward_c)
+            source.best_solve[src] = max(source.best_solve.get(src, 0.0), p)
+        for s, a in zip(g["samples"], rl.with_length_reward(r_G, bonus, adv_fn).tolist()):
+            if s["tokens"]:
+                out.append({"prompt": g["prompt_ids"], "tokens": s["tokens"], "logprobs": s["logprobs"],
+                            "routes": s["routes"], "adv": a, "version": g["version"]})
     return out
 
 
-def generate_jobs_server(backend, jobs: list[dict], version: int) -> list[dict]:
-    """The same jobs against an OpenAI-compatible server (chat messages; token ids/logprobs when it returns them)."""
-    from openzaya.backends import Request, SamplingParams
-
-    reqs = [Request(messages=j["messages"], params=SamplingParams(
-        temperature=j["temperature"], max_tokens=j["max_new_tokens"], n=j["G"], seed=j["seed"])) for j in jobs]
-    t0 = time.perf_counter()
-    comps = backend.generate(reqs)
-    dt = time.perf_counter() - t0
-    return [{"job_id": j["job_id"], "version": version, "gen_s": dt, "samples": [
-        {"tokens": c.token_ids, "logprobs": c.logprobs, "finish_reason": c.finish_reason, "routes": None,
-         "text": c.text} for c in cs]} for j, cs in zip(jobs, comps)]
+def publish(feed: Feed | None, pol):
+    """Every rank: the policy, as version `pol.version`, to rank 0's pool (the whole model gathered to rank 0)."""
+    from openzaya import dcp
+    needs = pol.world > 1 or getattr(feed.pool, "needs_weights", True)
+    plain = dcp.gathered_model(pol.model) if needs else None
+    if feed is not None:
+        feed.pool.publish(plain, pol.version)
 
 
-def _server_root(url: str) -> str:
-    url = url.rstrip("/")
-    return url[:-3] if url.endswith("/v1") else url
+# -----------------------------------------------------------------------------
+# The loop
 
 
-def server_model_name(url: str) -> str:
-    """The first model id a server lists at /v1/models."""
-    import httpx
-    r = httpx.get(_server_root(url) + "/v1/models", timeout=30)
-    r.raise_for_status()
-    return r.json()["data"][0]["id"]
+ADVANTAGES = {"maxrl": rl.maxrl_advantages, "grpo": rl.grpo_advantages, "drgrpo": rl.drgrpo_advantages}
 
 
-def server_load_weights(url: str, model_dir: Path):
-    """Ask the server to load `model_dir` (SGLang's and openzaya's POST /update_weights_from_disk); clear error if it
-    cannot (training on against a server that kept old weights would silently be off-policy)."""
-    import httpx
-    r = httpx.post(_server_root(url) + "/update_weights_from_disk", json={"model_path": str(Path(model_dir).resolve())},
-                   timeout=600)
-    if r.status_code != 200 or not r.json().get("success", False):
-        raise RuntimeError(f"{url}: the server did not load the new policy from {model_dir} (HTTP {r.status_code}: "
-                           f"{r.text[:300]}); start `openzaya serve` with --enable-weight-updates, or set "
-                           f"server_reload=False and reload the server yourself")
-
-
-def rollout_worker(worker_id: int, init: dict, job_q, result_q, weights_q):
-    """Worker process: build the engine (or server backend), then loop: newest weights -> take jobs -> generate."""
-    torch.set_num_threads(1)
-    from openzaya.engine import Engine
-    from openzaya.model import ZayaConfig, ZayaForCausalLM
-
-    version, backend, engine = init["version"], None, None
-    if init["server_url"]:
-        from openzaya.backends import OpenAIBackend
-        backend = OpenAIBackend(init["server_url"], init["server_model"] or server_model_name(init["server_url"]),
-                                logprobs=True, token_ids=True)
-    else:
-        model = ZayaForCausalLM(ZayaConfig.from_dict(init["config"])).eval()
-        model.load_state_dict(init["state_dict"])
-        engine = Engine(model.relayout_experts_for_decode(), max_slots=init["engine_slots"], max_len=init["max_len"])
-    while True:
-        try:                                   # swap in the newest weights pushed so far
-            while True:
-                version, sd = weights_q.get_nowait()
-                if engine is not None and sd is not None:
-                    engine.model.load_state_dict(sd)
-                del sd
-        except queue_mod.Empty:
-            pass
-        job = job_q.get()
-        if job is None:
-            return
-        jobs = [job]
-        while len(jobs) < init["jobs_per_call"]:
-            try:
-                nxt = job_q.get_nowait()
-            except queue_mod.Empty:
-                break
-            if nxt is None:
-                job_q.put(None)
-                break
-            jobs.append(nxt)
-        if backend is not None:
-            out = generate_jobs_server(backend, jobs, version)
-        else:
-            out = generate_jobs(engine, jobs, version, init["router_replay"])
-        for r in out:
-            r["worker"] = worker_id
-            result_q.put(r)
+def policy_loss(cfg: RLConfig):
+    """The per-token loss (logp_BT, behaviour logp_BT, adv_B) -> (loss_BT, keep_BT), chosen once: the trust region,
+    and with tis_cap > 0 its decoupled form (anchored at the trainer's own logprobs, times TIS weights)."""
+    region = {"dppo": partial(rl.dppo_loss, delta=cfg.tv_delta),
+              "ppo": partial(rl.ppo_clip_loss, eps_low=cfg.clip_low, eps_high=cfg.clip_high),
+              "none": rl.pg_loss}[cfg.trust_region]
+    return partial(rl.decoupled_tis_loss, region=region, cap=cfg.tis_cap) if cfg.tis_cap > 0 else region
 
 
 def routes_expert_load(routes: list[torch.Tensor], num_experts: int) -> float:
@@ -315,314 +414,100 @@ def routes_expert_load(routes: list[torch.Tensor], num_experts: int) -> float:
     return max([1.0] + [x["max_mean"] for x in loads if x["max_mean"] > 0])
 
 
-def make_optimizer(model, cfg: RLConfig):
-    if cfg.optimizer == "muon":
-        from openzaya import optim
-        return optim.build_optimizer(model, lr=cfg.lr, momentum=0.0)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-
-
-# -----------------------------------------------------------------------------
-# The loop
+def step_row(cfg: RLConfig, pol, batch, rollouts, out, stats, pushes, t0, t_gen, t_start, step0, source) -> dict:
+    """The step's metrics row (metrics.jsonl), printed as one dense line (with an ETA from the steps since step0)."""
+    all_r = [r for g in batch for r in g["rewards"]]
+    all_a = [a for g in batch for a in g["accs"]]
+    stale = [pol.version - 1 - r["version"] for r in rollouts]
+    routes = [r["routes"] for r in rollouts if r["routes"] is not None]
+    dt = time.perf_counter() - t0
+    row = {"step": pol.step, "stage": cfg.stage, "reward": sum(all_r) / len(all_r), "acc": sum(all_a) / len(all_a),
+           "solve": sum(max(g["accs"]) for g in batch) / len(batch), "resp_len": out["tokens"] / max(len(rollouts), 1),
+           "masked": out["masked"], "mismatch": out["mismatch"], "mismatch_max": out["mismatch_max"],
+           "stale_mean": sum(stale) / max(len(stale), 1), "stale_max": max(stale, default=0),
+           "versions": sorted({r["version"] for r in rollouts}), "trained_version": pol.version - 1,
+           "tok_s": out["tokens"] / max(dt, 1e-9), "gen_tokens": stats["gen_tokens"], "gen_s": t_gen,
+           "load": routes_expert_load(routes, pol.model.config.num_experts), "loss": out["loss"],
+           "gnorm": out["gnorm"], "kept": len(batch), "drop_flat": stats["drop_flat"],
+           "drop_stale": stats["drop_stale"], "pushes": pushes, "step_s": dt,
+           "elapsed_s": time.perf_counter() - t_start,
+           "difficulty": {n: source.difficulty(n) for n in sorted({g["env"] for g in batch})}}
+    print(f"step {pol.step:05d}/{cfg.steps:05d} | reward {row['reward']:.3f} | acc {row['acc']:.3f} | "
+          f"solve {row['solve']:.2f} | len {row['resp_len']:.1f} | masked {row['masked']:.3f} | "
+          f"mism {row['mismatch']:.1e}/{row['mismatch_max']:.1e} | stale {row['stale_mean']:.2f}/{row['stale_max']} | "
+          f"tok/s {row['tok_s']:.0f} | load {row['load']:.2f} | loss {row['loss']:+.4f} | gnorm {row['gnorm']:.2f} | "
+          f"drop {stats['drop_flat']}+{stats['drop_stale']} | {dt:.1f}s | "
+          f"eta {fmt_eta(row['elapsed_s'], pol.step - step0, cfg.steps - pol.step)}", flush=True)
+    return row
 
 
 def run(cfg: RLConfig, model=None, tokenizer=None, init_dir: str | None = None, envs: dict | None = None,
         resume: bool = False) -> dict:
-    """One RL stage. Policy from `model`+`tokenizer` or `init_dir` (HF layout with tokenizer). Returns a summary
-    {"steps", "metrics": [per-step dicts], "ckpt": dir}. `envs` overrides the registry (tests)."""
-    from openzaya.checkpoint import atomic_file, from_pretrained, resolve_model_dir, save_pretrained
-    from openzaya.runlog import external_logger, fmt_eta, plot_rl_rewards, read_metrics
-    from openzaya.tokenizer import Tokenizer, eos_union, split_reasoning, tail_text
-
-    # ---- init: policy, tokenizer, environments, optimizer, state
+    """One RL stage. Policy from `model`+`tokenizer` or `init_dir` (HF layout with tokenizer); under torchrun every
+    rank calls this. Returns {"steps", "metrics": [per-step dicts, rank 0], "ckpt": dir, "model", "tokenizer"}.
+    `envs` overrides the registry (tests)."""
+    # ---- init: the policy on its device and ranks (resumed from <out>/ckpt), environments, algorithm pieces
+    pol = init_policy(cfg, model, tokenizer, init_dir, resume)
     out = Path(cfg.out)
-    ckpt = out / "ckpt"
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    state = None
-    if resume and (ckpt / "trainer_state.pt").exists():
-        init_dir, model = str(ckpt / "model"), None
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        print(f"rl: resuming {cfg.stage} from {ckpt} at step {state['step']}")
-    if model is None:
-        if not init_dir:
-            raise ValueError("rl needs a policy: --init (a checkpoint dir with its tokenizer, e.g. runs/nano/sft/model)")
-        init_dir = str(resolve_model_dir(init_dir))     # a directory, or a Hub repo id fetched into the HF cache
-        model = from_pretrained(init_dir, dtype=torch.float32)
-        tokenizer = tokenizer or Tokenizer.load(init_dir)
-    assert tokenizer is not None, "rl: a model without a tokenizer"
-    model.eval()                   # no dropout; routers do not accumulate load counts
     envs = envs if envs is not None else _registry()
     source = ProblemSource(cfg, envs)
-    opt = make_optimizer(model, cfg)
-    step, version = 0, 0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        source.load_state_dict(state["source"])
-        step, version = state["step"], state["version"]
-    eos_ids = eos_union(model.config.eos_ids, tokenizer)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else eos_ids[0]
-    G = cfg.samples_per_prompt
-    max_inflight = cfg.max_inflight_groups or 2 * cfg.prompts_per_step
-    adv_fn = {"maxrl": rl.maxrl_advantages, "grpo": rl.grpo_advantages, "drgrpo": rl.drgrpo_advantages}[cfg.advantage]
-    agg_fn = {"rollout_sum": rl.rollout_sum_mean, "token_mean": rl.token_mean}[cfg.aggregation]
-    metrics_f = open(out / "metrics.jsonl", "a")
-    sync_dir = out / "policy_sync"
+    if pol.resumed is not None:
+        source.load_state_dict(pol.resumed["source"])
+    adv_fn, loss_fn, agg_fn = ADVANTAGES[cfg.advantage], policy_loss(cfg), AGGREGATIONS[cfg.aggregation]
+    pad_id = pol.tokenizer.pad_id if pol.tokenizer.pad_id is not None else \
+        eos_union(pol.model.config.eos_ids, pol.tokenizer)[0]
+    metrics_path = out / "metrics.jsonl"
+    if pol.rank == 0 and pol.resumed and metrics_path.exists():    # rows of steps after the checkpoint go
+        kept = [x for x in metrics_path.read_text().splitlines() if json.loads(x)["step"] <= pol.step]
+        metrics_path.write_text("".join(x + "\n" for x in kept))
+    if pol.rank == 0:
+        print(f"rl: stage {cfg.stage} | {len(cfg.envs)} envs | G {cfg.samples_per_prompt} | {cfg.prompts_per_step} "
+              f"prompts/step | adv {cfg.advantage} | trust {cfg.trust_region} | agg {cfg.aggregation} | lr {cfg.lr:g} "
+              f"| {pol.world} rank(s) on {pol.device} | rollouts {server_urls(cfg) or cfg.rollout_workers or 'inline'} "
+              f"| staleness <= {cfg.max_staleness} | sync every {cfg.sync_every}", flush=True)
 
-    def save(d: Path):
-        save_pretrained(model, d / "model")
-        tokenizer.save(d / "model")
-        state = {"step": step, "version": version, "optimizer": opt.state_dict(), "source": source.state_dict(),
-                 "config": asdict(cfg)}
-        atomic_file(d / "trainer_state.pt", lambda f: torch.save(state, f))
-
-    def publish():
-        """Push the current weights to the rollout side: the workers' queues, or the server's sync directory (and,
-        with server_reload, the server's update_weights_from_disk, which returns once the server loaded them).
-        Server workers learn the new version only after that, so their results never claim newer weights."""
-        if cfg.server_url:
-            save_pretrained(model, sync_dir)
-            tokenizer.save(sync_dir)
-            (sync_dir / "VERSION").write_text(str(version))
-            if cfg.server_reload:
-                server_load_weights(cfg.server_url, sync_dir)
-            for wq in weight_qs:
-                wq.put((version, None))
-            return
-        for wq in weight_qs:
-            wq.put((version, {k: v.detach().clone() for k, v in model.state_dict().items()}))
-
-    # ---- rollout side: inline engine or worker processes
-    from openzaya.engine import Engine
-    max_len = cfg.max_prompt_tokens + cfg.max_new_tokens + 8
-    weight_qs, procs, inline_engine = [], [], None
-    if cfg.rollout_workers > 0 or cfg.server_url:
-        import torch.multiprocessing as mp
-        ctx = mp.get_context("spawn")
-        job_q, result_q = ctx.Queue(), ctx.Queue()
-        if cfg.server_url:
-            assert cfg.chat, "server rollouts send chat messages: set chat=True (the model needs a chat template)"
-            publish()                  # the server starts from exactly the trainer's weights
-        init = {"version": version, "config": model.config.to_dict(), "engine_slots": cfg.engine_slots,
-                "max_len": max_len, "router_replay": cfg.router_replay, "server_url": cfg.server_url,
-                "server_model": cfg.server_model,
-                "jobs_per_call": max(1, cfg.engine_slots // G),
-                "state_dict": None if cfg.server_url else {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        for w in range(max(cfg.rollout_workers, 1)):
-            wq = ctx.Queue()
-            weight_qs.append(wq)
-            p = ctx.Process(target=rollout_worker, args=(w, init, job_q, result_q, wq), daemon=True)
-            p.start()
-            procs.append(p)
-    else:
-        inline_engine = Engine(model, max_slots=cfg.engine_slots, max_len=max_len)
-
-    pending: dict[int, dict] = {}      # job_id -> {kind, env, problem, prompt_ids}
-    inline_jobs: list[dict] = []
-    next_job = 0
-
-    def submit():
-        nonlocal next_job
-        kind, name, problem, text = source.next_problem()
-        msgs = [{"role": "user", "content": text}]
-        ids = (tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True) if cfg.chat
-               else tokenizer.encode(text))[-cfg.max_prompt_tokens:]
-        job = {"job_id": next_job, "prompt_ids": ids, "messages": msgs, "G": G, "seed": cfg.seed * 1_000_003 + next_job,
-               "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "eos_ids": eos_ids}
-        pending[next_job] = {"kind": kind, "env": name, "problem": problem, "prompt_ids": ids}
-        next_job += 1
-        (inline_jobs.append(job) if inline_engine is not None else job_q.put(job))
-
-    def results():
-        """Completed groups: inline = generate everything queued now at the current version; else block for one."""
-        if inline_engine is not None:
-            jobs = inline_jobs[:]
-            inline_jobs.clear()
-            return generate_jobs(inline_engine, jobs, version, cfg.router_replay)
-        waited = 0.0
-        while True:                    # poll, so that a dead worker is an error, not a hang
-            try:
-                got = [result_q.get(timeout=1.0)]
-                break
-            except queue_mod.Empty:
-                waited += 1.0
-            dead = [(w, p.exitcode) for w, p in enumerate(procs) if not p.is_alive()]
-            if dead:
-                raise RuntimeError(f"rollout worker(s) exited: {', '.join(f'{w} (exit code {c})' for w, c in dead)}; "
-                                   f"their traceback is printed above. A script that runs rl_loop with "
-                                   f"rollout_workers > 0 needs an `if __name__ == '__main__':` guard (spawn).")
-            if waited >= cfg.result_timeout_s:
-                raise RuntimeError(f"no rollout result in {cfg.result_timeout_s:.0f} s from {len(procs)} live "
-                                   f"worker(s) (a stalled server?)")
-        while True:
-            try:
-                got.append(result_q.get_nowait())
-            except queue_mod.Empty:
-                return got
-
-    def score(res: dict) -> dict:
-        """Rewards for one group: env scorer, reward choice, canary; plus lengths and tails for TTC prompts."""
-        info = pending.pop(res["job_id"])
-        env, problem = envs[info["env"]], info["problem"]
-        rewards, accs, texts = [], [], []
-        for s in res["samples"]:
-            if s["tokens"] is None:                          # server without token ids: re-tokenise its text
-                s["tokens"] = tokenizer.encode(s["text"], add_special_tokens=False)
-                s["logprobs"] = None                         # (they no longer line up with the tokens)
-            text = s.get("text") or tokenizer.decode([t for t in s["tokens"] if t not in eos_ids])
-            sc = env.score(problem, text)
-            rewards.append(stage_reward(cfg.reward, sc, text, cfg.canary))
-            accs.append(float(sc.accuracy))
-            texts.append(text)
-        tails = []     # the last tau tokens of each sample's reasoning, as Markovian RSA passes them on
-        if cfg.ttc_fraction > 0:
-            tails = [tail_text(tokenizer, split_reasoning(t)[0], cfg.ttc_tail_tokens) for t in texts]
-        return {**info, **res, "rewards": rewards, "accs": accs, "texts": texts, "tails": tails}
-
-    # ---- loop: fill a batch of fresh-enough, informative groups, then one optimizer step
-    if state is None:
-        print(f"rl: stage {cfg.stage} | {len(cfg.envs)} envs | G {G} | {cfg.prompts_per_step} prompts/step | "
-              f"adv {cfg.advantage} | trust {cfg.trust_region} | agg {cfg.aggregation} | lr {cfg.lr:g} | "
-              f"workers {cfg.rollout_workers} | staleness <= {cfg.max_staleness} | sync every {cfg.sync_every}")
-    history, buffer = [], deque()
-    t_start, step0 = time.perf_counter(), step
-    log_scalars = external_logger(cfg.log_to, out, cfg.stage, asdict(cfg))
+    # ---- the rollout side (rank 0), starting from exactly the trainer's weights
+    feed = open_feed(cfg, pol, envs, source) if pol.rank == 0 else None
+    history, n_pushes, t_start, step0 = [], 0, time.perf_counter(), pol.step
+    log_scalars = external_logger(cfg.log_to, out, cfg.stage, asdict(cfg)) if pol.rank == 0 else (lambda row: None)
     try:
-        while step < cfg.steps:
+        publish(feed, pol)
+        while pol.step < cfg.steps:
+            # -- a batch of fresh-enough, informative groups (rank 0), its rollouts with advantages on every rank
             t0 = time.perf_counter()
-            batch, drop_stale, drop_flat, gen_tokens = [], 0, 0, 0
-            scanned = 0
-            while len(batch) < cfg.prompts_per_step:
-                if scanned > cfg.max_groups_per_step:
-                    raise NoLearningSignal(
-                        f"stage {cfg.stage}: {scanned} groups scanned for step {step + 1}, {len(batch)} kept "
-                        f"({drop_flat} with equal rewards or solve rate > {cfg.max_solve_rate}, {drop_stale} stale): "
-                        "the policy gets no learning signal here; lower --difficulty or pick other environments")
-                scanned += 1
-                if not buffer:
-                    target = max_inflight if inline_engine is None else cfg.prompts_per_step - len(batch)
-                    while len(pending) < target:
-                        submit()
-                    for res in results():
-                        g = score(res)
-                        gen_tokens += sum(len(s["tokens"]) for s in g["samples"])
-                        buffer.append(g)
-                g = buffer.popleft()
-                if g["version"] < version - cfg.max_staleness:      # too old: never trained on
-                    drop_stale += 1
-                    continue
-                source.update(g["env"], g["problem"], g["kind"], g["accs"], g["rewards"], g["tails"])
-                if not rl.keep_group(g["rewards"], g["accs"], cfg.max_solve_rate):   # dynamic sampling
-                    drop_flat += 1
-                    continue
-                batch.append(g)
+            batch, stats = collect_batch(cfg, feed, pol.tokenizer, pol.version) if feed else (None, None)
             t_gen = time.perf_counter() - t0
+            rollouts = share(to_rollouts(cfg, batch, adv_fn, source, envs) if feed else None, pol)
+            assert all(r["version"] >= pol.version - cfg.max_staleness for r in rollouts), "a stale sample got here"
 
-            # -- advantages (+ length bonus in the numerator), one value per rollout
-            prompts, comps, behav, routes, adv, versions = [], [], [], [], [], []
-            for g in batch:
-                r_G = torch.tensor(g["rewards"])
-                bonus = [0.0] * len(r_G)
-                if cfg.length_reward_c > 0:
-                    src = envs[g["env"]].source
-                    p = rl.solve_rate(g["accs"])
-                    bonus = rl.length_reward([len(s["tokens"]) for s in g["samples"]], g["accs"],
-                                             source.best_solve.get(src, 0.0), cfg.max_new_tokens, c=cfg.length_reward_c)
-                    source.best_solve[src] = max(source.best_solve.get(src, 0.0), p)
-                a_G = rl.with_length_reward(r_G, bonus, adv_fn)
-                for s, a in zip(g["samples"], a_G.tolist()):
-                    if not s["tokens"]:
-                        continue
-                    prompts.append(g["prompt_ids"])
-                    comps.append(s["tokens"])
-                    behav.append(s["logprobs"])
-                    routes.append(s["routes"])
-                    adv.append(a)
-                    versions.append(g["version"])
-            assert all(v >= version - cfg.max_staleness for v in versions), "stale sample reached the trainer"
+            # -- one policy-gradient step with router replay and the trust region; publish; checkpoint
+            step_out = train_step(pol, rollouts, loss_fn, agg_fn, cfg, pad_id)
+            pol.step += 1
+            pol.version += 1
+            if pol.version % cfg.sync_every == 0:
+                publish(feed, pol)
+            if pol.step % cfg.save_every == 0 or pol.step == cfg.steps:
+                save_checkpoint(pol, cfg, source.state_dict())
 
-            # -- policy-gradient step with router replay and the trust region
-            opt.zero_grad(set_to_none=True)
-            B = len(comps)
-            n_tok = sum(len(c) for c in comps)
-            loss_sum, kept_tok, mism = 0.0, 0.0, 0.0
-            for i in range(0, B, cfg.micro_batch_rollouts):
-                sl = slice(i, i + cfg.micro_batch_rollouts)
-                ids_BT, mask_BT = rl.pad_rollouts(prompts[sl], comps[sl], pad_id)
-                T = ids_BT.shape[1]
-                replay = None
-                if cfg.router_replay and all(r is not None for r in routes[sl]):
-                    replay = rl.pad_routes(routes[sl], T)
-                logp_BT = model.token_logprobs(ids_BT, ids_BT[:, 1:], replay_routes=replay)   # chunked LM head
-                if any(b is None for b in behav[sl]):            # server without logprobs: on-policy assumption
-                    behav_BT = logp_BT.detach()
-                else:
-                    behav_BT = rl.pad_behaviour_logprobs([len(p) for p in prompts[sl]], behav[sl], T)
-                adv_B = torch.tensor(adv[sl])
-                anchor_BT = behav_BT
-                if cfg.tis_cap > 0:        # decoupled: anchor at the trainer's own logprobs, TIS fixes the sampler gap
-                    anchor_BT = logp_BT.detach()
-                if cfg.trust_region == "dppo":
-                    loss_BT, keep_BT = rl.dppo_loss(logp_BT, anchor_BT, adv_B, cfg.tv_delta)
-                elif cfg.trust_region == "ppo":
-                    loss_BT, keep_BT = rl.ppo_clip_loss(logp_BT, anchor_BT, adv_B, cfg.clip_low, cfg.clip_high)
-                else:
-                    loss_BT, keep_BT = -adv_B[:, None] * logp_BT, torch.ones_like(logp_BT, dtype=torch.bool)
-                if cfg.tis_cap > 0:
-                    loss_BT = loss_BT * rl.tis_weights(logp_BT, behav_BT, cfg.tis_cap)
-                if cfg.aggregation == "rollout_sum":
-                    loss = agg_fn(loss_BT, mask_BT) * (ids_BT.shape[0] / B)
-                else:
-                    loss = agg_fn(loss_BT, mask_BT) * (float(mask_BT.sum()) / max(n_tok, 1))
-                loss.backward()
-                loss_sum += float(loss.detach())
-                kept_tok += float((keep_BT * mask_BT).sum())
-                mism += float(((logp_BT.detach() - behav_BT).abs() * mask_BT).sum())
-            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-            opt.step()
-            step += 1
-            version += 1
-            if version % cfg.sync_every == 0:
-                publish()
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                save(ckpt)
-
-            # -- one log line + a metrics row
-            all_r = [r for g in batch for r in g["rewards"]]
-            all_a = [a for g in batch for a in g["accs"]]
-            stale = [version - 1 - v for v in versions]
-            dt = time.perf_counter() - t0
-            row = {"step": step, "stage": cfg.stage, "reward": sum(all_r) / len(all_r), "acc": sum(all_a) / len(all_a),
-                   "solve": sum(max(g["accs"]) for g in batch) / len(batch),
-                   "resp_len": n_tok / max(B, 1), "masked": 1 - kept_tok / max(n_tok, 1),
-                   "mismatch": mism / max(n_tok, 1), "stale_mean": sum(stale) / max(len(stale), 1),
-                   "stale_max": max(stale, default=0), "versions": sorted(set(versions)), "trained_version": version - 1,
-                   "tok_s": n_tok / max(dt, 1e-9), "gen_tokens": gen_tokens, "gen_s": t_gen,
-                   "load": routes_expert_load([r for r in routes if r is not None], model.config.num_experts),
-                   "loss": loss_sum, "gnorm": gnorm, "kept": len(batch), "drop_flat": drop_flat,
-                   "drop_stale": drop_stale, "step_s": dt, "elapsed_s": time.perf_counter() - t_start,
-                   "difficulty": {n: source.difficulty(n) for n in sorted({g["env"] for g in batch})}}
-            history.append(row)
-            metrics_f.write(json.dumps(row) + "\n")
-            metrics_f.flush()
-            log_scalars(row)
-            print(f"step {step:05d}/{cfg.steps:05d} | reward {row['reward']:.3f} | acc {row['acc']:.3f} | "
-                  f"solve {row['solve']:.2f} | len {row['resp_len']:.1f} | masked {row['masked']:.3f} | "
-                  f"stale {row['stale_mean']:.2f}/{row['stale_max']} | tok/s {row['tok_s']:.0f} | "
-                  f"load {row['load']:.2f} | loss {row['loss']:+.4f} | gnorm {gnorm:.2f} | "
-                  f"drop {drop_flat}+{drop_stale} | {dt:.1f}s | eta "
-                  f"{fmt_eta(row['elapsed_s'], step - step0, cfg.steps - step)}", flush=True)
+            # -- one log line + a metrics row (rank 0)
+            if feed is not None:
+                log = getattr(feed.pool, "log", [])
+                row = step_row(cfg, pol, batch, rollouts, step_out, stats, log[n_pushes:], t0, t_gen, t_start, step0,
+                               source)
+                n_pushes = len(log)
+                history.append(row)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                log_scalars(row)
     finally:
-        metrics_f.close()
-        if procs:
-            for _ in procs:
-                job_q.put(None)
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.terminate()
-    plot_rl_rewards({cfg.stage: read_metrics(out / "metrics.jsonl")}, out / "reward.png")
-    return {"steps": step, "metrics": history, "ckpt": str(ckpt / "model"), "model": model, "tokenizer": tokenizer}
+        if feed is not None:
+            feed.pool.close()
+            feed.scorer.close()
+    if pol.rank == 0:
+        plot_rl_rewards({cfg.stage: read_metrics(metrics_path)}, out / "reward.png")
+    return {"steps": pol.step, "metrics": history, "ckpt": str(out / "ckpt" / "model"), "model": pol.model,
+            "tokenizer": pol.tokenizer}
 
 
 def run_cascade(init_dir: str, out: str, stages: list[str] | None = None, resume: bool = False,
@@ -642,23 +527,27 @@ def run_cascade(init_dir: str, out: str, stages: list[str] | None = None, resume
 # CLI
 
 
+CLI_FIELDS = ("steps", "lr", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "rollout_workers",
+              "max_staleness", "sync_every", "server_url", "server_file", "server_model", "weight_sync",
+              "probe_tolerance", "reward_workers", "device", "dp_shard", "ep", "seed", "difficulty", "max_difficulty",
+              "save_every", "log_to")
+
+
 def main(args) -> int:
-    overrides = {k: v for k, v in {
-        "steps": args.steps, "lr": args.lr, "prompts_per_step": args.prompts_per_step,
-        "samples_per_prompt": args.samples_per_prompt, "max_new_tokens": args.max_new_tokens,
-        "rollout_workers": args.rollout_workers, "max_staleness": args.max_staleness, "sync_every": args.sync_every,
-        "server_url": args.server_url, "server_model": args.server_model, "seed": args.seed,
-        "difficulty": args.difficulty, "max_difficulty": args.max_difficulty,
-        "save_every": args.save_every, "log_to": args.log_to}.items() if v is not None}
+    import torch.distributed as dist
+    overrides = {k: getattr(args, k) for k in CLI_FIELDS if getattr(args, k, None) is not None}
     if args.no_server_reload:
         overrides["server_reload"] = False
+    if args.allow_config_change:
+        overrides["allow_config_change"] = True
     if args.envs:
         overrides["envs"] = args.envs.split(",")
     if args.cascade:
         if not args.init:
             raise ValueError("--cascade needs --init (an SFT checkpoint directory, e.g. runs/nano/sft/model)")
         run_cascade(args.init, args.out, resume=args.resume, **overrides)
-        return 0
-    cfg = STAGES[args.stage](out=args.out, **overrides)
-    run(cfg, init_dir=args.init, resume=args.resume)
+    else:
+        run(STAGES[args.stage](out=args.out, **overrides), init_dir=args.init, resume=args.resume)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0

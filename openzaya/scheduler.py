@@ -130,6 +130,7 @@ class Scheduler:
         self.inbox_jobs = 0
         self.jobs: dict[int, Job] = {}  # handle -> job (scheduler thread only)
         self.accepting, self.stopping = True, False
+        self.paused = False             # no engine step until resumed; commands (weight copies) still run (serve_rl)
         self.thread = threading.Thread(target=self._loop, name="openzaya-scheduler", daemon=True)
 
     def start(self):
@@ -176,6 +177,18 @@ class Scheduler:
             self.cond.notify()
         return await asyncio.wrap_future(fut)
 
+    def set_paused(self, paused: bool):
+        """Hold decoding (sequences keep their slots; vLLM's pause mode "keep") or restart it."""
+        with self.cond:
+            self.paused = paused
+            self.cond.notify()
+
+    def abort_all(self, message: str):
+        """Fail every sequence in flight (503), e.g. before a weight update (vLLM's pause mode "abort")."""
+        with self.cond:
+            self.inbox.append(("abort", [message]))
+            self.cond.notify()
+
     def shutdown(self, grace_s: float):
         """Refuse new work, let in-flight sequences finish for grace_s, cancel the rest, stop the thread."""
         with self.cond:
@@ -193,8 +206,9 @@ class Scheduler:
         last_deadline_check = 0.0
         while True:
             with self.cond:
-                while not self.inbox and not self.jobs and not self.stopping:
-                    self.cond.wait()
+                while not self.inbox and not self.stopping and not (self.jobs and not self.paused):
+                    if not self.cond.wait(0.25 if self.jobs else None):
+                        break                # paused with sequences: still watch their deadlines
                 cmds = list(self.inbox)
                 self.inbox.clear()
                 self.inbox_jobs = 0
@@ -212,7 +226,7 @@ class Scheduler:
                 last_deadline_check = now
                 for j in [j for j in self.jobs.values() if time.monotonic() > j.deadline]:
                     self._drop(j, ("error", _timed_out()), out)
-            if self.jobs:
+            if self.jobs and not self.paused:
                 self._step(out)
             self._deliver(out)
 
@@ -227,6 +241,9 @@ class Scheduler:
                         fut.set_exception(e)
                 elif kind == "submit":
                     self._submit_one(item, out)
+                elif kind == "abort":
+                    for j in list(self.jobs.values()):
+                        self._drop(j, ("error", SchedulerError(503, item, "aborted")), out)
                 elif item.handle is not None and not item.finished:   # cancelled by its caller: no event
                     self._drop(item, None, out)
 

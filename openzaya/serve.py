@@ -31,10 +31,11 @@ key guards the /v1/ routes only.
   is the winning candidate (`ProblemResult.winner_index`: its answer is the majority vote) plus a `ttc` object with
   the vote and the per-round accounting; `usage` sums every call. With `stream: true`, chunks with empty `choices`
   and a `ttc` progress object are sent after every round, then the answer.
-- RL trainers: `return_token_ids: true` (vLLM's field) adds each choice's sampled token ids (non-streaming), and with
-  `--enable-weight-updates` the server takes SGLang's `POST /update_weights_from_disk {"model_path": DIR}`: the
-  checkpoint is checked against the running model, then copied in by the scheduler thread between two engine steps
-  (sequences in flight continue on the new weights). Off by default (404); behind the API key when one is set.
+- RL trainers: `return_token_ids: true` (vLLM's field) adds each choice's sampled token ids (non-streaming);
+  `return_routed_experts: true` (with `--enable-return-routed-experts`) adds each choice's `routed_experts`, vLLM's
+  [positions][layers][1] shape over prompt + completion but the last token, -1 = skip class. With
+  `--enable-weight-updates` the trainer's weight pushes (from disk or by broadcast), pause/resume and the served
+  version are serve_rl.py's routes (vLLM's RL API); off by default (404), behind the API key when one is set.
 
 Limits and safety: bearer API key (401), body size cap (413, with or without Content-Length), a read timeout on
 a request's head, then on its body (408: slow clients cannot hold sockets), an explicit
@@ -63,14 +64,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backends import BackendError, SamplingParams, engine_params, load_local, text_engine
-from .checkpoint import load_weights_into
 from .engine import Engine, GenParams, GenResult
 from .http_guard import GuardMiddleware, error_response, http_protocol
 from .openai_format import SSE_DONE, APIError, ChoiceStream, Reply, sse, usage
-from .protocol import ChatBody, CompletionBody, DetokenizeBody, Message, TokenizeBody, UpdateWeightsBody, refusal
+from .protocol import ChatBody, CompletionBody, DetokenizeBody, Message, TokenizeBody, refusal
 from . import package_version
 from .scheduler import (METRICS_CONTENT_TYPE, Job, Metrics, Scheduler, SchedulerBackend, SchedulerError, collect,
                         wait_jobs)
+from .serve_rl import PATHS as RL_PATHS, WeightState, routed_experts, router as rl_router
 from .tokenizer import Tokenizer, eos_union, split_reasoning
 from .ttc import ProblemResult, Run, TTCConfig, TTCProblem, arun
 
@@ -89,7 +90,8 @@ class ServeConfig:
     shutdown_grace_s: float = 10.0      # in-flight work gets this long on shutdown, then is cancelled
     api_key: str | None = None          # bearer token for /v1/* (None = open)
     model_name: str | None = None       # id served by /v1/models (None = the checkpoint directory's name)
-    weight_updates: bool = False        # serve POST /update_weights_from_disk (RL rollouts; off = 404)
+    weight_updates: bool = False        # serve the weight-update routes of serve_rl.py (RL rollouts; off = 404)
+    return_routed_experts: bool = False  # record each sequence's experts (RL router replay; costs a little)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -104,7 +106,8 @@ class ServerState:
         self.metrics = Metrics()
         self.sched = Scheduler(engine, cfg.max_queue, self.metrics)
         self.created = int(time.time())
-        self.weights_version = 0        # weight updates applied (update_weights_from_disk)
+        self.weights_version = 0        # weight updates applied (serve_rl.py)
+        self.rl = WeightState()         # the version label a trainer gave, its transfer group
 
     def check_model(self, name: str | None):
         if name is not None and name != self.model_name:
@@ -230,8 +233,10 @@ async def respond(srv: ServerState, body, reply: Reply, prompts: list[list[int]]
                   request: HTTPRequest, deadline: float, echo: list[str] | None = None):
     """Both endpoints: prompts -> jobs -> a collected response, or an SSE stream. `echo`: the prompts' texts, put
     before each choice's text (with the prompt tokens' logprobs when logprobs are asked)."""
-    if body.stream and body.return_token_ids:
-        raise APIError(400, "return_token_ids is supported for non-streaming requests only", param="stream")
+    if body.stream and (body.return_token_ids or body.return_routed_experts):
+        raise APIError(400, "return_token_ids / return_routed_experts are for non-streaming requests", param="stream")
+    if body.return_routed_experts and not srv.cfg.return_routed_experts:
+        raise APIError(400, "start the server with --enable-return-routed-experts", param="return_routed_experts")
     if body.stream and echo is not None:
         raise APIError(400, "echo is supported for non-streaming requests only", param="stream")
     max_tokens = [srv.max_tokens(body, len(p), default_max_tokens) for p in prompts]
@@ -257,6 +262,8 @@ async def respond(srv: ServerState, body, reply: Reply, prompts: list[list[int]]
         choices.append(reply.choice(j.index, text, res.finish_reason, tokens, lps, tops))
         if body.return_token_ids:
             choices[-1]["token_ids"] = list(res.tokens)
+        if body.return_routed_experts:
+            choices[-1]["routed_experts"] = routed_experts(res.routes)
     completion_tokens = sum(r.completion_tokens for r in results)
     srv.metrics.count_usage(prompt_tokens, completion_tokens)
     return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
@@ -509,23 +516,6 @@ async def detokenize(body: DetokenizeBody, request: HTTPRequest):
     return {"prompt": srv.tokenizer.decode(body.tokens)}
 
 
-@router.post("/update_weights_from_disk")
-async def update_weights_from_disk(body: UpdateWeightsBody, request: HTTPRequest):
-    """SGLang's endpoint: load new weights (same config) from a checkpoint directory into the running engine,
-    between two engine steps; sequences in flight continue with the new weights (as PipelineRL does)."""
-    srv: ServerState = request.app.state.srv
-    if not srv.cfg.weight_updates:
-        raise APIError(404, "weight updates are off (start the server with --enable-weight-updates)",
-                       code="not_found")
-    path = Path(body.model_path)
-    try:   # load_weights_into checks the directory and every tensor before it changes anything
-        n = await srv.sched.call(lambda: load_weights_into(srv.engine.model, path))
-    except (KeyError, ValueError, OSError) as e:
-        raise APIError(400, f"cannot load {path}: {e}", param="model_path")
-    srv.weights_version += 1
-    return {"success": True, "message": f"loaded {n} tensors from {path}", "weights_version": srv.weights_version}
-
-
 def _refuse(body):
     """A 400 naming the first field this server refuses (protocol.py's policy)."""
     if (refused := refusal(body)) is not None:
@@ -624,12 +614,14 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig | None = N
     app = FastAPI(title="openzaya", version="0.1.0", lifespan=_lifespan,
                   description="OpenAI-compatible ZAYA server with Markovian RSA test-time compute")
     app.state.srv = ServerState(engine, tokenizer, cfg, cfg.model_name or model_name)
-    app.add_middleware(GuardMiddleware, cfg=cfg, metrics=app.state.srv.metrics)
+    engine.record_routes = cfg.return_routed_experts
+    app.add_middleware(GuardMiddleware, cfg=cfg, metrics=app.state.srv.metrics, protected=RL_PATHS)
     for exc, handler in [(APIError, _api_error), (SchedulerError, _scheduler_error),
                          (RequestValidationError, _validation_error), (StarletteHTTPException, _http_error),
                          (Exception, _unexpected)]:
         app.add_exception_handler(exc, handler)
     app.include_router(router)
+    app.include_router(rl_router)
     return app
 
 
@@ -680,7 +672,8 @@ def main(args) -> int:
                       request_timeout_s=args.request_timeout_s, max_ttc_population=args.max_ttc_population,
                       max_ttc_rounds=args.max_ttc_rounds, shutdown_grace_s=args.shutdown_grace_s,
                       api_key=args.api_key, model_name=args.served_model_name,
-                      weight_updates=args.enable_weight_updates)
+                      weight_updates=args.enable_weight_updates,
+                      return_routed_experts=args.enable_return_routed_experts)
     device, dtype, template = resolve_serving(args.device, args.dtype, args.chat_template)
     gb = getattr(args, "expert_cache_gb", -1)
     app = load_app(args.model, cfg, device=device, dtype=dtype, expert_cache_gb=gb if gb > 0 else None,

@@ -41,7 +41,8 @@ Nano-scale simplifications, stage by stage:
   (the envs where the SFT model is neither at 0 nor at 100%); accuracy with the standard error over problems, and
   the paired standard error of each difference.
 Devices: pretraining, SFT and the evaluations run on `device` (auto = CUDA when torch sees one; the trainer then
-uses bf16 autocast, the engine CUDA graphs); the RL stages run on the CPU (rl_loop has no device option). The
+uses bf16 autocast, the engine CUDA graphs); the RL stages too (on CUDA with inline rollouts: the GPU engine
+generates between two steps, instead of a CPU worker process). The
 `small` preset (24x nano's parameters, 7x its tokens) is meant for a GPU.
 `run` reads like the pipeline: one function per stage (build_corpus, build_tokenizer_and_sft_mix, pretrain,
 supervised_finetune, aggregation_sft, evaluate_single_vs_rsa, rl_cascade, trim_ablation, plot_curves, write_report).
@@ -140,7 +141,7 @@ class SpeedrunConfig:
     ablation_seq_len: int = 64         # tight budget: most samples (77-101 tokens) must be trimmed
     ablation_steps: int = 120
     threads: int = 1
-    mixed_precision: str = "auto"      # pretraining and SFT: auto (bf16 where native, train.resolve_precision) | bf16 | fp32
+    mixed_precision: str = "auto"      # pretrain, SFT, RL update: auto (bf16 where native) | bf16 | fp32
     seed: int = 0
     log_to: str = ""                   # "" | tensorboard | wandb: every training and RL stage logs there too
 
@@ -176,7 +177,7 @@ def smoke(**kw) -> SpeedrunConfig:
 def small(**kw) -> SpeedrunConfig:
     """nano's settings scaled up for a GPU: the `micro` model (27.0M parameters at this vocabulary: 8 layers, 16
     experts; nano's is 1.13M), 7x nano's pretraining + SFT tokens (10.6M vs 1.5M) from a corpus 5x as large; RL off
-    (rl_loop trains on the CPU). Measured on an H200 (`bench/device_speedrun.sh`): 323 s (pretrain 121, SFT 183,
+    (measured before the RL stages could run on a GPU). Measured on an H200 (`bench/device_speedrun.sh`): 323 s (pretrain 121, SFT 183,
     evaluation 14). For the question whether Markovian RSA pays off once the model is larger (dev/LOG.md, session
     10)."""
     return nano(**{**dict(name="small", model_preset="micro", samples_per_env_level=4000,
@@ -435,8 +436,9 @@ def aggregation_sft(cfg: SpeedrunConfig, out: Path, sft_cfg, sft: dict, sft_mix:
     return agg_sft, stats
 
 
-def rl_stage_config(cfg: SpeedrunConfig, out: Path, stage: str):
-    """The rl_loop preset of `stage` with the speedrun's environments, batch, budget, TTC knobs and learning rate."""
+def rl_stage_config(cfg: SpeedrunConfig, out: Path, stage: str, device: str = "cpu"):
+    """The rl_loop preset of `stage` with the speedrun's environments, batch, budget, TTC knobs and learning rate, on
+    `device` (on CUDA the rollouts are inline: the engine runs on the GPU)."""
     from . import rl_loop
     envs, difficulty, extra = cfg.rl_stage_envs[stage]
     lr = {"lr": cfg.rl_stage_lr[stage]} if stage in cfg.rl_stage_lr else {}
@@ -446,18 +448,20 @@ def rl_stage_config(cfg: SpeedrunConfig, out: Path, stage: str):
                                  save_every=cfg.rl_steps, seed=cfg.seed,
                                  engine_slots=cfg.rl_prompts_per_step * cfg.rl_samples_per_prompt * 2,
                                  max_groups_per_step=cfg.rl_max_groups_per_step,
-                                 rollout_workers=cfg.rl_rollout_workers, ttc_candidates=cfg.ttc_candidates,
-                                 ttc_tail_tokens=cfg.ttc_tail_tokens, ttc_template=NANO_AGG_TEMPLATE, log_to=cfg.log_to,
-                                 **lr, **extra)
+                                 rollout_workers=cfg.rl_rollout_workers if device == "cpu" else 0, device=device,
+                                 ttc_candidates=cfg.ttc_candidates, ttc_tail_tokens=cfg.ttc_tail_tokens,
+                                 ttc_template=NANO_AGG_TEMPLATE, log_to=cfg.log_to,
+                                 mixed_precision=cfg.mixed_precision, **lr, **extra)
 
 
-def rl_cascade(cfg: SpeedrunConfig, out: Path, init_dir: str, items, laps: StageClock) -> tuple[dict, dict, dict]:
+def rl_cascade(cfg: SpeedrunConfig, out: Path, init_dir: str, items, laps: StageClock,
+               device: str = "cpu") -> tuple[dict, dict, dict]:
     """6. The RL stages, each from the previous one's checkpoint and evaluated after it. A stage without learning
     signal stops (reported) and the next starts from the previous policy. Returns (evals, reward curves, notes)."""
     from . import rl_loop
     evals, curves, notes, cur = {}, {}, {}, init_dir
     for stage in (cfg.rl_stages if cfg.rl else []):
-        rc = rl_stage_config(cfg, out, stage)
+        rc = rl_stage_config(cfg, out, stage, device)
         try:
             res = rl_loop.run(rc, init_dir=cur)
         except rl_loop.NoLearningSignal as e:     # within the scan budget: report it, keep the previous policy
@@ -543,7 +547,7 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
     items = held_out_items(cfg.eval_envs, cfg.difficulties, cfg.eval_problems)
     evals = {"sft": full_evaluation(cfg, out, sft["model_dir"], items, "sft")}
     laps("eval sft")
-    rl_evals, rl_curves, rl_notes = rl_cascade(cfg, out, sft["model_dir"], items, laps)
+    rl_evals, rl_curves, rl_notes = rl_cascade(cfg, out, sft["model_dir"], items, laps, device)
     evals.update(rl_evals)
     ablation = {}
     if cfg.ablation_trim:
@@ -638,9 +642,10 @@ def write_report(path: Path, r: dict, items):
              f"{c['vocab_size']}; pretrain {c['pretrain_steps']} steps (final loss {r['pretrain_final_loss']:.3f}), "
              f"SFT {c['sft_steps']} steps (final loss {r['sft_final_loss']:.3f}), {c['device_batch_size']} x "
              f"{c['seq_len']} tokens per step; model `{c['model_preset']}` ({r['model_params'] / 1e6:.2f}M parameters), "
-             f"pretraining, SFT and evaluation on {r['device']} (RL on the CPU). Precision: pretraining and SFT "
-             f"**{r['precision']}** (`mixed_precision={c['mixed_precision']}`), RL policy update fp32 (rl_loop has no "
-             f"autocast yet), rollouts and evaluation fp32 (engine).", ""]
+             f"pretraining, SFT and evaluation on {r['device']} "
+             + ("(RL on the CPU)." if r["device"] == "cpu" else "(RL too).")
+             + f" Precision: pretraining, SFT and the RL policy update **{r['precision']}** "
+             f"(`mixed_precision={c['mixed_precision']}`), rollouts and evaluation fp32 (engine).", ""]
     a = r.get("agg_sft")
     if a:
         lines += [f"Aggregation SFT (TR §VI-B; the held-out row `sft` is after it): the SFT model sampled "

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .parallel import ParallelConfig
+from .parallel import ParallelConfig, native_bf16, resolve_precision  # noqa: F401 (train.resolve_precision)
 from .runlog import external_logger, fmt_eta, plot_losses
 
 CHECKPOINT = "checkpoint"         # a DCP directory (dcp.py)
@@ -347,26 +347,6 @@ def save_final_model(model, model_dir: Path, tokenizer_dir: str):
     tok_files = {n: (Path(tokenizer_dir) / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")
                  if (Path(tokenizer_dir) / n).exists()}
     export_hf(model, model_dir, extra_files=tok_files)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """True where bf16 matmuls run natively: CUDA, or a CPU with AVX512-BF16 or AMX (oneDNN's bf16 GEMM; on this
-    project's 2-core AMD EPYC with AVX512-BF16, square matmuls of 512-2048 ran ~2.4x faster in bf16 than fp32).
-    Elsewhere torch emulates bf16 on the CPU, slower than fp32."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' where `native_bf16(device)`, else 'fp32'; 'bf16' / 'fp32' as given. bf16 = autocast of the
-    forward (fp32 master weights, gradients and optimizer state; the model keeps its fp32 residual stream, norms,
-    router softmax and LM-head log-probs, as the TR's fp32 op set)."""
-    if name not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"mixed_precision must be auto, bf16 or fp32, got {name!r}")
-    if name == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return name
 
 
 def parallel_config(cfg: TrainConfig, device: torch.device) -> ParallelConfig:

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from openzaya.engine import Engine, GenParams, _find_stop, sample
+from openzaya.engine import Engine, GenParams, _find_stop
+from openzaya.sampling import SamplingBatch, sample
 from openzaya.model import ZayaConfig, ZayaForCausalLM
 from zaya_ref import route_share_to_skip
 
@@ -124,14 +125,15 @@ def test_decode_layout_of_experts_keeps_values_outputs_and_training(tmp_path):
 
 
 def _sample(probs, u, temp=1.0, top_k=0, top_p=1.0, min_p=0.0):
-    """engine.sample on rows of exact (dyadic) probabilities; returns (tokens, raw logprobs, sampling logprobs)."""
+    """sampling.sample on rows of exact (dyadic) probabilities; returns (tokens, raw logprobs, sampling logprobs)."""
     B = len(probs)
     t = lambda x, dt=torch.float32: torch.tensor([x] * B if not isinstance(x, list) else x, dtype=dt)  # noqa: E731
     filters = (any(m > 0 for m in ([min_p] if not isinstance(min_p, list) else min_p)),
                any(k > 0 for k in ([top_k] if not isinstance(top_k, list) else top_k))
                or any(p < 1 for p in ([top_p] if not isinstance(top_p, list) else top_p)))
-    tok, raw, samp = sample(torch.tensor(probs).log(), t(temp), t(top_k, torch.long), t(top_p), t(min_p),
-                            torch.tensor(u), greedy_only=False, filters=filters)
+    sb = SamplingBatch(t(temp), t(top_k, torch.long), t(top_p), t(min_p), greedy_only=False, use_min_p=filters[0],
+                       use_sort=filters[1])
+    tok, raw, samp, _ = sample(torch.tensor(probs).log(), sb, torch.tensor(u))
     return tok.tolist(), raw, samp
 
 

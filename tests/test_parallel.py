@@ -107,7 +107,8 @@ def train_steps(s: parallel.Setup, steps: range, accum: int = 2) -> dict:
             dist.all_reduce(loss_sum)
         gnorms.append(float(parallel.clip_grad_norm_(params, 0.5)))
         s.optimizer.step()
-        held = held if losses else plan.state_bytes(s.model, s.optimizer)
+        if not losses:
+            held = plan.state_bytes(s.model, s.optimizer)
         s.optimizer.zero_grad(set_to_none=True)
         s.model.update_balancing_biases()
         losses.append(float(loss_sum))

@@ -49,6 +49,8 @@ RULES = [
      "installs packages; test_setup_block_matches_the_makefile checks these lines against the Makefile's setup"),
     (r"^(vllm serve|python -m sglang)", "skip", None, "needs a GPU and vLLM or SGLang; the eval line after it is "
                                                       "parsed"),
+    (r"^\.venv/bin/lm_eval ", "skip", None, "lm-eval's tasks download their datasets; test_lm_eval.py runs lm-eval "
+                                            "against openzaya serve on local tasks"),
     (r"Zyphra/ZAYA1-8B", "parse", None, "downloads the 16 GB checkpoint (or needs a server holding it)"),
     (r"speedrun --preset nano", "parse", None, "20 minutes; the sandbox stands in for what it writes"),
     (r"speedrun --preset small", "parse", None, "a GPU preset"),

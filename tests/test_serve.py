@@ -195,14 +195,17 @@ def test_openai_client_completions_chat_streaming(server):
     reasoning = m.model_extra.get("reasoning_content")
     assert isinstance(reasoning, str) and isinstance(m.content, str) and r.usage.completion_tokens >= 1
     parts = {"r": "", "c": ""}
+    usage_chunks = []
     for ch in c.chat.completions.create(model=server.name, messages=msgs, max_completion_tokens=16, temperature=0,
                                         stream=True, stream_options={"include_usage": True}):
         if ch.usage is not None and not ch.choices:
-            assert ch.usage.completion_tokens == r.usage.completion_tokens
+            usage_chunks.append(ch.usage)
         for choice in ch.choices:
             parts["r"] += (choice.delta.model_extra or {}).get("reasoning_content") or ""
             parts["c"] += choice.delta.content or ""
     assert parts["r"].strip() == reasoning and parts["c"].strip() == m.content
+    assert len(usage_chunks) == 1, usage_chunks    # include_usage: exactly one usage chunk, with empty choices
+    assert usage_chunks[0].completion_tokens == r.usage.completion_tokens
 
 
 def test_ttc_request_end_to_end(server):
@@ -344,7 +347,7 @@ def test_fuzz_no_5xx_and_greedy_output_unchanged(ckpt):
                                             "max_tokens": 8, "temperature": 0})]
         before = [httpx.post(s.url + path, json=body, headers=h, timeout=30).json()["choices"] for path, body in greedy]
         schema = schemathesis.openapi.from_url(s.url + "/openapi.json")
-        failures = []
+        failures, error_shapes_checked = [], [0]
         for op in schema.get_all_operations():
             op = op.ok()
 
@@ -357,9 +360,11 @@ def test_fuzz_no_5xx_and_greedy_output_unchanged(ckpt):
                     failures.append((case.method, case.path, case.body, resp.status_code, resp.text[:300]))
                 if resp.status_code >= 400 and case.path.startswith("/v1/"):
                     assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+                    error_shapes_checked[0] += 1
 
             check()
         assert not failures, failures[:3]
+        assert error_shapes_checked[0] >= 10, error_shapes_checked   # the 4xx shape check above did run
         spec, rng = httpx.get(s.url + "/openapi.json").json(), random.Random(0)
         bodies = [b for path, base in greedy for b in _extreme_bodies(spec, path, {**base, "max_tokens": 2}, rng)]
         with httpx.Client(base_url=s.url, headers=h, timeout=30) as c:

@@ -87,6 +87,7 @@ class ProblemSource:
     cfg: object
     envs: dict
     seed_counter: int = 0
+    drawn: int = 0            # jobs handed out so far: the next job's id (its sampling seeds derive from it)
     rng: random.Random = None
     curriculum: object = None
     sampler: object = None
@@ -119,6 +120,7 @@ class ProblemSource:
     def next_problem(self):
         """(kind, env name, Problem, prompt text); kind "aggregate" for a self-aggregation prompt."""
         cfg = self.cfg
+        self.drawn += 1
         if cfg.ttc_fraction > 0 and len(self.recent) and self.rng.random() < cfg.ttc_fraction:
             problem, tails = self.recent[self.rng.randrange(len(self.recent))]
             picked = self.rng.sample(tails, min(cfg.ttc_candidates, len(tails)))
@@ -142,12 +144,15 @@ class ProblemSource:
             self.recent.append((problem, tails))
 
     def state_dict(self) -> dict:
-        return {"seed_counter": self.seed_counter, "rng": self.rng.getstate(), "best_solve": dict(self.best_solve),
+        return {"seed_counter": self.seed_counter, "drawn": self.drawn, "rng": self.rng.getstate(),
+                "best_solve": dict(self.best_solve), "recent": list(self.recent),
                 "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
                 "sampler": self.sampler.state_dict() if self.sampler is not None else None}
 
     def load_state_dict(self, s: dict):
-        self.seed_counter, self.best_solve = s["seed_counter"], dict(s["best_solve"])
+        self.seed_counter, self.drawn, self.best_solve = s["seed_counter"], s["drawn"], dict(s["best_solve"])
+        self.recent.clear()
+        self.recent.extend(s["recent"])
         self.rng.setstate(s["rng"])
         if self.curriculum is not None and s["curriculum"] is not None:
             self.curriculum.load_state_dict(s["curriculum"])
