@@ -151,9 +151,11 @@ def nano(**kw) -> SpeedrunConfig:
     RL learning rates per stage: the RL presets' 1e-5 / 1e-5 / 5e-6 / 2e-6 are far too low for a 1M-parameter
     model; 25x them was measured at 8 x 8 rollouts per step (dev/LOG.md, session 4), whole cascade, held-out
     single / RSA vs SFT: 2.5e-4 +0.006 / +0.028, 1e-4 -0.005 / -0.014; one rlve stage alone: 2.5e-4 -0.023,
-    1e-4 +0.007, 1e-3 -0.116. At 16 x 8 (session 5) only 2.5e-4 was run."""
+    1e-4 +0.007, 1e-3 -0.116. At 16 x 8 (session 5) only 2.5e-4 was run. 20 RL steps per stage, not 30 (issue 26:
+    the main job in half the time). fp32, not bf16 autocast: at hidden size 128 bf16 measured no faster (training
+    step 0.95-1.08x, RL update 0.82x, issue 26 in dev/LOG.md); the larger preset uses it."""
     return SpeedrunConfig(**{**dict(eval_max_tokens=64, ttc_population=4, ttc_candidates=2, ttc_rounds=1,
-                                    ttc_tail_tokens=12,
+                                    ttc_tail_tokens=12, rl_steps=20, mixed_precision="fp32",
                                     rl_stage_lr={"warmup": 2.5e-4, "rlve": 2.5e-4, "math-code-ttc": 1.25e-4,
                                                  "behavioral": 5e-5}),
                              **kw})
