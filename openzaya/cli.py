@@ -513,8 +513,9 @@ def add_plan(sub):
 
 def add_speedrun(sub):
     p = sub.add_parser("speedrun", help="corpus, tokenizer, pretrain, SFT, four RL stages, held-out eval and report, end to end")
-    p.add_argument("--preset", default="nano", choices=["nano", "smoke", "small"],
-                   help="nano: the CPU speedrun; smoke: a two-minute plumbing check; small: 24x nano's model, 7x its tokens, for a GPU")
+    p.add_argument("--preset", default="nano", choices=["nano", "mini", "smoke", "small"],
+                   help="nano: the CPU speedrun (make run); mini: the ~20-minute CPU preset, 2.1x nano's model; smoke: a "
+                        "two-minute plumbing check; small: 24x nano's model, 7x its tokens, for a GPU")
     p.add_argument("--name", default=None, help="run name: output under <root>/<name>")
     p.add_argument("--root", default="runs")
     p.add_argument("--pretrain-steps", type=int, default=None)

@@ -192,6 +192,13 @@ def nano(vocab_size: int = 2048) -> ZayaConfig:
                       router_hidden_size=32, max_position_embeddings=2048)
 
 
+def mini(vocab_size: int = 2048) -> ZayaConfig:
+    """nano at 1.5x the width (hidden 192, 6 heads): the ~20-minute CPU speedrun model (speedrun.mini)."""
+    return ZayaConfig(vocab_size=vocab_size, hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
+                      num_key_value_heads=2, head_dim=32, moe_intermediate_size=192, num_experts=4,
+                      router_hidden_size=32, max_position_embeddings=2048)
+
+
 def micro(vocab_size: int = 8192) -> ZayaConfig:
     """~20M parameters (the benchmark size of bench/model.py)."""
     return ZayaConfig(vocab_size=vocab_size, hidden_size=256, num_hidden_layers=8, num_attention_heads=8,
@@ -206,7 +213,7 @@ def zaya1_8b() -> ZayaConfig:
                       router_hidden_size=256, max_position_embeddings=131072, dtype="bfloat16")
 
 
-PRESETS = {"nano": nano, "micro": micro, "zaya1_8b": zaya1_8b}
+PRESETS = {"nano": nano, "mini": mini, "micro": micro, "zaya1_8b": zaya1_8b}
 
 
 # -----------------------------------------------------------------------------
