@@ -571,7 +571,8 @@ class Engine:
             slots.pop()
 
     def _copy_rows(self, src_R, dst_R, w: int):
-        """Copy the cache state of rows src_R (their first w positions: a prefilled prompt) into rows dst_R."""
+        """Copy the cache state of rows src_R (their first w positions) into rows dst_R: a prefilled prompt to the
+        requests sharing it, or one live row into a freed slot (`_move_slot`). Indices: ints or index tensors."""
         c = self.cache
         for L in range(len(c.k)):
             c.k[L][dst_R, :, :w] = c.k[L][src_R, :, :w]
@@ -582,15 +583,8 @@ class Engine:
         c.valid_BS[dst_R] = c.valid_BS[src_R]
 
     def _move_slot(self, src: int, dst: int):
-        c = self.cache
-        w = int(c.write_B[src])
-        for L in range(len(c.k)):
-            c.k[L][dst, :, :w] = c.k[L][src, :, :w]
-            c.v[L][dst, :, :w] = c.v[L][src, :, :w]
-            c.conv[L][dst] = c.conv[L][src]
-            c.vdel[L][dst] = c.vdel[L][src]
-        c.write_B[dst], c.pos_B[dst] = c.write_B[src], c.pos_B[src]
-        c.valid_BS[dst] = c.valid_BS[src]
+        w = int(self.cache.write_B[src])
+        self._copy_rows(src, dst, w)
         self.routes_SLT[dst, :, :w] = self.routes_SLT[src, :, :w]
         self.tok_S[dst] = self.tok_S[src]
         if self.penalty is not None:
