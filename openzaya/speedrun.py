@@ -1,7 +1,8 @@
 """`openzaya speedrun --preset nano`: corpus -> tokenizer -> pretrain -> SFT -> the four RL stages -> held-out
 evaluation of `single` vs Markovian RSA after SFT and after every RL stage -> runs/<name>/report.md.
 
-The whole ZAYA1 pipeline at nano scale on a CPU (measured: 1278-1348 s on this 2-core machine, limit 1500 s). The
+The whole ZAYA1 pipeline at nano scale on a CPU (issue 26, one run on this shared 2-core machine at load average
+6-9: 1036 s wall, 468 CPU s; main before it: 1842 s under load, 1121 s on a quiet box; dev/LOG.md). The
 environments are the easiest of our own (difficulty 0-1 of a handful of arithmetic and string tasks, NANO_ENVS) so
 that a ~1M-parameter model trained for a few hundred steps gets measurably above zero; held-out problems use seeds
 >= HELD_OUT_SEED_START.
@@ -39,7 +40,11 @@ Nano-scale simplifications, stage by stage:
   population) through LocalBackend at the same temperature and per-call budget,
   on `eval_problems` held-out problems per env and difficulty over EVAL_ENVS
   (the envs where the SFT model is neither at 0 nor at 100%); accuracy with the standard error over problems, and
-  the paired standard error of each difference.
+  the paired standard error of each difference. The full evaluation (single avg@`eval_single_samples`, RSA on the
+  first `eval_rsa_problems` per cell) runs after SFT and after the last RL stage; between RL stages `single` runs
+  once on the first `eval_mid_problems` per cell (about 1/8 of the generations).
+Presets: `nano` (make run), `mini` (the ~20-minute CPU preset: 2.1x nano's model, same pipeline and report, RSA on
+twice the problems), `smoke` (plumbing), `small` (a GPU).
 Devices: pretraining, SFT and the evaluations run on `device` (auto = CUDA when torch sees one; the trainer then
 uses bf16 autocast, the engine CUDA graphs); the RL stages too (on CUDA with inline rollouts: the GPU engine
 generates between two steps, instead of a CPU worker process). The
