@@ -135,8 +135,16 @@ def write_report(path: Path, r: dict):
 
 
 def rebuild(run_dir: str | Path) -> Path:
-    """Rewrite <run_dir>/report.md from its results.json (the plots are already there)."""
+    """Rewrite <run_dir>/report.md from its results.json (the plots are already there), the aggregation diagnostics
+    recomputed from the Markovian RSA traces under eval/<stage>/ (so an older run gets today's columns)."""
     import json
-    path = Path(run_dir) / "report.md"
-    write_report(path, json.loads((Path(run_dir) / "results.json").read_text()))
-    return path
+
+    from .evaluate import aggregation_diagnostics
+    run_dir = Path(run_dir)
+    r = json.loads((run_dir / "results.json").read_text())
+    for stage, e in r["evals"].items():
+        trace = run_dir / "eval" / stage / "markovian_rsa" / "trace_markovian_rsa.jsonl"
+        if "markovian_rsa" in e and trace.exists():
+            e["markovian_rsa"]["aggregation"] = aggregation_diagnostics(trace)
+    write_report(run_dir / "report.md", r)
+    return run_dir / "report.md"
