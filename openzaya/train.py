@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .parallel import ParallelConfig, native_bf16, resolve_precision  # noqa: F401 (train.resolve_precision)
+from .parallel import ParallelConfig, resolve_precision
 from .runlog import external_logger, fmt_eta, plot_losses
 
 CHECKPOINT = "checkpoint"         # a DCP directory (dcp.py)

@@ -98,7 +98,7 @@ def test_bf16_autocast_overfits_to_the_fp32_loss(corpus, tmp_path):
     """Mixed precision (bf16 autocast, fp32 master weights): the trainer overfits the tiny corpus (many epochs) to
     the same loss as fp32, within BF16_LOSS_TOL, and `auto` resolves by the device (bf16 on CUDA and on CPUs with
     native bf16 matmuls)."""
-    from openzaya.train import native_bf16, resolve_precision
+    from openzaya.parallel import native_bf16, resolve_precision
     torch.set_num_threads(1)
     base = dict(stage="sft", data=str(corpus / "corpus"), tokenizer=str(corpus / "tok"), seq_len=96,
                 tokens_per_step=8 * 96, device_batch_size=8, steps=60, warmup_steps=3, lr=3e-3, save_every=-1,
