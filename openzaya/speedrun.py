@@ -1,8 +1,8 @@
 """`openzaya speedrun --preset nano`: corpus -> tokenizer -> pretrain -> SFT -> the four RL stages -> held-out
 evaluation of `single` vs Markovian RSA after SFT and after every RL stage -> runs/<name>/report.md.
 
-The whole ZAYA1 pipeline at nano scale on a CPU (issue 26, one run on this shared 2-core machine at load average
-6-9: 1036 s wall, 468 CPU s; main before it: 1842 s under load, 1121 s on a quiet box; dev/LOG.md). The
+The whole ZAYA1 pipeline at nano scale on a CPU (issue 26, two runs on this shared 2-core machine: 581 s wall at
+load ~2.5, 1036 s at load ~8, 459-468 CPU s; main before it: 1121 s on a quiet box, 1842 s under load; dev/LOG.md). The
 environments are the easiest of our own (difficulty 0-1 of a handful of arithmetic and string tasks, NANO_ENVS) so
 that a ~1M-parameter model trained for a few hundred steps gets measurably above zero; held-out problems use seeds
 >= HELD_OUT_SEED_START.
