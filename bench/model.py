@@ -4,7 +4,15 @@ Measures training tokens/s (forward + backward of the LM loss, batch 8 x 512) an
 batch 8 x 512, last-position logits as an engine needs), interleaving the two implementations so both see the same
 machine load, and prints the ratios. Also prints the zaya1_8b parameter counts against the spec's arithmetic.
 
-Run: .venv/bin/python bench/model.py [--quick] [--device cuda --dtype bfloat16] [--out runs/bench/model.json]
+The machine's limit (MFU): the same run measures the GEMM peak (best FLOP/s of square matmuls of 512-2048, fp32 and
+bf16, before and after the model timings) and prints each timing's model FLOP/s as a fraction of it. Model FLOPs
+= model.flops_per_token: 6 * N_active * tokens for training and 2 * N_active * tokens for prefill, N_active = the
+active parameters per token including the LM head (V x D), plus the causal attention matmuls (4 * H * Dh * (T+1)/2
+per token and layer, x3 for training). A second section times OUR trainer's step as train.py runs it (fp32 master
+weights, `token_logprobs` with its fp32 LM head, no optimizer) in fp32 and under bf16 autocast, and prefill with
+fp32 and with bf16 weights, interleaved; each against the fp32 and the bf16 peak of this run.
+
+Run: .venv/bin/python bench/model.py [--quick] [--threads N] [--device cuda --dtype bfloat16] [--out runs/bench/model.json]
 (on CUDA use bf16: torch's grouped GEMM there, which both implementations call, takes bf16 only)
 """
 
@@ -17,16 +25,31 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from openzaya.model import ZayaConfig, ZayaForCausalLM, count_params, zaya1_8b
+from openzaya.model import ZayaConfig, ZayaForCausalLM, count_params, flops_per_token, zaya1_8b
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true", help="smaller batch and fewer repeats")
 parser.add_argument("--repeats", type=int, default=5, help="best of N, interleaved (robust to load spikes)")
 parser.add_argument("--device", default="cpu")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+parser.add_argument("--skip-peer", action="store_true", help="only the MFU section (no transformers comparison)")
 parser.add_argument("--out", default="runs/bench/model.json")
 args = parser.parse_args()
 dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+if args.threads > 0:
+    torch.set_num_threads(args.threads)
+
+
+def gemm_peak(dt: torch.dtype, sizes=(512, 1024, 2048), repeats: int = 3) -> float:
+    """Best FLOP/s of an n x n x n matmul over `sizes` (the machine's GEMM peak in this dtype, as this run sees it)."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, device=dev).to(dt), torch.randn(n, n, device=dev).to(dt)
+        a @ b
+        for _ in range(repeats):
+            best = max(best, 2 * n ** 3 / timeit(lambda: a @ b))
+    return best
 
 # -----------------------------------------------------------------------------
 # Same config, same weights, same inputs
@@ -99,10 +122,13 @@ def timeit(fn):
 # -----------------------------------------------------------------------------
 # Interleaved timing (one warm-up each)
 
+peaks = {"float32": [gemm_peak(torch.float32)], "bfloat16": [gemm_peak(torch.bfloat16)]}
+
 # transformers 5.24 defaults to experts_implementation="grouped_mm"; the spec's reference speed (§10.2) was measured
 # with its eager per-expert loop. Both peers are timed; "ratio" is against the default (grouped_mm).
 results = {}
-for name, fo, fr in [("train", train_step_ours, train_step_ref), ("prefill", prefill_ours, prefill_ref)]:
+for name, fo, fr in ([] if args.skip_peer else
+                     [("train", train_step_ours, train_step_ref), ("prefill", prefill_ours, prefill_ref)]):
     for m in (ours, ref):
         m.train(name == "train")
     tok = B * T
@@ -122,6 +148,67 @@ for name, fo, fr in [("train", train_step_ours, train_step_ref), ("prefill", pre
     print(f"{name:8s} ours {o:7.0f} tok/s | transformers grouped_mm {r:7.0f} tok/s ({o / r:.2f}x) "
           f"| transformers eager experts {re:7.0f} tok/s ({o / re:.2f}x)")
 ref.set_experts_implementation("grouped_mm")
+
+# -----------------------------------------------------------------------------
+# Our trainer's step and prefill against the machine's GEMM peak (MFU), fp32 vs bf16, interleaved
+
+ours.to(torch.float32).train()
+tgt = y.clone()
+
+
+def trainer_step(bf16: bool):
+    """What train.forward_backward runs: fp32 master weights, bf16 autocast when asked, token_logprobs (fp32 LM
+    head and log-probs), backward. No optimizer (Muon's cost depends on the batch only through its step count)."""
+    def fn():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            logp = ours.token_logprobs(x, tgt)
+        (-logp.mean()).backward()
+        ours.zero_grad(set_to_none=True)
+    return fn
+
+
+ours_bf16 = None
+
+
+def prefill_in(bf16: bool):
+    def fn():
+        with torch.no_grad():
+            (ours_bf16 if bf16 else ours)(x, logits_to_keep=1)
+    return fn
+
+
+mfu = {}
+tok = B * T
+for name, kind, flops in (("train", trainer_step, flops_per_token(cfg, T, training=True) * tok),
+                          ("prefill", prefill_in, flops_per_token(cfg, T, training=False) * tok)):
+    if name == "prefill":
+        ours.eval()
+        import copy
+        ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+    times = {"fp32": [], "bf16": []}
+    for prec in times:
+        kind(prec == "bf16")()
+    for _ in range(1 if args.quick else args.repeats):
+        for prec in times:
+            times[prec].append(timeit(kind(prec == "bf16")))
+    for prec, ts in times.items():
+        mfu[f"{name}_{prec}"] = {"tok_s": tok / min(ts), "flop_s": flops / min(ts)}
+peaks["float32"].append(gemm_peak(torch.float32))
+peaks["bfloat16"].append(gemm_peak(torch.bfloat16))
+peak = {k: max(v) for k, v in peaks.items()}
+print(f"GEMM peak this run ({torch.get_num_threads()} threads, best square matmul 512-2048, before/after): fp32 "
+      + " / ".join(f"{p / 1e9:.0f}" for p in peaks["float32"]) + " GFLOP/s, bf16 "
+      + " / ".join(f"{p / 1e9:.0f}" for p in peaks["bfloat16"]) + " GFLOP/s")
+for k, v in mfu.items():
+    v["mfu_vs_fp32_peak"] = v["flop_s"] / peak["float32"]
+    v["mfu_vs_bf16_peak"] = v["flop_s"] / peak["bfloat16"]
+    what = "bf16 autocast" if k == "train_bf16" else ("bf16 weights" if k == "prefill_bf16" else "fp32")
+    print(f"ours {k.split('_')[0]:8s} {what:13s} {v['tok_s']:7.0f} tok/s = {v['flop_s'] / 1e9:6.1f} GFLOP/s model FLOPs "
+          f"| MFU {v['mfu_vs_fp32_peak']:.1%} of the fp32 peak, {v['mfu_vs_bf16_peak']:.1%} of the bf16 peak")
+for name in ("train", "prefill"):
+    print(f"ours {name}: bf16 / fp32 = {mfu[f'{name}_bf16']['tok_s'] / mfu[f'{name}_fp32']['tok_s']:.2f}x")
+results["mfu"] = {**mfu, "gemm_peak_flop_s": peak, "gemm_peaks_before_after": peaks,
+                  "flops_per_token": {"train": flops_per_token(cfg, T), "prefill": flops_per_token(cfg, T, False)}}
 
 # -----------------------------------------------------------------------------
 # Parameter arithmetic of the released model (spec §7)

@@ -506,7 +506,8 @@ def _train_flags(p, stage: str):
     p.add_argument("--offload-optimizer", action="store_true", default=None,
                    help="keep sharded params, grads and optimizer state on the CPU (FSDP2 CPU offload)")
     p.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32"], default=None,
-                   help="auto: bf16 compute on CUDA (fp32 master weights and reduction), fp32 on CPU")
+                   help="auto: bf16 compute (fp32 master weights and reduction) on CUDA and on CPUs with native bf16 "
+                        "matmuls (AVX512-BF16 / AMX), fp32 elsewhere")
     p.set_defaults(func=lambda a: _train(a, stage))
 
 
@@ -555,8 +556,9 @@ def add_plan(sub):
 
 def add_speedrun(sub):
     p = sub.add_parser("speedrun", help="corpus, tokenizer, pretrain, SFT, four RL stages, held-out eval and report, end to end")
-    p.add_argument("--preset", default="nano", choices=["nano", "smoke", "small"],
-                   help="nano: the CPU speedrun; smoke: a two-minute plumbing check; small: 24x nano's model, 7x its tokens, for a GPU")
+    p.add_argument("--preset", default="nano", choices=["nano", "mini", "smoke", "small"],
+                   help="nano: the CPU speedrun (make run); mini: the ~20-minute CPU preset, 2.1x nano's model; smoke: a "
+                        "two-minute plumbing check; small: 24x nano's model, 7x its tokens, for a GPU")
     p.add_argument("--name", default=None, help="run name: output under <root>/<name>")
     p.add_argument("--root", default="runs")
     p.add_argument("--pretrain-steps", type=int, default=None)
@@ -566,6 +568,9 @@ def add_speedrun(sub):
     p.add_argument("--no-rl", action="store_true", help="skip the four RL stages (quick runs)")
     p.add_argument("--rl-steps", type=int, default=None, help="optimizer steps per RL stage")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    p.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32"], default=None,
+                   help="pretraining and SFT compute: auto = the preset's choice (bf16 where the device has native bf16 "
+                        "matmuls, unless the preset measured fp32 faster at its size)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default: CUDA when present) | cpu | cuda")
     p.add_argument("--log-to", choices=["", "tensorboard", "wandb"], default=None,

@@ -474,18 +474,26 @@ class Engine:
 
     def _admit(self, group, prompts, params, slots, return_routes, limit):
         cache, dev = self.cache, self.device
+        scoring = params[group[0]].prompt_logprobs is not None       # the whole group scores its prompts (_groups)
+        group, src_R = (group, None) if scoring else _shared_prompts_first(group, prompts)
         a, b = len(slots), len(slots) + len(group)
+        U = len(group) if src_R is None else len(group) - len(src_R)   # rows that run the prefill
         P = max(len(prompts[i]) for i in group)
-        ids_BT = torch.zeros(len(group), P, dtype=torch.long)
-        mask_BT = torch.zeros(len(group), P, dtype=torch.long)
-        for r, i in enumerate(group):
+        ids_BT = torch.zeros(U, P, dtype=torch.long)
+        mask_BT = torch.zeros(U, P, dtype=torch.long)
+        for r, i in enumerate(group[:U]):
             ids_BT[r, P - len(prompts[i]):] = torch.tensor(prompts[i])
             mask_BT[r, P - len(prompts[i]):] = 1
         cache.reset(slice(a, b))
-        scoring = params[group[0]].prompt_logprobs is not None       # the whole group scores its prompts (_groups)
         run = prefill_hidden if scoring else prefill
-        out = run(self.model, cache.rows(a, b), ids_BT.to(dev), mask_BT.to(dev), return_routes)
+        out = run(self.model, cache.rows(a, a + U), ids_BT.to(dev), mask_BT.to(dev), return_routes)
         logits_BV, routes_LBT = out[0], out[-1]
+        if U < len(group):   # requests with a prompt already in this group: copy that row's prefilled state
+            src = torch.tensor(src_R, device=dev)
+            self._copy_rows(a + src, torch.arange(a + U, b, device=dev), P)
+            logits_BV = torch.cat([logits_BV, logits_BV[src]])
+            if return_routes:
+                routes_LBT = torch.cat([routes_LBT, routes_LBT[:, src]], dim=1)
         if return_routes:
             self.routes_SLT[a:b] = -1
             self.routes_SLT[a:b, :, :P] = routes_LBT.transpose(0, 1)
@@ -562,16 +570,21 @@ class Engine:
                 slots[r] = slots[last]
             slots.pop()
 
-    def _move_slot(self, src: int, dst: int):
+    def _copy_rows(self, src_R, dst_R, w: int):
+        """Copy the cache state of rows src_R (their first w positions) into rows dst_R: a prefilled prompt to the
+        requests sharing it, or one live row into a freed slot (`_move_slot`). Indices: ints or index tensors."""
         c = self.cache
-        w = int(c.write_B[src])
         for L in range(len(c.k)):
-            c.k[L][dst, :, :w] = c.k[L][src, :, :w]
-            c.v[L][dst, :, :w] = c.v[L][src, :, :w]
-            c.conv[L][dst] = c.conv[L][src]
-            c.vdel[L][dst] = c.vdel[L][src]
-        c.write_B[dst], c.pos_B[dst] = c.write_B[src], c.pos_B[src]
-        c.valid_BS[dst] = c.valid_BS[src]
+            c.k[L][dst_R, :, :w] = c.k[L][src_R, :, :w]
+            c.v[L][dst_R, :, :w] = c.v[L][src_R, :, :w]
+            c.conv[L][dst_R] = c.conv[L][src_R]
+            c.vdel[L][dst_R] = c.vdel[L][src_R]
+        c.write_B[dst_R], c.pos_B[dst_R] = c.write_B[src_R], c.pos_B[src_R]
+        c.valid_BS[dst_R] = c.valid_BS[src_R]
+
+    def _move_slot(self, src: int, dst: int):
+        w = int(self.cache.write_B[src])
+        self._copy_rows(src, dst, w)
         self.routes_SLT[dst, :, :w] = self.routes_SLT[src, :, :w]
         self.tok_S[dst] = self.tok_S[src]
         if self.penalty is not None:
@@ -602,6 +615,25 @@ class Engine:
                          finish_reason=reason, prompt_tokens=len(prompts[s.idx]), completion_tokens=n,
                          text=text, routes=routes, top_logprobs=None if s.top_logprobs is None else s.top_logprobs[:n],
                          prompt_logprobs=s.prompt_logprobs[0], prompt_top_logprobs=s.prompt_logprobs[1])
+
+
+def _shared_prompts_first(group: list[int], prompts) -> tuple[list[int], list[int] | None]:
+    """Requests whose prompt repeats an earlier one of the group (RL's G samples of one prompt, avg@k's k runs) need
+    no prefill of their own: (the group reordered with one request per distinct prompt first, then the repeats;
+    for each repeat the index of its prompt's first request in that order), or (group, None) without repeats.
+    The prefill then runs on the distinct prompts only and the repeats copy the prefilled cache rows: RL's rollout
+    prefill shrinks G times."""
+    first: dict[tuple, int] = {}
+    uniq, rest, src = [], [], []
+    for i in group:
+        key = tuple(prompts[i])
+        if key in first:
+            rest.append(i)
+            src.append(first[key])
+        else:
+            first[key] = len(uniq)
+            uniq.append(i)
+    return (group, None) if not rest else (uniq + rest, src)
 
 
 # -----------------------------------------------------------------------------

@@ -575,7 +575,9 @@ def aggregation_diagnostics(trace_path: str | os.PathLike) -> dict | None:
     were shown), per number k of correct candidates shown: calls and the aggregator's accuracy. `random_copy` is
     what copying one shown candidate at random would score (mean k / C): an aggregator that cannot tell right from
     wrong candidates sits at or below it. Also: how often the output's answer is one of the shown answers, and how
-    often it keeps the answer when all shown candidates agree. None when the trace has no aggregation calls."""
+    often it keeps the answer when all shown candidates agree, and `minus_copy` = accuracy - random_copy averaged per
+    problem with its standard error over problems (`minus_copy_se`; the calls of one problem are not independent).
+    None when the trace has no aggregation calls."""
     calls = {}
     for line in Path(trace_path).read_text().splitlines():
         rec = json.loads(line)
@@ -586,19 +588,24 @@ def aggregation_diagnostics(trace_path: str | os.PathLike) -> dict | None:
         return None
     by_k: dict[int, list[float]] = {}
     copy_base, copied, agree, kept = [], 0, 0, 0
+    gain: dict[str, list[float]] = {}                # problem -> aggregator reward - random-copy baseline per call
     for c in agg:
         shown = [calls[k] for k in c["candidate_ids"] if k in calls]
         k = sum(1 for s in shown if (s.get("reward") or 0) >= 1.0)
         by_k.setdefault(k, []).append(c["reward"])
         copy_base.append(k / max(len(shown), 1))
+        gain.setdefault(c.get("problem", c["key"]), []).append(c["reward"] - copy_base[-1])
         answers = {normalize(s["extracted"]) for s in shown if s.get("extracted") is not None}
         out = normalize(c["extracted"]) if c.get("extracted") is not None else None
         copied += out in answers
         if len(answers) == 1 and all(s.get("extracted") is not None for s in shown):
             agree += 1
             kept += out in answers
+    per_problem = [sum(v) / len(v) for v in gain.values()]
     return {"calls": len(agg), "accuracy": sum(c["reward"] for c in agg) / len(agg),
             "random_copy": sum(copy_base) / len(copy_base), "copy_rate": copied / len(agg),
+            "minus_copy": sum(per_problem) / len(per_problem), "minus_copy_se": mean_se(per_problem),
+            "problems": len(per_problem),
             "agreeing_calls": agree, "keeps_agreeing_answer": kept / agree if agree else None,
             "by_correct_shown": {k: {"calls": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(by_k.items())}}
 

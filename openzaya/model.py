@@ -192,6 +192,13 @@ def nano(vocab_size: int = 2048) -> ZayaConfig:
                       router_hidden_size=32, max_position_embeddings=2048)
 
 
+def mini(vocab_size: int = 2048) -> ZayaConfig:
+    """nano at 1.5x the width (hidden 192, 6 heads): the ~20-minute CPU speedrun model (speedrun.mini)."""
+    return ZayaConfig(vocab_size=vocab_size, hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
+                      num_key_value_heads=2, head_dim=32, moe_intermediate_size=192, num_experts=4,
+                      router_hidden_size=32, max_position_embeddings=2048)
+
+
 def micro(vocab_size: int = 8192) -> ZayaConfig:
     """~20M parameters (the benchmark size of bench/model.py)."""
     return ZayaConfig(vocab_size=vocab_size, hidden_size=256, num_hidden_layers=8, num_attention_heads=8,
@@ -206,7 +213,7 @@ def zaya1_8b() -> ZayaConfig:
                       router_hidden_size=256, max_position_embeddings=131072, dtype="bfloat16")
 
 
-PRESETS = {"nano": nano, "micro": micro, "zaya1_8b": zaya1_8b}
+PRESETS = {"nano": nano, "mini": mini, "micro": micro, "zaya1_8b": zaya1_8b}
 
 
 # -----------------------------------------------------------------------------
@@ -1001,3 +1008,14 @@ def count_params(cfg: ZayaConfig) -> dict:
     embed = cfg.vocab_size * D * (1 if cfg.tie_word_embeddings else 2)
     active = L * (attn + router + one_expert + small) + (L - 1) * R + 2 * D + D
     return {"total": non_embed + embed, "non_embedding": non_embed, "embedding": embed, "active_per_token": active}
+
+
+def flops_per_token(cfg: ZayaConfig, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token (the MFU numerator, as nanochat/PaLM count them): 2 per active parameter per token
+    forward, with N_active = count_params' active_per_token (one expert per token) + the LM head (V x D), plus the
+    attention matmuls (QK^T and PV: 4 * H * Dh per key attended, a causal window of seq_len attends (seq_len + 1) / 2
+    keys on average, per layer); training = 3x forward (backward = 2x forward). Skip-routed tokens and the CCA
+    convolution's composition are not discounted: an upper estimate of the useful work of a step."""
+    n_active = count_params(cfg)["active_per_token"] + cfg.vocab_size * cfg.hidden_size
+    attn = 4 * cfg.num_attention_heads * cfg.head_dim * (seq_len + 1) / 2 * cfg.num_hidden_layers
+    return (3 if training else 1) * (2 * n_active + attn)

@@ -116,7 +116,7 @@ class RLConfig:
     result_timeout_s: float = 600.0   # give up (clear error) when live workers return nothing for this long
     # Trainer
     device: str = "auto"              # auto (CUDA when present) | cpu | cuda
-    mixed_precision: str = "auto"     # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    mixed_precision: str = "auto"     # auto (bf16 where native: parallel.resolve_precision) | bf16 | fp32
     dp_shard: int = -1                # torchrun: FSDP2 shard degree (-1 = all ranks), parallel.py
     ep: int = 1                       # torchrun: expert-parallel degree
     # Run

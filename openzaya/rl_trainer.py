@@ -2,7 +2,8 @@
 checkpoints, and one policy-gradient step.
 
 - Device: `--device` as the other commands (auto = CUDA when torch sees one, cuda:LOCAL_RANK under torchrun); bf16
-  compute on CUDA (`mixed_precision` auto), fp32 master weights.
+  autocast of the policy's forward where bf16 is native (`mixed_precision` auto: CUDA, CPUs with AVX512-BF16 or AMX;
+  parallel.resolve_precision), fp32 master weights, optimizer state and LM-head log-probs.
 - Under torchrun every rank builds the policy and `parallel.setup` shards it (FSDP2 by default, `ep` for expert
   parallelism; gloo on CPU, NCCL on CUDA). Rank 0 owns the rollout side; each step's rollouts are sent to every rank
   (`share`) and each rank trains on its contiguous slice. Every rank runs the same number of micro-batches (a rank
@@ -107,7 +108,7 @@ def init_policy(cfg, model=None, tokenizer=None, init_dir: str | None = None, re
         tokenizer = tokenizer or Tokenizer.load(init_dir)
     assert tokenizer is not None, "rl: a model without a tokenizer"
     model.eval()                   # no dropout; routers do not accumulate load counts
-    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+    bf16 = parallel.resolve_precision(cfg.mixed_precision, device) == "bf16"
     pcfg = parallel.ParallelConfig(dp_shard=cfg.dp_shard, ep=cfg.ep, mixed_precision="bf16" if bf16 else "fp32")
     par = parallel.setup(model, pcfg, device, lambda m: make_optimizer(m, cfg))
     pol = Policy(par.model, par.optimizer, tokenizer, device, par.layout, rank, world, bf16, resumed=state)

@@ -10,6 +10,8 @@ it pessimistic for a step or two.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import time
 from pathlib import Path
 from typing import Callable
@@ -39,15 +41,28 @@ def fmt_eta(elapsed_s: float, done: float, left: float) -> str:
     return "?" if eta is None else fmt_s(eta)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished (waited-for) children, e.g. RL rollout
+    workers. On a shared machine wall time moves with the other jobs' load; this is the work a stage did."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 class StageClock:
     """Stage k of n of a pipeline with elapsed time and ETA. `weights` lists the planned stages in order with their
     expected relative cost; `lap(name)` ends a stage (prints its time, what is next, the ETA), `skip(name)` drops a
-    planned stage that will not run. The ETA is elapsed / (weight done) x (weight left)."""
+    planned stage that will not run. The ETA is elapsed / (weight done) x (weight left). Each lap also records the
+    stage's CPU seconds (`cpu_seconds`) and the machine's 1-minute load average at its end, so a timing taken on a
+    busy machine can be read against the load it ran under."""
 
-    def __init__(self, weights: dict[str, float], prefix: str = "[speedrun]", clock: Callable[[], float] = time.time):
-        self.weights, self.prefix, self.clock = dict(weights), prefix, clock
+    def __init__(self, weights: dict[str, float], prefix: str = "[speedrun]", clock: Callable[[], float] = time.time,
+                 cpu: Callable[[], float] = cpu_seconds, load: Callable[[], float] = lambda: os.getloadavg()[0]):
+        self.weights, self.prefix, self.clock, self.cpu, self.load_avg = dict(weights), prefix, clock, cpu, load
         self.t0 = clock()
         self.timings: dict[str, float] = {}
+        self.cpu_s: dict[str, float] = {}
+        self.load: dict[str, float] = {}
+        self._cpu0 = cpu()
         self.skipped: set[str] = set()
         self._announce()
 
@@ -67,7 +82,10 @@ class StageClock:
 
     def lap(self, name: str):
         self.timings[name] = self.clock() - self.t0 - sum(self.timings.values())
-        print(f"{self.prefix} {name}: {self.timings[name]:.0f}s (total {self.clock() - self.t0:.0f}s)", flush=True)
+        self.cpu_s[name] = self.cpu() - self._cpu0 - sum(self.cpu_s.values())
+        self.load[name] = self.load_avg()
+        print(f"{self.prefix} {name}: {self.timings[name]:.0f}s, {self.cpu_s[name]:.0f} CPU s, load "
+              f"{self.load[name]:.1f} (total {self.clock() - self.t0:.0f}s)", flush=True)
         self._announce()
 
     __call__ = lap

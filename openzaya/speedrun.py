@@ -1,7 +1,8 @@
 """`openzaya speedrun --preset nano`: corpus -> tokenizer -> pretrain -> SFT -> the four RL stages -> held-out
 evaluation of `single` vs Markovian RSA after SFT and after every RL stage -> runs/<name>/report.md.
 
-The whole ZAYA1 pipeline at nano scale on a CPU (measured: 1278-1348 s on this 2-core machine, limit 1500 s). The
+The whole ZAYA1 pipeline at nano scale on a CPU (issue 26, two runs on this shared 2-core machine: 581 s wall at
+load ~2.5, 1036 s at load ~8, 459-468 CPU s; main before it: 1121 s on a quiet box, 1842 s under load; dev/LOG.md). The
 environments are the easiest of our own (difficulty 0-1 of a handful of arithmetic and string tasks, NANO_ENVS) so
 that a ~1M-parameter model trained for a few hundred steps gets measurably above zero; held-out problems use seeds
 >= HELD_OUT_SEED_START.
@@ -39,7 +40,11 @@ Nano-scale simplifications, stage by stage:
   population) through LocalBackend at the same temperature and per-call budget,
   on `eval_problems` held-out problems per env and difficulty over EVAL_ENVS
   (the envs where the SFT model is neither at 0 nor at 100%); accuracy with the standard error over problems, and
-  the paired standard error of each difference.
+  the paired standard error of each difference. The full evaluation (single avg@`eval_single_samples`, RSA on the
+  first `eval_rsa_problems` per cell) runs after SFT and after the last RL stage; between RL stages `single` runs
+  once on the first `eval_mid_problems` per cell (about 1/8 of the generations).
+Presets: `nano` (make run), `mini` (the ~20-minute CPU preset: 2.1x nano's model, same pipeline and report, RSA on
+twice the problems), `smoke` (plumbing), `small` (a GPU).
 Devices: pretraining, SFT and the evaluations run on `device` (auto = CUDA when torch sees one; the trainer then
 uses bf16 autocast, the engine CUDA graphs); the RL stages too (on CUDA with inline rollouts: the GPU engine
 generates between two steps, instead of a CPU worker process). The
@@ -62,6 +67,7 @@ from pathlib import Path
 
 from .evaluate import mean_se, paired_se
 from .runlog import StageClock, plot_losses, plot_rl_rewards
+from .speedrun_report import write_report
 from .train import resolve_device   # the trainer's rule for "auto"; pretraining, SFT and evaluation share it
 from .ttc import TTCConfig
 
@@ -121,11 +127,16 @@ class SpeedrunConfig:
     rl_max_groups_per_step: int = 256      # a stage with no signal in this many groups stops (reported)
     # evaluation: single vs Markovian RSA (N, C, T, tau, beta) at the same temperature and per-call budget
     eval_envs: list[str] = field(default_factory=lambda: list(EVAL_ENVS))
-    eval_problems: int = 24                # per environment and difficulty, held-out seeds
-    # `single` runs per problem (avg@k); Markovian RSA runs once. 8, not 4: on one cascade (dev/LOG.md, session 11)
-    # the four avg@4 blocks put single after RL vs SFT at +0.016 / +0.045 / +0.049 / +0.043 (SE ~0.016), avg@16
-    # at +0.038 +- 0.012; one avg@4 draw is too noisy for the table. Costs ~5-10 s per evaluation here.
-    eval_single_samples: int = 8
+    # After SFT and after the last RL stage: `single` on eval_problems held-out problems per env and difficulty,
+    # eval_single_samples runs each (avg@k), Markovian RSA (one run) on the first eval_rsa_problems of them; after
+    # the other RL stages, `single` once on the first eval_mid_problems (0 = no evaluation there). The paired SE
+    # of a difference between two stages is mostly the per-problem change, not the sampling noise of avg@k
+    # (dev/LOG.md, session 11 and issue 26: variance split of the avg@8 runs), so more problems with fewer runs
+    # each buy more power for the same number of generations: 96 x 2 instead of 24 x 8.
+    eval_problems: int = 96
+    eval_single_samples: int = 2
+    eval_rsa_problems: int = 24
+    eval_mid_problems: int = 48
     eval_max_tokens: int = TTCConfig.budget_tokens     # beta (also single's budget)
     eval_temperature: float = 0.7
     ttc_population: int = TTCConfig.population         # N
@@ -136,6 +147,7 @@ class SpeedrunConfig:
     ablation_seq_len: int = 64         # tight budget: most samples (77-101 tokens) must be trimmed
     ablation_steps: int = 120
     threads: int = 1
+    mixed_precision: str = "auto"      # pretrain, SFT, RL update: auto (bf16 where native) | bf16 | fp32
     seed: int = 0
     log_to: str = ""                   # "" | tensorboard | wandb: every training and RL stage logs there too
 
@@ -145,9 +157,11 @@ def nano(**kw) -> SpeedrunConfig:
     RL learning rates per stage: the RL presets' 1e-5 / 1e-5 / 5e-6 / 2e-6 are far too low for a 1M-parameter
     model; 25x them was measured at 8 x 8 rollouts per step (dev/LOG.md, session 4), whole cascade, held-out
     single / RSA vs SFT: 2.5e-4 +0.006 / +0.028, 1e-4 -0.005 / -0.014; one rlve stage alone: 2.5e-4 -0.023,
-    1e-4 +0.007, 1e-3 -0.116. At 16 x 8 (session 5) only 2.5e-4 was run."""
+    1e-4 +0.007, 1e-3 -0.116. At 16 x 8 (session 5) only 2.5e-4 was run. 20 RL steps per stage, not 30 (issue 26:
+    the main job in half the time). fp32, not bf16 autocast: at hidden size 128 bf16 measured no faster (training
+    step 0.95-1.08x, RL update 0.82x, issue 26 in dev/LOG.md); the larger preset uses it."""
     return SpeedrunConfig(**{**dict(eval_max_tokens=64, ttc_population=4, ttc_candidates=2, ttc_rounds=1,
-                                    ttc_tail_tokens=12,
+                                    ttc_tail_tokens=12, rl_steps=20, mixed_precision="fp32",
                                     rl_stage_lr={"warmup": 2.5e-4, "rlve": 2.5e-4, "math-code-ttc": 1.25e-4,
                                                  "behavioral": 5e-5}),
                              **kw})
@@ -161,7 +175,7 @@ def smoke(**kw) -> SpeedrunConfig:
     return nano(**{**dict(name="smoke", envs=envs, difficulties=[0], samples_per_env_level=60,
                           agg_samples_per_env_level=10, vocab_size=300, pretrain_steps=3, sft_steps=3,
                           agg_sft_steps=2, agg_sft_problems_per_env_level=4, device_batch_size=8, eval_envs=envs,
-                          eval_problems=2, eval_max_tokens=16, ablation_steps=2, rl_steps=1, rl_prompts_per_step=2,
+                          eval_problems=2, eval_rsa_problems=2, eval_mid_problems=2, eval_max_tokens=16, ablation_steps=2, rl_steps=1, rl_prompts_per_step=2,
                           rl_samples_per_prompt=4, rl_max_new_tokens=16, ttc_tail_tokens=4, rl_max_groups_per_step=8,
                           rl_rollout_workers=0,
                           rl_stage_envs={s: (envs, 0, o) for s, (_, _, o) in RL_STAGE_ENVS.items()}),
@@ -179,7 +193,18 @@ def small(**kw) -> SpeedrunConfig:
                           rl=False), **kw})
 
 
-PRESETS = {"nano": nano, "smoke": smoke, "small": small}
+def mini(**kw) -> SpeedrunConfig:
+    """The ~20-minute CPU preset (issue 26: the old `make run` budget spent on the largest model that fits): nano's
+    pipeline, steps and report on the `mini` model (2.37M parameters at this vocabulary, 2.1x nano's; 1.9x its
+    FLOPs per token), Markovian RSA on 48 problems per cell (576, twice nano's) so that RSA - single and the
+    aggregator against copying a random shown candidate are measured with more power. Question it answers: does
+    aggregation (beating the random copy) appear at this size? Measured (issue 26, one run on the shared box at
+    load ~8: 1792 s wall, 764 CPU s): single 0.456 -> 0.498 over the cascade, but the aggregator stays below the
+    random copy (-0.045 ± 0.013 per problem): no aggregation at 2.37M parameters either."""
+    return nano(**{**dict(name="mini", model_preset="mini", eval_rsa_problems=48), **kw})
+
+
+PRESETS = {"nano": nano, "mini": mini, "smoke": smoke, "small": small}
 
 
 def self_aggregation_samples(model_dir: str | Path, problems, cfg: SpeedrunConfig, seed: int = 0) -> tuple[list[dict], dict]:
@@ -233,9 +258,17 @@ def held_out_items(envs: list[str], difficulties: list[int], n: int):
     return items
 
 
-def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, template_file: str, out_dir: Path) -> dict:
-    """`single` and `markovian_rsa` through LocalBackend (our engine) on the same items, same temperature and beta.
-    Returns per method: accuracy, its standard error, per-cell accuracy and the per-problem correctness vector."""
+def first_per_cell(items, n: int) -> list:
+    """The first n items of every env/difficulty cell (item ids are `<env>-d<difficulty>-<index>`)."""
+    return [it for it in items if int(it.id.rsplit("-", 1)[1]) < n]
+
+
+def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, template_file: str, out_dir: Path,
+                           single_samples: int, rsa_items=None) -> dict:
+    """`single` (`single_samples` runs per item, avg@k) on `items` and, given `rsa_items`, `markovian_rsa` (one run)
+    on those, through LocalBackend (our engine), same temperature and beta. Returns per method: accuracy, its
+    standard error, per-cell accuracy, per-problem correctness by item id (differences are paired on the ids both
+    rows share)."""
     from .backends import LocalBackend
     from .evaluate import evaluate
     from .ttc import TTCConfig
@@ -244,19 +277,20 @@ def evaluate_single_vs_rsa(model_dir: str | Path, items, cfg: SpeedrunConfig, te
                      tail_tokens=cfg.ttc_tail_tokens, budget_tokens=cfg.eval_max_tokens,
                      temperature=cfg.eval_temperature, seed=cfg.seed, max_concurrency=256, template_file=template_file)
     out = {"wall_s": 0.0}
-    for m, k in (("single", cfg.eval_single_samples), ("markovian_rsa", 1)):
-        res = evaluate(items, backend, base, [m], samples=k, out_dir=out_dir / m)
-        correct = [row["methods"][m]["avg@k"] for row in res["problems"]]
-        pop = [row["methods"][m]["pop_mean"] for row in res["problems"]]   # = correct for `single`
+    runs = [("single", items, single_samples)] + ([("markovian_rsa", rsa_items, 1)] if rsa_items else [])
+    for m, its, k in runs:
+        res = evaluate(its, backend, base, [m], samples=k, out_dir=out_dir / m)
+        correct = {row["id"]: row["methods"][m]["avg@k"] for row in res["problems"]}
+        pop = {row["id"]: row["methods"][m]["pop_mean"] for row in res["problems"]}   # = correct for `single`
         cells: dict[str, list[float]] = {}
-        for row, c in zip(res["problems"], correct):
-            cells.setdefault(row["id"].rsplit("-", 1)[0], []).append(c)
-        acc = sum(correct) / len(correct)
-        out[m] = {"accuracy": acc, "se": mean_se(correct), "n": len(correct), "runs": k, "correct": correct,
-                  "cells": {c: sum(v) / len(v) for c, v in cells.items()},
+        for i, c in correct.items():
+            cells.setdefault(i.rsplit("-", 1)[0], []).append(c)
+        vals = list(correct.values())
+        out[m] = {"accuracy": sum(vals) / len(vals), "se": mean_se(vals), "n": len(vals), "runs": k,
+                  "correct": correct, "cells": {c: sum(v) / len(v) for c, v in cells.items()},
                   "completion_tokens_per_problem": res["methods"][m]["completion_tokens_per_problem"],
                   "aggregation": res["methods"][m].get("aggregation"),
-                  "pop_mean": sum(pop) / len(pop), "pop_correct": pop}
+                  "pop_mean": sum(pop.values()) / len(pop), "pop_correct": pop}
         out["wall_s"] += res["wall_s"]
     return out
 
@@ -294,6 +328,7 @@ def evaluate_held_out(model_dir: str | Path, envs: list[str], difficulties: list
 # expected cost of each stage in seconds of the nano preset on the 2-core CPU (dev/LOG.md: ~0.9 s per pretrain or
 # SFT step, ~5.5 s per RL step, ~45 s per evaluation): only their ratios matter, the ETA scales them to this run
 SECONDS_PER_TRAIN_STEP, SECONDS_PER_RL_STEP, SECONDS_PER_EVAL = 0.9, 5.5, 45.0
+MID_EVAL_SHARE = 0.15          # an evaluation between RL stages: ~1/7 of the generations of a full one
 
 
 def stage_plan(cfg: SpeedrunConfig) -> dict[str, float]:
@@ -305,7 +340,10 @@ def stage_plan(cfg: SpeedrunConfig) -> dict[str, float]:
     plan["eval sft"] = SECONDS_PER_EVAL
     for stage in (cfg.rl_stages if cfg.rl else []):
         plan[f"rl {stage}"] = SECONDS_PER_RL_STEP * cfg.rl_steps
-        plan[f"eval {stage}"] = SECONDS_PER_EVAL
+        if stage == cfg.rl_stages[-1]:
+            plan[f"eval {stage}"] = SECONDS_PER_EVAL
+        elif cfg.eval_mid_problems > 0:   # single once on fewer problems, no Markovian RSA
+            plan[f"eval {stage}"] = SECONDS_PER_EVAL * MID_EVAL_SHARE
     if cfg.ablation_trim:
         plan["ablation"] = 2 * (SECONDS_PER_TRAIN_STEP * cfg.ablation_steps + SECONDS_PER_EVAL)
     return plan
@@ -379,7 +417,8 @@ def train_settings(cfg: SpeedrunConfig, tok_dir: Path, device: str) -> dict:
     """The TrainConfig fields pretraining and every SFT run share."""
     return dict(tokenizer=str(tok_dir), seq_len=cfg.seq_len, tokens_per_step=cfg.device_batch_size * cfg.seq_len,
                 device_batch_size=cfg.device_batch_size, save_every=-1, threads=cfg.threads, seed=cfg.seed,
-                lr=cfg.lr, model_preset=cfg.model_preset, device=device, log_to=cfg.log_to)
+                lr=cfg.lr, model_preset=cfg.model_preset, device=device, log_to=cfg.log_to,
+                mixed_precision=cfg.mixed_precision)
 
 
 def supervised_finetune(cfg: SpeedrunConfig, out: Path, tok_dir: Path, device: str, pretrained: dict):
@@ -423,7 +462,8 @@ def rl_stage_config(cfg: SpeedrunConfig, out: Path, stage: str, device: str = "c
                                  max_groups_per_step=cfg.rl_max_groups_per_step,
                                  rollout_workers=cfg.rl_rollout_workers if device == "cpu" else 0, device=device,
                                  ttc_candidates=cfg.ttc_candidates, ttc_tail_tokens=cfg.ttc_tail_tokens,
-                                 ttc_template=NANO_AGG_TEMPLATE, log_to=cfg.log_to, **lr, **extra)
+                                 ttc_template=NANO_AGG_TEMPLATE, log_to=cfg.log_to,
+                                 mixed_precision=cfg.mixed_precision, **lr, **extra)
 
 
 def rl_cascade(cfg: SpeedrunConfig, out: Path, init_dir: str, items, laps: StageClock,
@@ -451,9 +491,26 @@ def rl_cascade(cfg: SpeedrunConfig, out: Path, init_dir: str, items, laps: Stage
                         f"{rc.advantage}, length c {rc.length_reward_c}, max solve rate {rc.max_solve_rate}, "
                         f"ttc fraction {rc.ttc_fraction}")
         laps(f"rl {stage}")
-        evals[stage] = evaluate_single_vs_rsa(cur, items, cfg, str(out / "agg_template.txt"), out / "eval" / stage)
+        if stage == cfg.rl_stages[-1]:
+            evals[stage] = full_evaluation(cfg, out, cur, items, stage)
+        elif cfg.eval_mid_problems > 0:
+            evals[stage] = evaluate_single_vs_rsa(cur, first_per_cell(items, cfg.eval_mid_problems), cfg,
+                                                  str(out / "agg_template.txt"), out / "eval" / stage, 1)
+        else:
+            continue
         laps(f"eval {stage}")
+    if evals and cfg.rl_stages[-1] not in evals:   # the last stage stopped: the final policy gets the full evaluation
+        stage = list(evals)[-1]
+        evals[stage] = full_evaluation(cfg, out, cur, items, stage)
+        laps(f"eval {stage} (final, full)")
     return evals, curves, notes
+
+
+def full_evaluation(cfg: SpeedrunConfig, out: Path, model_dir: str, items, stage: str) -> dict:
+    """The evaluation after SFT and after the last RL stage: `single` on every held-out item, Markovian RSA on the
+    first eval_rsa_problems of each cell."""
+    return evaluate_single_vs_rsa(model_dir, items, cfg, str(out / "agg_template.txt"), out / "eval" / stage,
+                                  cfg.eval_single_samples, first_per_cell(items, cfg.eval_rsa_problems))
 
 
 def trim_ablation(cfg: SpeedrunConfig, out: Path, sft_cfg, device: str) -> dict:
@@ -500,8 +557,7 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
         sft, agg_sft_stats = aggregation_sft(cfg, out, sft_cfg, sft, sft_mix)
         laps("aggregation sft")
     items = held_out_items(cfg.eval_envs, cfg.difficulties, cfg.eval_problems)
-    evals = {"sft": evaluate_single_vs_rsa(sft["model_dir"], items, cfg, str(out / "agg_template.txt"),
-                                          out / "eval" / "sft")}
+    evals = {"sft": full_evaluation(cfg, out, sft["model_dir"], items, "sft")}
     laps("eval sft")
     rl_evals, rl_curves, rl_notes = rl_cascade(cfg, out, sft["model_dir"], items, laps, device)
     evals.update(rl_evals)
@@ -511,115 +567,24 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
         laps("ablation")
     plot_curves(out, bool(agg_sft_stats), ablation, rl_curves)
     wall = time.time() - laps.t0
-    result = {"wall_s": wall, "timings_s": laps.timings, "evals": evals, "rl_notes": rl_notes, "device": device,
-              "model_params": pre["params"], "pretrain_final_loss": pre["final_loss"],
+    result = {"wall_s": wall, "timings_s": laps.timings, "cpu_s": laps.cpu_s, "load": laps.load, "evals": evals,
+              "rl_notes": rl_notes, "device": device, "precision": pre["precision"], "model_params": pre["params"], "pretrain_final_loss": pre["final_loss"],
               "sft_final_loss": sft_final_loss, "agg_sft": agg_sft_stats, "corpus_samples": manifest["samples"],
               "aggregation_samples": n_agg, "ablation": ablation, "config": cfg.__dict__}
     (out / "results.json").write_text(json.dumps(result, indent=1))   # 7b. results and the report
-    write_report(out / "report.md", result, items)
+    write_report(out / "report.md", result)
     print(f"[speedrun] done in {wall:.0f}s; held-out accuracy single / markovian_rsa: "
-          + "; ".join(f"{k} {v['single']['accuracy']:.3f} / {v['markovian_rsa']['accuracy']:.3f}"
+          + "; ".join(f"{k} {v['single']['accuracy']:.3f} / "
+                      + (f"{v['markovian_rsa']['accuracy']:.3f}" if "markovian_rsa" in v else "-")
                       for k, v in evals.items()) + f"; report at {out / 'report.md'}", flush=True)
     return result
-
-
-def aggregation_table(aggs: dict) -> list[str]:
-    """Report lines on Markovian RSA's aggregation calls per stage (`evaluate.aggregation_diagnostics`); none when
-    no stage has them."""
-    if not any(aggs.values()):
-        return []
-    lines = ["", "Markovian RSA's aggregation calls (does the aggregator verify or only copy? "
-             "`evaluate.aggregation_diagnostics`): accuracy next to what copying a random shown candidate would "
-             "score, and accuracy by the number of correct candidates shown.", "",
-             "| after | calls | accuracy | random copy | 0 correct shown | 1 | 2+ | keeps agreeing answer |",
-             "|---|---|---|---|---|---|---|---|"]
-    for stage, a in aggs.items():
-        if not a:
-            continue
-        groups = [[], [], []]                          # 0, 1, 2+ correct candidates shown: (calls, accuracy)
-        for k, v in a["by_correct_shown"].items():
-            groups[min(int(k), 2)].append((v["calls"], v["accuracy"]))
-        cells = [f"{sum(n * acc for n, acc in g) / sum(n for n, _ in g):.2f}" if g else "-" for g in groups]
-        keep = "-" if a["keeps_agreeing_answer"] is None else f"{a['keeps_agreeing_answer']:.2f}"
-        lines.append(f"| {stage} | {a['calls']} | {a['accuracy']:.3f} | {a['random_copy']:.3f} | "
-                     + " | ".join(cells) + f" | {keep} |")
-    return lines
-
-
-def write_report(path: Path, r: dict, items):
-    c = r["config"]
-    ev = r["evals"]
-    n = ev["sft"]["single"]["n"]
-    lines = [f"# Speedrun `{c['name']}`", "",
-             f"Wall time **{r['wall_s']:.0f} s** (" + ", ".join(f"{k} {v:.0f}s" for k, v in r["timings_s"].items())
-             + ").",
-             f"Corpus: {r['corpus_samples']} solver-trace samples from {len(c['envs'])} environments at difficulties "
-             f"{c['difficulties']}, plus {r['aggregation_samples']} aggregation chats in the SFT mix; tokenizer BPE "
-             f"{c['vocab_size']}; pretrain {c['pretrain_steps']} steps (final loss {r['pretrain_final_loss']:.3f}), "
-             f"SFT {c['sft_steps']} steps (final loss {r['sft_final_loss']:.3f}), {c['device_batch_size']} x "
-             f"{c['seq_len']} tokens per step; model `{c['model_preset']}` ({r['model_params'] / 1e6:.2f}M parameters), "
-             f"pretraining, SFT and evaluation on {r['device']} "
-             + ("(RL on the CPU)." if r["device"] == "cpu" else "(RL too)."), ""]
-    a = r.get("agg_sft")
-    if a:
-        lines += [f"Aggregation SFT (TR §VI-B; the held-out row `sft` is after it): the SFT model sampled "
-                  f"{c['agg_sft_rollouts']} rollouts of each of {a['problems']} fresh training problems (accuracy "
-                  f"{a['rollout_accuracy']:.3f}); {a['chats']} aggregation prompts of C={c['ttc_candidates']} of their "
-                  f"tau={c['ttc_tail_tokens']}-token tails ({a['identical_tails_shown']:.0%} show identical tails) with "
-                  f"the env solver's trace as target, mixed 1:1 with the SFT mix, {c['agg_sft_steps']} steps at lr "
-                  f"{c['agg_sft_lr']:g} (final loss {a['final_loss']:.3f}).", ""]
-    lines += ["![loss curves](loss.png)", ""]
-    if r["rl_notes"]:
-        lines += ["## RL stages", "", f"{c['rl_prompts_per_step']} prompts x {c['rl_samples_per_prompt']} samples "
-                  f"per step, {c['rl_max_new_tokens']} new tokens, up to {c['rl_steps']} steps per stage.", ""]
-        lines += [f"- **{k}**: {v}" for k, v in r["rl_notes"].items()]
-        lines += ["", "![RL reward per stage](rl_reward.png)" if (path.parent / "rl_reward.png").exists() else "", ""]
-    lines += [f"## Held-out accuracy ({n} problems: {c['eval_problems']} per env and difficulty over "
-              f"{', '.join(c['eval_envs'])} at difficulties {c['difficulties']}, seeds >= 10000)", "",
-              f"`single` = one sample, averaged over {c['eval_single_samples']} runs per problem (avg@k); "
-              f"`markovian_rsa` = N={c['ttc_population']}, C={c['ttc_candidates']}, "
-              f"T={c['ttc_rounds']}, tau={c['ttc_tail_tokens']}, beta={c['eval_max_tokens']} (answer = majority of "
-              f"the final population; `RSA pop mean` = mean correctness over the final population, the number the "
-              f"ZAYA1 TR reports); both at temperature {c['eval_temperature']} and beta tokens per call. "
-              "± = standard error over problems; differences carry the paired standard error.", "",
-              "| after | single | markovian_rsa | RSA - single | RSA pop mean - single | vs SFT (single) | "
-              "vs SFT (RSA) | decode tokens single / RSA |", "|---|---|---|---|---|---|---|---|"]
-    base = ev["sft"]
-    for stage, e in ev.items():
-        s, m = e["single"], e["markovian_rsa"]
-        d_rs = f"{m['accuracy'] - s['accuracy']:+.3f} ± {paired_se(s['correct'], m['correct']):.3f}"
-        d_pop = f"{m['pop_mean'] - s['accuracy']:+.3f} ± {paired_se(s['correct'], m['pop_correct']):.3f}"
-        vs = ("" if stage == "sft" else
-              f"{s['accuracy'] - base['single']['accuracy']:+.3f} ± "
-              f"{paired_se(base['single']['correct'], s['correct']):.3f}")
-        vm = ("" if stage == "sft" else
-              f"{m['accuracy'] - base['markovian_rsa']['accuracy']:+.3f} ± "
-              f"{paired_se(base['markovian_rsa']['correct'], m['correct']):.3f}")
-        lines.append(f"| {stage} | {s['accuracy']:.3f} ± {s['se']:.3f} | {m['accuracy']:.3f} ± {m['se']:.3f} | "
-                     f"{d_rs} | {d_pop} | {vs} | {vm} | {s['completion_tokens_per_problem']:.0f} / "
-                     f"{m['completion_tokens_per_problem']:.0f} |")
-    lines += ["", "Per env and difficulty (single / markovian_rsa):", "",
-              "| cell | " + " | ".join(ev) + " |", "|---|" + "---|" * len(ev)]
-    for cell in base["single"]["cells"]:
-        lines.append(f"| {cell} | " + " | ".join(f"{e['single']['cells'][cell]:.2f} / "
-                                                 f"{e['markovian_rsa']['cells'][cell]:.2f}" for e in ev.values())
-                     + " |")
-    lines += aggregation_table({stage: e["markovian_rsa"].get("aggregation") for stage, e in ev.items()})
-    lines += ["", "Traces and per-method reports: `eval/<stage>/`.", ""]
-    if r["ablation"]:
-        lines += [f"## Ablation: answer-preserving trimming vs plain truncation (SFT at {c['ablation_seq_len']} "
-                  f"tokens, {c['ablation_steps']} steps; greedy single sample)", "",
-                  "| trimming | final loss | mean accuracy |", "|---|---|---|"]
-        for k, v in r["ablation"].items():
-            lines.append(f"| {k} | {v['final_loss']:.3f} | {v['mean_accuracy']:.3f} |")
-        lines.append("")
-    path.write_text("\n".join(lines))
 
 
 def main(a):
     cfg = PRESETS[a.preset]()
     over = {k: getattr(a, k) for k in ("name", "pretrain_steps", "sft_steps", "threads", "seed", "eval_problems",
-                                       "rl_steps", "device", "log_to") if getattr(a, k, None) is not None}
+                                       "rl_steps", "device", "log_to", "mixed_precision")
+            if getattr(a, k, None) is not None}
     if a.ablation_trim:
         over["ablation_trim"] = True
     if getattr(a, "no_rl", False):

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .parallel import ParallelConfig
+from .parallel import ParallelConfig, resolve_precision
 from .runlog import external_logger, fmt_eta, plot_losses
 
 CHECKPOINT = "checkpoint"         # a DCP directory (dcp.py)
@@ -80,7 +80,7 @@ class TrainConfig:
     ep: int = ParallelConfig.ep
     activation_checkpointing: bool = ParallelConfig.activation_checkpointing
     offload_optimizer: bool = ParallelConfig.offload_optimizer
-    mixed_precision: str = "auto"      # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    mixed_precision: str = "auto"      # auto (bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32) | bf16 | fp32
 
 
 # Presets are plain functions returning the dataclass.
@@ -350,12 +350,10 @@ def save_final_model(model, model_dir: Path, tokenizer_dir: str):
 
 
 def parallel_config(cfg: TrainConfig, device: torch.device) -> ParallelConfig:
-    if cfg.mixed_precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"mixed_precision must be auto, bf16 or fp32, got {cfg.mixed_precision!r}")
-    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
     return ParallelConfig(dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard, ep=cfg.ep,
                           activation_checkpointing=cfg.activation_checkpointing,
-                          offload_optimizer=cfg.offload_optimizer, mixed_precision="bf16" if bf16 else "fp32")
+                          offload_optimizer=cfg.offload_optimizer,
+                          mixed_precision=resolve_precision(cfg.mixed_precision, device))
 
 
 def resolve_device(name: str) -> str:
@@ -397,7 +395,7 @@ def run(cfg: TrainConfig) -> dict:
     n_windows = ids_W.shape[0]
     print0(f"{cfg.stage}: {n_windows} windows of {cfg.seq_len} tokens ({actions}), {seqs} sequences/step = "
            f"{world} ranks x {cfg.device_batch_size} x {accum} micro-batches, model "
-           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {layout}")
+           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {layout}, {pcfg.mixed_precision} compute")
 
     # ---- resume
     ckpt_path = out / CHECKPOINT
@@ -444,7 +442,7 @@ def run(cfg: TrainConfig) -> dict:
     model_dir = out / "model"
     save_final_model(model, model_dir, cfg.tokenizer)
     return {"final_loss": loss_val, "steps": cfg.steps, "out": str(out), "model_dir": str(model_dir),
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()), "precision": pcfg.mixed_precision}
 
 
 # -----------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def test_unknown_names_list_the_known_ones(capsys):
     line = one_line_error(capsys, ["pretrain", "--preset", "huge", "--data", "d", "--tokenizer", "t"])
     assert line == "openzaya pretrain: error: unknown --preset 'huge'; presets: nano_pretrain, nano_sft"
     line = one_line_error(capsys, ["sft", "--model-preset", "huge", "--data", "d", "--tokenizer", "t"])
-    assert "unknown --model-preset 'huge'; model presets: nano, micro, zaya1_8b" in line
+    assert "unknown --model-preset 'huge'; model presets: nano, mini, micro, zaya1_8b" in line
     line = one_line_error(capsys, ["rl", "--envs", "nosuch,gcdd", "--init", "x"])
     assert "unknown environments 'nosuch', 'gcdd'; did you mean" in line and "gcd" in line
     line = one_line_error(capsys, ["envs", "sample", "nosuch"])

@@ -280,3 +280,39 @@ def test_cuda_graphs_need_a_cuda_model():
     """Engine(cuda_graphs=True) is CUDA only (tests/test_gpu.py checks it on a GPU): elsewhere a clear error."""
     with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
         Engine(tiny_model(), max_slots=2, max_len=16, cuda_graphs=True)
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "static"])
+def test_shared_prompt_prefill_equals_unshared(continuous, monkeypatch):
+    """G samples of one prompt (RL's groups) are prefilled once and the repeats copy its cache rows: tokens, logprobs
+    and routes equal the unshared path's (every row prefilled), greedy ones equal the full forward."""
+    import openzaya.engine as engine_mod
+    model = tiny_model(seed=8, layer_types=["hybrid", "hybrid_sliding"], sliding_window=4)
+    route_share_to_skip(model, torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0)))
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[4], PROMPTS[1], PROMPTS[0]]
+    params = [GenParams(temperature=1.0, max_new_tokens=9, seed=s) for s in range(5)]
+    params.append(GenParams(temperature=0, max_new_tokens=7))
+
+    def run():
+        return Engine(model, max_slots=4, max_len=32).generate(prompts, params, continuous=continuous,
+                                                              return_routes=True)
+    calls = []
+    shared_first = engine_mod._shared_prompts_first
+    monkeypatch.setattr(engine_mod, "_shared_prompts_first", lambda g, p: calls.append(shared_first(g, p)) or calls[-1])
+    shared = run()
+    assert any(src is not None for _, src in calls)            # some group did share a prefill
+    monkeypatch.setattr(engine_mod, "_shared_prompts_first", lambda g, p: (g, None))
+    unshared = run()
+    for a, b in zip(shared, unshared):
+        assert a.tokens == b.tokens
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        assert torch.equal(a.routes, b.routes)
+    assert shared[5].tokens == greedy_reference(model, prompts[5], 7)
+    assert len({tuple(r.tokens) for r in (shared[0], shared[2], shared[4])}) == 3   # seeds still differ per sample
+
+
+def test_shared_prompts_first_order():
+    from openzaya.engine import _shared_prompts_first
+    assert _shared_prompts_first([3, 1, 2], [[1], [2], [3], [4]]) == ([3, 1, 2], None)
+    assert _shared_prompts_first([0, 1, 2, 3, 4], [[5, 6], [7], [5, 6], [7], [5, 6]]) == ([0, 1, 2, 3, 4], [0, 1, 0])
+    assert _shared_prompts_first([2, 0, 1], [[5], [6], [5]]) == ([2, 1, 0], [0])

@@ -6,7 +6,7 @@ Run: .venv/bin/python -m pytest tests/test_evaluate.py
 
 import json
 import sys
-from math import comb
+from math import comb, sqrt
 
 import pytest
 import torch
@@ -125,6 +125,9 @@ def test_aggregation_diagnostics_hand_values(tmp_path):
     assert a["calls"] == 3 and abs(a["accuracy"] - 1 / 3) < 1e-9
     assert abs(a["random_copy"] - (0.5 + 0 + 0) / 3) < 1e-9           # copying a random shown candidate
     assert abs(a["copy_rate"] - 2 / 3) < 1e-9                           # x and y repeat a shown answer
+    # accuracy - random copy per problem (no problem field: each call its own): gains 0.5, 0, 0
+    assert a["problems"] == 3 and abs(a["minus_copy"] - 1 / 6) < 1e-9
+    assert abs(a["minus_copy_se"] - sqrt(((1 / 3) ** 2 + 2 * (1 / 6) ** 2) / 2 / 3)) < 1e-9
     assert a["agreeing_calls"] == 2 and a["keeps_agreeing_answer"] == 0.5
     assert a["by_correct_shown"] == {0: {"calls": 2, "accuracy": 0.0}, 1: {"calls": 1, "accuracy": 1.0}}
     path.write_text(json.dumps(call("a", 0, "4", 1.0)) + "\n")

@@ -33,7 +33,7 @@ def tiny_run(root: Path) -> list[float]:
     torch.set_num_threads(1)
     cfg = TrainConfig(stage="pretrain", data=str(root / "corpus"), tokenizer=str(root / "tok"), out=str(root / "out"),
                       seq_len=96, tokens_per_step=8 * 96, device_batch_size=8, steps=STEPS, warmup_steps=3, lr=3e-3,
-                      save_every=-1, device="cpu", seed=0)
+                      save_every=-1, device="cpu", seed=0, mixed_precision="fp32")
     run(cfg)
     rows = [json.loads(line) for line in (root / "out" / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows]

@@ -46,7 +46,7 @@ def digits_env():
 def digits_config(tmp_path, **kw):
     base = dict(stage="test", envs=["digits"], steps=20, lr=1e-2, prompts_per_step=4, samples_per_prompt=8,
                 max_new_tokens=8, reward="reward", canary=False, out=str(tmp_path / "run"), save_every=1000,
-                chat=False)
+                chat=False, mixed_precision="fp32")   # fp32: the sampler's logprobs are the trainer's (mismatch checks)
     base.update(kw)
     return rl_loop.RLConfig(**base)
 
@@ -71,6 +71,19 @@ def test_reward_goes_up_inline(tmp_path, capsys):
     assert [x["step"] for x in rows] == list(range(1, 21))
     for key in ("reward", "acc", "solve", "resp_len", "masked", "stale_mean", "tok_s", "load"):
         assert key in rows[-1]
+
+
+def test_policy_update_in_bf16_where_native(tmp_path):
+    """mixed_precision auto = bf16 autocast of the policy's forward where bf16 is native (this CPU with AVX512-BF16),
+    fp32 when asked; in bf16 the reward still goes up."""
+    from openzaya import rl_trainer
+    from openzaya.parallel import native_bf16
+    pol = rl_trainer.init_policy(digits_config(tmp_path, mixed_precision="auto"), *tiny_policy())
+    assert pol.bf16 == native_bf16(torch.device("cpu"))
+    assert not rl_trainer.init_policy(digits_config(tmp_path, mixed_precision="fp32"), *tiny_policy()).bf16
+    res = rl_loop.run(digits_config(tmp_path, mixed_precision="bf16"), *tiny_policy(), envs=digits_env())
+    r = [m["reward"] for m in res["metrics"]]
+    assert mean(r[:3]) < 0.1 and mean(r[-3:]) > mean(r[:3]) + 0.3, r
 
 
 @pytest.mark.slow
@@ -331,7 +344,8 @@ def test_each_stage_scales_gradients_by_its_advantages(tmp_path, stage):
     def run(**kw):
         model, tok = tiny_policy()
         cfg = rl_loop.STAGES[stage](steps=3, prompts_per_step=1, samples_per_prompt=G, max_new_tokens=6,
-                                    max_prompt_tokens=96, lr=0.0, reward="accuracy", length_reward_c=0.0, **kw)
+                                    max_prompt_tokens=96, lr=0.0, reward="accuracy", length_reward_c=0.0,
+                                    mixed_precision="fp32", **kw)   # fp32: the sampler's logprobs are the trainer's
         cfg = replace(cfg, envs=cfg.envs[:6] if stage != "math-code-ttc" else cfg.envs[:3] + cfg.envs[-3:])
         return cfg, rl_loop.run(cfg, model=model, tokenizer=tok, envs=_coin_envs(cfg.envs))["metrics"]
 

@@ -15,20 +15,33 @@ def test_durations_and_eta():
 
 
 def test_stage_clock_prints_stage_k_of_n_with_elapsed_and_eta(capsys):
-    now = [0.0]
-    clock = StageClock({"corpus": 1.0, "train": 3.0, "eval": 1.0, "rl": 5.0}, clock=lambda: now[0])
-    now[0] = 10.0
+    now, cpu, load = [0.0], [100.0], [2.5]
+    clock = StageClock({"corpus": 1.0, "train": 3.0, "eval": 1.0, "rl": 5.0}, clock=lambda: now[0],
+                       cpu=lambda: cpu[0], load=lambda: load[0])
+    now[0], cpu[0] = 10.0, 107.0
     clock("corpus")
-    now[0] = 40.0
+    now[0], cpu[0], load[0] = 40.0, 157.0, 4.0
     clock.skip("eval")          # e.g. an RL stage without learning signal: no evaluation after it
     clock("train")
     out = capsys.readouterr().out.splitlines()
     assert out == ["[speedrun] stage 1/4: corpus | elapsed 0s | eta ?",
-                   "[speedrun] corpus: 10s (total 10s)",
+                   "[speedrun] corpus: 10s, 7 CPU s, load 2.5 (total 10s)",
                    "[speedrun] stage 2/4: train | elapsed 10s | eta 1m30s",      # 10 s per unit x (3 + 1 + 5)
-                   "[speedrun] train: 30s (total 40s)",
+                   "[speedrun] train: 30s, 50 CPU s, load 4.0 (total 40s)",
                    "[speedrun] stage 3/3: rl | elapsed 40s | eta 50s"]            # 40 s / 4 units x 5
     assert clock.timings == {"corpus": 10.0, "train": 30.0}
+    assert clock.cpu_s == {"corpus": 7.0, "train": 50.0} and clock.load == {"corpus": 2.5, "train": 4.0}
+
+
+def test_cpu_seconds_counts_waited_children():
+    import subprocess
+    import sys
+
+    from openzaya.runlog import cpu_seconds
+    before = cpu_seconds()
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"],
+                   check=True)
+    assert cpu_seconds() - before >= 0.3
 
 
 def test_external_logger_logs_numbers_only(tmp_path):

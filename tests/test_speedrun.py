@@ -4,6 +4,7 @@ the RL stages."""
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,29 @@ def test_small_preset_is_what_its_docstring_says():
     assert round(params(s), 1) == 27.0 and round(params(n), 2) == 1.13
     a = build_parser().parse_args(["speedrun", "--preset", "small", "--device", "cpu"])
     assert a.preset == "small" and a.device == "cpu"
+
+
+def test_mini_preset_is_what_its_docstring_says():
+    """The ~20-minute CPU preset: nano's pipeline and steps on the mini model (2.37M parameters, 2.1x nano's),
+    Markovian RSA on 48 problems per cell; the CLI accepts it."""
+    from openzaya import model as M
+    from openzaya.cli import build_parser
+    n, m = speedrun.nano(), speedrun.mini()
+    params = lambda c: M.count_params(M.PRESETS[c.model_preset](c.vocab_size))["total"] / 1e6
+    assert m.model_preset == "mini" and round(params(m), 2) == 2.37 and round(params(m) / params(n), 1) == 2.1
+    assert m.eval_rsa_problems == 48 and n.eval_rsa_problems == 24
+    assert replace(m, name="nano", model_preset="nano", eval_rsa_problems=24) == n    # nothing else differs
+    assert build_parser().parse_args(["speedrun", "--preset", "mini"]).preset == "mini"
+
+
+def test_aggregation_table_shows_the_aggregator_against_random_copy():
+    from openzaya.speedrun_report import aggregation_table
+    a = {"calls": 8, "accuracy": 0.5, "random_copy": 0.25, "minus_copy": 0.25, "minus_copy_se": 0.1, "problems": 2,
+         "keeps_agreeing_answer": None, "by_correct_shown": {0: {"calls": 4, "accuracy": 0.25},
+                                                            2: {"calls": 4, "accuracy": 0.75}}}
+    lines = aggregation_table({"sft": a, "warmup": None})
+    assert lines[-1] == "| sft | 8 | 0.500 | 0.250 | +0.250 ± 0.100 (2) | 0.25 | - | 0.75 | - |"
+    assert aggregation_table({"sft": None}) == []
 
 
 def test_stage_plan_names_the_stages_run_goes_through():
