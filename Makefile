@@ -3,17 +3,21 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test setup mutation
+.PHONY: run test setup core mutation
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-setup: $(BIN)/python
+# the package alone: all the speedrun needs (~40 s of pip on a fresh clone instead of ~100 s with the dev extra)
+core: $(BIN)/python
 	# torch first: the pinned CPU build comes from local disk; the package's torch>=2.6 then leaves it alone
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+
+setup: core
 	$(BIN)/pip install -q -e ".[dev]"
 
-run: setup
+run: core
 	$(BIN)/openzaya speedrun --preset nano
 
 test: setup
