@@ -205,7 +205,6 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown target(s) {unknown}; choose from {list(TARGETS)}")
     label = args.label or (f"tests@{args.tests_rev}" if args.tests_rev else "current")
-    report = json.loads((OUT / "report.json").read_text()) if (OUT / "report.json").exists() else {}
     for name in names:
         t = TARGETS[name]
         work = OUT / "work" / label / name
@@ -214,6 +213,8 @@ def main(argv=None) -> int:
         prepare(name, t, work, args.tests_rev, args.deselect)
         wall = run_mutmut(t, work, OUT / f"{label}_{name}.log")
         r = collect(t, work) | {"wall_s": wall, "tests_rev": args.tests_rev, "deselected": args.deselect}
+        # read just before writing: a run of another target may have finished meanwhile
+        report = json.loads((OUT / "report.json").read_text()) if (OUT / "report.json").exists() else {}
         report.setdefault(label, {})[name] = r
         write_report(report)
         print(f"mutation: {name}: {r['killed']}/{r['tried']} killed = {r['score']:.3f} ({r['counts']}) in {wall:.0f} s",
