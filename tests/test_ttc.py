@@ -65,7 +65,7 @@ def check_aggregation(calls, cfg, tok, question_of):
         content = c["prompt"] if isinstance(c["prompt"], str) else c["prompt"][0]["content"]
         assert content == build_aggregation_prompt(question_of[c["problem"]], tails)
         assert content.count("---- Candidate ") == cfg.candidates
-        assert c["bound_ok"] and c["prompt_content_tokens"] <= c["bound_tokens"]
+        assert c["bound_ok"] and c["prompt_content_tokens"] <= c["bound_tokens"] and c["token_count"] == "exact"
         assert len(tok.encode(content, add_special_tokens=False)) == c["prompt_content_tokens"]
         q = len(tok.encode(question_of[c["problem"]], add_special_tokens=False))
         template = sum(len(tok.encode(x, add_special_tokens=False)) for x in template_pieces(cfg.candidates))
@@ -836,3 +836,73 @@ def test_template_file_reaches_prompts_trace_and_totals(tmp_path):
     agg = [r.messages[0]["content"] for r in backend.requests if "/r1/" in r.id]
     assert len(agg) == 3 and all(x.startswith("2 tails for Q:\n---- Candidate 1 ----\n") and x.endswith("\n\nend")
                                  for x in agg)
+    pieces = ["2 tails for ", ":\n---- Candidate 1 ----\n", "\n\n---- Candidate 2 ----\n", "\n\nend"]
+    bound = chars4("Q") + 2 * 2 + sum(chars4(x) for x in pieces)
+    assert {c["bound_tokens"] for c in read_calls(tmp_path / "trace.jsonl") if c["round"] == 1} == {bound}
+
+
+def test_run_checks_its_config_and_closes_cleanly_inside_a_running_loop(tmp_path):
+    """Run validates its settings; after arun no task is left behind in the caller's event loop (the batcher is
+    cancelled) and closing twice is harmless; every call is kept for the run (`done`); a non-ASCII question is
+    written to the trace as it is."""
+    with pytest.raises(ValueError, match="--population must be positive"):
+        Run(Scripted(agg_reply), TTCConfig(population=0))
+    cfg = TTCConfig(population=3, candidates=2, rounds=1, tail_tokens=2, budget_tokens=16)
+    backend = Scripted(agg_reply)
+
+    async def main():
+        run = Run(backend, cfg, trace_path=tmp_path / "t.jsonl")
+        await arun([TTCProblem("p", "Combien font 6 · 7 ?")], backend, cfg, run=run)
+        await asyncio.sleep(0)
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+        run.close()
+        return run, left
+
+    run, left = asyncio.run(main())
+    assert left == [] and sorted(run.done) == [f"p/r{r}/i{i}" for r in (0, 1) for i in range(3)]
+    assert "Combien font 6 · 7 ?" in open(tmp_path / "t.jsonl", encoding="utf-8").read()
+
+
+def test_arun_validates_problems_and_closes_the_trace_on_failure(local, tmp_path):
+    cfg = TTCConfig(**SMALL)
+    with pytest.raises(ValueError, match="duplicate problem id 'p0'"):
+        asyncio.run(arun([PROBLEMS[0], PROBLEMS[0]], Refusing(), cfg))
+    run = Run(Flaky(local, fail_after=0), cfg, trace_path=tmp_path / "t.jsonl")
+    trace = run._trace
+    with pytest.raises(RuntimeError, match="forced interruption"):
+        asyncio.run(arun(PROBLEMS, run.backend, cfg, run=run))
+    assert trace.closed and run._trace is None
+
+
+def test_a_tokenizer_without_the_chat_template_attribute_gets_raw_prompts():
+    class Bare:   # a tokenizer object that has no chat_template attribute at all
+        def encode(self, text, add_special_tokens=False):
+            return list(text.encode())
+
+    req = Run(Scripted(None, Bare()), TTCConfig(**SMALL)).request("Q?")
+    assert (req.prompt, req.messages) == ("Q?", None)
+
+
+def test_result_without_any_parsable_answer_or_without_a_scorer():
+    cfg = TTCConfig(method="majority", population=2, candidates=1, budget_tokens=8, tail_tokens=4)
+    backend = Scripted(lambda r: completion(r.id, "no answer here"))
+    (res,), _ = solve([TTCProblem("p", "Q", score=lambda text: 1.0)], backend, cfg)
+    assert (res.answer, res.votes, res.final_answers, res.rewards, res.majority_correct, res.population_mean) == \
+        (None, {}, [None, None], [1.0, 1.0], 0.0, 1.0)
+    (res,), _ = solve([TTCProblem("p", "Q")], Scripted(lambda r: completion(r.id, boxed(3))), cfg)
+    assert (res.answer, res.rewards, res.majority_correct, res.population_mean) == ("3", None, None, None)
+
+
+def test_a_prompt_exactly_at_the_bound_is_sent():
+    """n == bound is within it (bound_ok, no error under --strict-bound); one token more is not."""
+    cfg = TTCConfig(population=2, candidates=2, rounds=1, tail_tokens=2, budget_tokens=16)
+    pieces = [f"\n\n{INTRO}\n\n---- Candidate 1 ----\n", "\n\n---- Candidate 2 ----\n", f"\n\n{OUTRO}"]
+    bound = chars4("Q") + 2 * 2 + sum(chars4(x) for x in pieces)
+    at = [L for L in range(40) if chars4(build_aggregation_prompt("Q", ["x" * L] * 2)) == bound]
+    assert at    # some candidate length meets the bound exactly
+    prev = [completion(f"p/r0/i{i}", "x" * max(at)) for i in range(2)]
+    _, metas = Run(Scripted(None), cfg).aggregation_prompts(TTCProblem("p", "Q"), 1, prev, lambda c: c.text)
+    assert [(m["prompt_content_tokens"], m["bound_ok"]) for m in metas] == [(bound, True)] * 2
+    prev = [completion(f"p/r0/i{i}", "x" * (max(at) + 1)) for i in range(2)]
+    with pytest.raises(AssertionError, match=f"aggregation prompt has {bound + 1} tokens"):
+        Run(Scripted(None), cfg).aggregation_prompts(TTCProblem("p", "Q"), 1, prev, lambda c: c.text)
