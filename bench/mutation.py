@@ -91,6 +91,20 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
           None: "not checked"}
 
 
+# appended to the scratch copy's tests/conftest.py. mutmut runs the tests once in its own process, then forks one
+# child per mutant from it: math-verify workers that process started would be its children, and one killed by a
+# forked child (a timeout test replaces a worker) is reaped by mutmut's wait for its mutant children, which then
+# fails (KeyError in wait_for_result). Closing the pool when every session ends leaves no such worker behind.
+POOL_TEARDOWN = """
+
+def pytest_sessionfinish(session, exitstatus):   # added by bench/mutation.py (see POOL_TEARDOWN there)
+    import sys
+    verify = sys.modules.get("openzaya.verify")
+    if verify is not None and verify._POOL is not None:
+        verify._POOL.close()
+"""
+
+
 def _copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
@@ -107,6 +121,8 @@ def prepare(name: str, t: Target, work: Path, tests_rev: str | None, deselect: l
         tar = subprocess.run(["git", "-C", str(ROOT), "archive", tests_rev, "tests"], check=True,
                              capture_output=True).stdout
         tarfile.open(fileobj=BytesIO(tar)).extractall(work)
+    with open(work / "tests" / "conftest.py", "a") as f:
+        f.write(POOL_TEARDOWN)
     src = work / t.path
     text = src.read_text()
     for qual, deco in t.undecorate.items():
