@@ -442,3 +442,16 @@ def test_workers_that_never_start_or_crash_give_verdicts(tmp_path, monkeypatch):
     assert 0.5 <= time.monotonic() - t < 10
     assert pool.restarts == restarts + 2 and len(pool.workers) == 2
     pool.close()
+
+
+def test_workers_are_quiet_and_in_their_own_session(tmp_path, monkeypatch, capfd):
+    """A worker's stderr goes nowhere (sympy's stray prints, redirected there, stay off the user's console) and it
+    leads its own session (a terminal's Ctrl-C reaches the parent, which decides); its answer line is the verdict."""
+    body = "echo noise-from-worker >&2\necho '\"ready\"'\nread line\necho '[true, \"scripted\"]'\nexec sleep 30"
+    monkeypatch.setattr(verify.sys, "executable", _fake_worker(tmp_path, "q.sh", body))
+    pool = MathPool(workers=1)
+    assert pool.check_many([("1/2", "0.5")]) == [Verdict(True, "scripted")]
+    pid = pool.workers[0].proc.pid
+    assert os.getsid(pid) == pid != os.getsid(0)
+    pool.close()
+    assert "noise-from-worker" not in capfd.readouterr().err
