@@ -314,6 +314,7 @@ def test_refuse_limits():
     assert _refuse("x" * 2000) == "" and _refuse("x" * 2001) == "answer longer than 2000 chars"
     assert _refuse("(" * 24 + ")" * 24) == "" and _refuse("([{" * 8 + "(") == "nesting deeper than 24"
     assert _refuse(")" * 5 + "(" * 24) == ""                      # depth counts from where it is, not from zero
+    assert _refuse("X" * 30) == "" and _refuse("(X" * 25) == "nesting deeper than 24"   # only brackets nest
     assert _refuse("^" * 12) == "" and _refuse("^" * 13) == "more than 12 powers"
 
 
@@ -455,3 +456,18 @@ def test_workers_are_quiet_and_in_their_own_session(tmp_path, monkeypatch, capfd
     assert os.getsid(pid) == pid != os.getsid(0)
     pool.close()
     assert "noise-from-worker" not in capfd.readouterr().err
+
+
+def test_a_worker_that_cannot_take_its_request_is_replaced(tmp_path, monkeypatch):
+    """The first worker says ready with its stdin already closed (the send fails): it is replaced and the pair goes
+    to the next one. The pool's own default deadline is the public API's (5 s)."""
+    import inspect
+    marker = tmp_path / "first-done"
+    body = (f"if [ -e {marker} ]; then echo '\"ready\"'; read line; echo '[true, \"second\"]'; exec sleep 30; fi\n"
+            f"touch {marker}\nexec 0<&-\necho '\"ready\"'\nexec sleep 30")
+    monkeypatch.setattr(verify.sys, "executable", _fake_worker(tmp_path, "b.sh", body))
+    pool = MathPool(workers=1)
+    assert pool.check_many([("1/2", "0.5")]) == [Verdict(True, "second")]
+    assert pool.restarts == 1 and len(pool.workers) == 1
+    pool.close()
+    assert inspect.signature(MathPool.check_many).parameters["timeout_s"].default == 5.0
