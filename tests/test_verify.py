@@ -471,3 +471,27 @@ def test_a_worker_that_cannot_take_its_request_is_replaced(tmp_path, monkeypatch
     assert pool.restarts == 1 and len(pool.workers) == 1
     pool.close()
     assert inspect.signature(MathPool.check_many).parameters["timeout_s"].default == 5.0
+
+
+def test_failed_starts_count_from_the_last_good_start_and_deadlines_are_kept(tmp_path, monkeypatch):
+    """One worker starts, takes the first pair and dies; every later one fails to start: the second pair gets 'failed
+    to start' after 2n + 1 = 3 failures in a row (counted from the good start). A hung worker's verdict comes at its
+    deadline, not after a longer wait."""
+    count = tmp_path / "count"
+    body = (f"n=$(cat {count} 2>/dev/null || echo 0)\necho $((n + 1)) > {count}\n"
+            f"if [ $n -eq 0 ]; then echo '\"ready\"'; read line; exit 0; fi\nexit 1")
+    monkeypatch.setattr(verify.sys, "executable", _fake_worker(tmp_path, "f.sh", body))
+    pool = MathPool(workers=1)
+    assert pool.check_many([("1/2", "0.5"), ("1/3", "0.3")]) == [Verdict(False, "worker crashed"),
+                                                                 Verdict(False, "math-verify workers failed to start")]
+    assert pool.restarts == 1 + 3
+    pool.close()
+    monkeypatch.setattr(verify.sys, "executable",
+                        _fake_worker(tmp_path, "h1.sh", "echo '\"ready\"'\nread line\nexec sleep 30"))
+    pool = MathPool(workers=1)
+    pool.check_many([("1", "1/1")], timeout_s=0.2)       # started, timed out, its replacement is starting
+    pool.check_many([("1", "1/1")], timeout_s=0.2)       # the replacement is ready; a new one is starting
+    t = time.monotonic()
+    assert pool.check_many([("1/2", "0.5")], timeout_s=0.3) == [Verdict(False, "timeout after 0.3s")]
+    assert time.monotonic() - t < 0.8
+    pool.close()
