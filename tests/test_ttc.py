@@ -911,3 +911,26 @@ def test_a_prompt_exactly_at_the_bound_is_sent():
     prev = [completion(f"p/r0/i{i}", "x" * (max(at) + 1)) for i in range(2)]
     with pytest.raises(AssertionError, match=f"aggregation prompt has {bound + 1} tokens"):
         Run(Scripted(None), cfg).aggregation_prompts(TTCProblem("p", "Q"), 1, prev, lambda c: c.text)
+
+
+def test_a_failed_batch_fails_its_callers_only():
+    """The batcher hands a backend error to the callers of that batch and goes on serving the next one."""
+    class FailsOnce(Scripted):
+        def generate(self, requests):
+            if not self.batches:
+                self.batches.append(len(requests))
+                raise RuntimeError("backend down")
+            return super().generate(requests)
+
+    backend = FailsOnce(lambda r: completion(r.id, boxed(1)))
+    run = Run(backend, TTCConfig(method="majority", population=2, candidates=1, budget_tokens=8, tail_tokens=4,
+                                 max_concurrency=1))
+
+    async def both():
+        calls = [run.call(TTCProblem("p", "Q"), 0, i, Request(prompt="Q"), RoundStats()) for i in range(2)]
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=20)
+
+    first, second = asyncio.run(both())
+    run.close()
+    assert isinstance(first, RuntimeError) and str(first) == "backend down"
+    assert second == backend.returned["p/r0/i1"] and backend.batches == [1, 1]
