@@ -259,7 +259,7 @@ def test_clean_hand_values():
              "\\textbf{7}": "7", "\\boxed{a\nb}": "ab", "\\boxed{**\\text{**7**}**}": "7",      # three layers
              "\\boxed{**\\text{**\\mathrm{**7**}**}**}": "**7**",                                  # a fourth stays
              "7.": "7", "7 .": "7", "50\\%": "50", "1  2": "1 2", "1\t 2 3": "1 2 3", "x + 1": "x+1",
-             "\\boxed{\n1 2\n}": "1 2", "a\x00b": "a b", "(1, 2)": "(1,2)"}
+             "\\boxed{\n1 2\n}": "1 2", "a\x00b": "a b", "(1, 2)": "(1,2)", "$X$": "X", "X.": "X", "0.5.": "0.5"}
     assert {a: _clean(a) for a in cases} == cases
 
 
@@ -334,6 +334,8 @@ def test_prepare_verdicts_and_the_pair_for_math_verify():
     assert prepare("1/2", "1 2x") == (Verdict(False, "unparsable: a space inside a number"), none)
     assert prepare("7 apples but also 8", "1/2") == (None, ("7 apples but also 8", "1/2"))   # gold is trusted
     assert prepare("2^3^2.", " 50% ") == (None, ("2^{3^{2}}", "50"))
+    assert prepare("X.", "Y") == (None, ("X", "Y")) and prepare("Y", "X.") == (None, ("Y", "X"))   # one final dot
+    assert prepare("1/2", ".5") == (None, ("1/2", ".5"))
     assert prepare(Hostile("1/2"), "0.5") == (Verdict(False, "unparsable: TypeError"), none)
 
 
@@ -427,6 +429,11 @@ def test_workers_that_never_start_or_crash_give_verdicts(tmp_path, monkeypatch):
                        Verdict(False, "math-verify workers failed to start")], body
         assert pool.restarts == 3, body
         pool.close()
+    monkeypatch.setattr(verify.sys, "executable", _fake_worker(tmp_path, "w.sh", "exit 1"))
+    pool = MathPool(workers=2)                           # 2n + 1 = 5 failures (a 6th may land in the same round)
+    assert pool.check_many([("1/2", "0.5")]) == [Verdict(False, "math-verify workers failed to start")]
+    assert 5 <= pool.restarts <= 6
+    pool.close()
     monkeypatch.setattr(verify.sys, "executable", _fake_worker(tmp_path, "c.sh", "echo '\"ready\"'\nread line\nexit 0"))
     pool = MathPool(workers=1)
     assert pool.check_many([("1/2", "0.5")]) == [Verdict(False, "worker crashed")]
