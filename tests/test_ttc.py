@@ -865,6 +865,8 @@ def test_run_checks_its_config_and_closes_cleanly_inside_a_running_loop(tmp_path
 
     run, left = asyncio.run(main())
     assert left == [] and sorted(run.done) == [f"p/r{r}/i{i}" for r in (0, 1) for i in range(3)]
+    assert all(rec["key"] == key and rec["text"] == backend.returned[key].text for key, rec in run.done.items())
+    assert {c["reward"] for c in read_calls(tmp_path / "t.jsonl")} == {None}     # no scorer: no reward
     assert "Combien font 6 · 7 ?" in open(tmp_path / "t.jsonl", encoding="utf-8").read()
 
 
