@@ -655,7 +655,7 @@ def test_batched_and_concurrent_dispatch():
     _, totals = solve(problems, backend, TTCConfig(**majority4, max_concurrency=3))
     elapsed = time.perf_counter() - t0
     assert backend.batches == [3, 3, 2] and 0.15 <= totals["backend_s"] <= elapsed
-    assert elapsed - totals["backend_s"] < 0.9    # the batcher only yields between batches, it does not wait
+    assert elapsed - totals["backend_s"] < 0.95   # the batcher only yields between batches, it does not wait
     backend = Scripted(lambda r: completion(r.id, boxed(1)))
     solve(problems, backend, TTCConfig(**majority4))
     assert backend.batches == [8]

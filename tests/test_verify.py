@@ -500,5 +500,5 @@ def test_failed_starts_count_from_the_last_good_start_and_deadlines_are_kept(tmp
     pool.check_many([("1", "1/1")], timeout_s=0.2)       # the replacement is ready; a new one is starting
     t = time.monotonic()
     assert pool.check_many([("1/2", "0.5")], timeout_s=0.3) == [Verdict(False, "timeout after 0.3s")]
-    assert time.monotonic() - t < 0.8
+    assert time.monotonic() - t < 0.95              # a longer wait would take 1 s or more
     pool.close()
