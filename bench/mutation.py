@@ -24,6 +24,8 @@ Simplifications: mutmut leaves decorated functions alone (a decorator runs at de
 methods of model.py carry `@torch.no_grad()`, so the scratch copy applies that decorator after the class instead
 (`UNDECORATE`, same behaviour). Score = killed (timeouts included: the test run did not pass) / mutants tried;
 "no tests" mutants (no selected test reaches the function) count against the score.
+A mutant that hangs (an event loop waiting on a future nobody resolves) is stopped after (its tests' clean time
++ 1 s) x --timeout-multiplier (3 here; mutmut's default 15 made one hanging ttc.py mutant cost 13 minutes).
 """
 
 from __future__ import annotations
@@ -89,11 +91,26 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
           None: "not checked"}
 
 
+# appended to the scratch copy's tests/conftest.py. mutmut runs the tests once in its own process, then forks one
+# child per mutant from it: math-verify workers that process started would be its children, and one killed by a
+# forked child (a timeout test replaces a worker) is reaped by mutmut's wait for its mutant children, which then
+# fails (KeyError in wait_for_result). Closing the pool when every session ends leaves no such worker behind.
+POOL_TEARDOWN = """
+
+def pytest_sessionfinish(session, exitstatus):   # added by bench/mutation.py (see POOL_TEARDOWN there)
+    import sys
+    verify = sys.modules.get("openzaya.verify")
+    if verify is not None and verify._POOL is not None:
+        verify._POOL.close()
+"""
+
+
 def _copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
-def prepare(name: str, t: Target, work: Path, tests_rev: str | None, deselect: list[str]) -> None:
+def prepare(name: str, t: Target, work: Path, tests_rev: str | None, deselect: list[str],
+            timeout_multiplier: float) -> None:
     """Scratch copy of the package and the tests (from the working tree or a git revision) plus a mutmut config."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -104,6 +121,8 @@ def prepare(name: str, t: Target, work: Path, tests_rev: str | None, deselect: l
         tar = subprocess.run(["git", "-C", str(ROOT), "archive", tests_rev, "tests"], check=True,
                              capture_output=True).stdout
         tarfile.open(fileobj=BytesIO(tar)).extractall(work)
+    with open(work / "tests" / "conftest.py", "a") as f:
+        f.write(POOL_TEARDOWN)
     src = work / t.path
     text = src.read_text()
     for qual, deco in t.undecorate.items():
@@ -121,6 +140,7 @@ only_mutate = ["{t.path}"]
 pytest_add_cli_args_test_selection = [{selection}]
 pytest_add_cli_args = ["-q", "-p", "no:cacheprovider", "-m", "not slow and not gpu"{extra}]
 use_git_change_detection = false
+timeout_multiplier = {timeout_multiplier}
 
 [tool.pytest.ini_options]
 testpaths = ["tests"]
@@ -198,22 +218,29 @@ def main(argv=None) -> int:
     ap.add_argument("--tests-rev", default=None, help="take tests/ from this git revision (a 'before' figure)")
     ap.add_argument("--label", default=None, help="report label (default: 'current', or the --tests-rev)")
     ap.add_argument("--deselect", action="append", default=[], metavar="NODEID",
-                    help="leave out a test that fails on this machine before any mutant (repeatable; noted in the report)")
+                    help="leave out a test that fails on this machine before any mutant, or one too slow to run per "
+                         "mutant (repeatable; noted in the report)")
+    ap.add_argument("--timeout-multiplier", type=float, default=3.0,
+                    help="a mutant times out (and counts as killed) after (its tests' clean time + 1 s) x this many "
+                         "seconds; mutmut's default 15 makes each hanging mutant of a target whose tests take a "
+                         "minute cost 13 minutes")
     args = ap.parse_args(argv)
     names = args.targets or list(TARGETS)
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         ap.error(f"unknown target(s) {unknown}; choose from {list(TARGETS)}")
     label = args.label or (f"tests@{args.tests_rev}" if args.tests_rev else "current")
-    report = json.loads((OUT / "report.json").read_text()) if (OUT / "report.json").exists() else {}
     for name in names:
         t = TARGETS[name]
         work = OUT / "work" / label / name
         print(f"mutation: {name} ({t.path}, functions {', '.join(t.functions)}) against {', '.join(t.tests)}",
               flush=True)
-        prepare(name, t, work, args.tests_rev, args.deselect)
+        prepare(name, t, work, args.tests_rev, args.deselect, args.timeout_multiplier)
         wall = run_mutmut(t, work, OUT / f"{label}_{name}.log")
-        r = collect(t, work) | {"wall_s": wall, "tests_rev": args.tests_rev, "deselected": args.deselect}
+        r = collect(t, work) | {"wall_s": wall, "tests_rev": args.tests_rev, "deselected": args.deselect,
+                                "timeout_multiplier": args.timeout_multiplier}
+        # read just before writing: a run of another target may have finished meanwhile
+        report = json.loads((OUT / "report.json").read_text()) if (OUT / "report.json").exists() else {}
         report.setdefault(label, {})[name] = r
         write_report(report)
         print(f"mutation: {name}: {r['killed']}/{r['tried']} killed = {r['score']:.3f} ({r['counts']}) in {wall:.0f} s",
