@@ -375,17 +375,26 @@ class MathPool:
             busy: dict[_Worker, tuple[int, float]] = {}   # worker -> (pair index, deadline)
             idle = [w for w in self.workers if w.ready]
             starting = [w for w in self.workers if not w.ready]
-            failed_starts = 0
+            failed_starts = failed_sends = 0
             while queue or busy:
                 while queue and idle:
                     w, i = idle.pop(), queue.pop()
                     try:
                         w.send(*pairs[i], timeout_s)
                         busy[w] = (i, time.monotonic() + timeout_s)
+                        failed_sends = 0
                     except (BrokenPipeError, OSError):
                         self._replace(w)
                         queue.append(i)
-                        starting += self._fill()
+                        failed_sends += 1
+                        if failed_sends > 2 * self.n:   # workers start but cannot take a request: fail, don't loop
+                            for j in queue:
+                                out[j] = Verdict(False, "math-verify workers cannot take requests")
+                            queue.clear()
+                        else:
+                            starting += self._fill()
+                if not (busy or starting):      # the queue was failed just above
+                    break
                 now = time.monotonic()
                 deadlines = [d for _, d in busy.values()] + [w.started + STARTUP_TIMEOUT_S for w in starting]
                 ready = wait(list(busy) + starting, timeout=max(0.0, min(deadlines) - now))

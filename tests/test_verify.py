@@ -480,6 +480,21 @@ def test_a_worker_that_cannot_take_its_request_is_replaced(tmp_path, monkeypatch
     assert inspect.signature(MathPool.check_many).parameters["timeout_s"].default == 5.0
 
 
+def test_workers_that_never_take_a_request_fail_the_pairs(tmp_path, monkeypatch):
+    """Every worker says ready with its stdin closed: after 2n + 1 failed sends in a row the pending pairs are wrong
+    with the reason (it used to replace workers for ever)."""
+    monkeypatch.setattr(verify.sys, "executable",
+                        _fake_worker(tmp_path, "n.sh", "exec 0<&-\necho '\"ready\"'\nexec sleep 30"))
+    pool = MathPool(workers=1)
+    t = time.monotonic()
+    out = pool.check_many([("1/2", "0.5"), ("1", "1"), ("1/3", "0.3")])
+    assert time.monotonic() - t < 20
+    assert out == [Verdict(False, "math-verify workers cannot take requests"), Verdict(True, "fast: equal strings"),
+                   Verdict(False, "math-verify workers cannot take requests")]
+    assert pool.restarts == 3
+    pool.close()
+
+
 def test_failed_starts_count_from_the_last_good_start_and_deadlines_are_kept(tmp_path, monkeypatch):
     """One worker starts, takes the first pair and dies; every later one fails to start: the second pair gets 'failed
     to start' after 2n + 1 = 3 failures in a row (counted from the good start). A hung worker's verdict comes at its
