@@ -235,3 +235,18 @@ def test_penalty_state_by_hand():
     assert st.counts_SV[2].tolist() == [0] * 5 and st.seen_SV[2].tolist() == [False] * 4 + [True]
     counts, seen = st.rows(1, 3)
     assert counts.tolist() == [[0, 0, 0, 2, 0], [0] * 5] and seen.shape == (2, 5)
+
+
+def test_bias_alone_and_penalties_alone_are_applied():
+    """A batch with only a logit_bias, or only a penalty, still goes through step 2-3 (either one turns it on); an
+    all-integer bias (JSON's `{"3": 5}`) is added as float32."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    for ints in ({3: 5}, {3: 5.0}):
+        sb = sampling_batch([GenParams(temperature=0, logit_bias=ints)], "cpu", 4)
+        assert sb.penalties is None and sb.bias[2].dtype == torch.float32
+        assert sample(logits, sb, None)[0].tolist() == [3]                   # 1 + 5 beats 2
+    st = PenaltyState(1, 4, "cpu")
+    st.reset(0, [0])
+    sb = sampling_batch([GenParams(temperature=0, repetition_penalty=4.0)], "cpu", 4)
+    assert sb.bias is None
+    assert sample(logits, sb, None, st.rows(0, 1))[0].tolist() == [3]        # 2 / 4 = 0.5 < 1
