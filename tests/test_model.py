@@ -610,3 +610,27 @@ def test_expert_load_hand_values():
     assert expert_load(torch.tensor([1.0, 0.0, 0.0, 0.0, 3.0])) == {"max_mean": 4.0, "skip": 0.75}
     assert expert_load(torch.tensor([0, 0, 0, 2])) == {"max_mean": 0.0, "skip": 1.0}     # all skip; int counts
     assert expert_load(torch.tensor([6.0, 2.0, 2.0, 2.0, 0.0])) == {"max_mean": 2.0, "skip": 0.0}
+
+
+def test_replay_zero_or_skip_picks_the_higher_of_expert0_and_skip():
+    """Replayed routes: e >= 0 is expert e, -1 skip, ZERO_OR_SKIP (-2, vLLM's "expert 0 with weight 0") whichever of
+    expert 0 and skip scores higher with the balancing biases, expert 0 on a tie; padding stays -1. A router with a
+    zero output projection gives every class exactly the same probability, so the biases alone decide."""
+    from openzaya.model import ZERO_OR_SKIP
+
+    cfg = tiny_config()
+    r = random_model(cfg).routers()[1]
+    E = cfg.num_experts
+    with torch.no_grad():
+        r.router_mlp.out_proj.weight.zero_()
+        x, r_prev = torch.randn(5, cfg.hidden_size), torch.randn(5, cfg.router_hidden_size)
+        replay = torch.tensor([ZERO_OR_SKIP, 2, -1, ZERO_OR_SKIP, ZERO_OR_SKIP])
+        keep = torch.tensor([True, True, True, True, False])
+        p = 1 / (E + 1)
+        for biases, want in [([0.0, -1.0, 0.0, 0.0, 0.0], [0, 2, -1, 0, -1]),      # expert 0 ties skip: expert 0
+                             ([-0.5, 0.5, 0.0, 0.0, 0.0], [-1, 2, -1, -1, -1]),    # skip wins (expert 1 is not 0)
+                             ([0.25, 0.0, 0.0, 0.0, -0.5], [0, 2, -1, 0, -1])]:
+            r.balancing_biases.copy_(torch.tensor(biases))
+            route, weight, _ = r(x, r_prev, keep, replay)
+            assert route.tolist() == want
+            torch.testing.assert_close(weight, torch.tensor([p if w >= 0 else 0.0 for w in want]))
