@@ -499,7 +499,7 @@ def test_experts_low_precision_and_which_path_runs(monkeypatch):
     """bf16 and fp16 experts (router weights stay fp32) give x's dtype and the fp32 result within their rounding, on
     the grouped, looped and sync-free paths; more tokens than hidden units (N > D). The path taken: the grouped GEMM
     by default (fp32, bf16), the per-expert loop when use_grouped_mm is False (the fallback the dispatch tests rely
-    on) and for fp16 on the CPU (no grouped GEMM there, `_has_grouped_mm`)."""
+    on) and for fp16 on the CPU (`_has_grouped_mm` leaves fp16 to the loop there)."""
     from openzaya.model import Experts, _experts_forward, _experts_forward_static
 
     cfg = tiny_config()
