@@ -78,7 +78,8 @@ TARGETS = {
     "model": Target("openzaya/model.py", ["tests/test_model.py"],
                     functions=["xǁRouterǁ*", "xǁRouterMLPǁ*", "xǁMoEǁ*", "xǁExpertsǁ*", "x__experts_forward*",
                                "x__grouped_swiglu*", "xǁZayaForCausalLMǁupdate_balancing_biases*",
-                               "xǁZayaForCausalLMǁexpert_load_stats*", "xǁZayaForCausalLMǁrouters*"],
+                               "xǁZayaForCausalLMǁexpert_load_stats*", "x_expert_load*",
+                               "xǁZayaForCausalLMǁrouters*"],
                     undecorate={"ZayaForCausalLM.update_balancing_biases": "torch.no_grad()",
                                 "ZayaForCausalLM.expert_load_stats": "torch.no_grad()"}),
     # the sampler moved from engine.py to sampling.py (penalties, logit bias, top-k/p, min-p, temperature)

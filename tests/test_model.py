@@ -483,3 +483,154 @@ def test_inference_weight_caches_follow_weight_updates():
         after = model(ids)
     assert not torch.allclose(before, after)
     assert torch.allclose(after, model(ids), atol=0)           # grad on: no cache, same numbers
+
+
+def _dense_experts(experts, x_ND, route_N, weight_N):
+    """A naive per-token loop over the experts, in x's dtype: skip (-1) rows are zero."""
+    out = torch.zeros_like(x_ND)
+    for n, e in enumerate(route_N.tolist()):
+        if e >= 0:
+            gate, up = (experts.gate_up_proj[e] @ x_ND[n]).chunk(2)
+            out[n] = (experts.down_proj[e] @ (F.silu(gate) * up)) * weight_N[n].to(x_ND.dtype)
+    return out
+
+
+def test_experts_low_precision_and_which_path_runs(monkeypatch):
+    """bf16 and fp16 experts (router weights stay fp32) give x's dtype and the fp32 result within their rounding, on
+    the grouped, looped and sync-free paths; more tokens than hidden units (N > D). The path taken: the grouped GEMM
+    by default (fp32, bf16), the per-expert loop when use_grouped_mm is False (the fallback the dispatch tests rely
+    on) and for fp16 on the CPU (`_has_grouped_mm` leaves fp16 to the loop there)."""
+    from openzaya.model import Experts, _experts_forward, _experts_forward_static
+
+    cfg = tiny_config()
+    experts = random_model(cfg, seed=7).model.layers[0].mlp.experts
+    assert Experts(cfg).use_grouped_mm is True
+    N = cfg.hidden_size + 9
+    torch.manual_seed(0)
+    x = torch.randn(N, cfg.hidden_size)
+    route = torch.randint(-1, cfg.num_experts, (N,))
+    w = torch.rand(N)
+    calls = []
+    grouped = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(a[0].dtype) or grouped(*a, **k))
+    with torch.no_grad():
+        want = _dense_experts(experts, x, route, w)
+        for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 0.05), (torch.float16, 0.01)]:
+            args = (x.to(dtype), route, w, experts.gate_up_proj.to(dtype), experts.down_proj.to(dtype))
+            for use_grouped in (True, False):
+                calls.clear()
+                for fn in (_experts_forward, _experts_forward_static):
+                    y = fn(*args, use_grouped)
+                    assert y.dtype == dtype and (y[route < 0] == 0).all()
+                    err = (y.float() - want).abs().max().item()
+                    assert err < tol * want.abs().max().item(), (dtype, use_grouped, fn.__name__, err)
+                grouped_expected = use_grouped and dtype != torch.float16
+                assert calls == ([dtype] * 4 if grouped_expected else []), (dtype, use_grouped, calls)
+
+
+def test_router_weights_eda_and_norm_eps():
+    """Router.forward by hand from its own probabilities: the combine weight is the chosen expert's probability,
+    0 for skip and padding; block 0 has no EDA state, so a latent passed to it changes nothing, while block 1 adds
+    r_prev * scale; the router MLP's norm uses the config's eps (tiny latents show it)."""
+    cfg = tiny_config()
+    model = random_model(cfg, noise=0.5)
+    r0, r1 = model.routers()[:2]
+    torch.manual_seed(1)
+    x = torch.randn(12, cfg.hidden_size)
+    r_prev = torch.randn(12, cfg.router_hidden_size)
+    keep = torch.ones(12, dtype=torch.bool)
+    keep[:2] = False
+    with torch.no_grad():
+        p = torch.softmax(r1.router_mlp(r1.down_proj(x) + r_prev * r1.router_states_scale), -1)
+        margin = (p[:, :-1] + r1.balancing_biases[:-1]).max(-1).values - p[:, -1]
+        r1.balancing_biases[-1] = margin.median()                           # about half the tokens skip
+        route, weight, r_NR = r1(x, r_prev, keep)
+        want_r = r1.down_proj(x) + r_prev * r1.router_states_scale
+        probs = torch.softmax(r1.router_mlp(want_r), -1)
+        choice = (probs + r1.balancing_biases).argmax(-1)
+        want_route = torch.where(keep & (choice < cfg.num_experts), choice, -1)
+        assert torch.equal(r_NR, want_r) and torch.equal(route, want_route)
+        assert (route[2:] == -1).any() and (route >= 0).any()
+        assert torch.equal(weight, torch.where(want_route >= 0, probs.gather(1, choice[:, None])[:, 0], 0.0))
+        assert torch.equal(r0(x, r_prev, None)[2], r0(x, None, None)[2])
+        norm = r1.router_mlp.norm
+        tiny = torch.full((1, cfg.router_hidden_size), 1e-3)                # mean square 1e-6 next to eps 1e-5
+        assert torch.allclose(norm(tiny), norm.weight * 1e-3 / math.sqrt(1e-6 + cfg.rms_norm_eps), rtol=1e-5)
+
+
+def _eq5_by_hand(windows, E, lr, betas, eps):
+    """The balancing biases after each window of load counts [E+1] by eq. 5 (p_e over routed tokens, at least 1 in
+    the denominator; AdamW-style moments with bias correction), from zero expert biases."""
+    b1, b2 = betas
+    m, v, bias, out = [0.0] * E, [0.0] * E, [0.0] * E, []
+    for step, counts in enumerate(windows, start=1):
+        routed = max(sum(counts[:E]), 1.0)
+        for e in range(E):
+            g = counts[e] / routed - 1 / E
+            m[e] = b1 * m[e] + (1 - b1) * g
+            v[e] = b2 * v[e] + (1 - b2) * g * g
+            bias[e] -= lr * (m[e] / (1 - b1 ** step)) / ((v[e] / (1 - b2 ** step)) ** 0.5 + eps)
+        out.append(list(bias))
+    return out
+
+
+def test_balancing_update_arguments_small_counts_and_one_rank_group(tmp_path):
+    """Eq. 5 with the update's own betas and eps (a large eps shows its sign), windows of a single routed token and
+    of none (the denominator is at least 1: nothing routed moves every bias up by the same amount), and the
+    all-reduce branch under an initialised one-rank gloo group: the same numbers."""
+    import torch.distributed as dist
+
+    model = ZayaForCausalLM(tiny_config(num_hidden_layers=1, layer_types=["hybrid"], sliding_window=None))
+    model.balance_lr = 0.1
+    r = model.routers()[0]
+    r.balancing_biases[:4] = 0.0
+    windows = [[1.0, 0.0, 0.0, 0.0, 5.0], [0.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 3.0],
+               [3.0, 0.0, 1.0, 2.0, 1.0]]
+    want = _eq5_by_hand(windows, 4, 0.1, (0.5, 0.9), 0.3)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        for i, (counts, expect) in enumerate(zip(windows, want)):
+            if i == 2:
+                dist.destroy_process_group()
+            r.load_counts = torch.tensor(counts)
+            model.update_balancing_biases(betas=(0.5, 0.9), eps=0.3)
+            torch.testing.assert_close(r.balancing_biases, torch.tensor(expect + [-1.0]), atol=1e-6, rtol=0)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_expert_load_hand_values():
+    from openzaya.model import expert_load
+
+    nan = expert_load(None)
+    assert nan["max_mean"] != nan["max_mean"] and nan["skip"] != nan["skip"]
+    zero = expert_load(torch.zeros(5))
+    assert zero["max_mean"] != zero["max_mean"] and zero["skip"] != zero["skip"]
+    assert expert_load(torch.tensor([1.0, 0.0, 0.0, 0.0, 3.0])) == {"max_mean": 4.0, "skip": 0.75}
+    assert expert_load(torch.tensor([0, 0, 0, 2])) == {"max_mean": 0.0, "skip": 1.0}     # all skip; int counts
+    assert expert_load(torch.tensor([6.0, 2.0, 2.0, 2.0, 0.0])) == {"max_mean": 2.0, "skip": 0.0}
+
+
+def test_replay_zero_or_skip_picks_the_higher_of_expert0_and_skip():
+    """Replayed routes: e >= 0 is expert e, -1 skip, ZERO_OR_SKIP (-2, vLLM's "expert 0 with weight 0") whichever of
+    expert 0 and skip scores higher with the balancing biases, expert 0 on a tie; padding stays -1. A router with a
+    zero output projection gives every class exactly the same probability, so the biases alone decide."""
+    from openzaya.model import ZERO_OR_SKIP
+
+    cfg = tiny_config()
+    r = random_model(cfg).routers()[1]
+    E = cfg.num_experts
+    with torch.no_grad():
+        r.router_mlp.out_proj.weight.zero_()
+        x, r_prev = torch.randn(5, cfg.hidden_size), torch.randn(5, cfg.router_hidden_size)
+        replay = torch.tensor([ZERO_OR_SKIP, 2, -1, ZERO_OR_SKIP, ZERO_OR_SKIP])
+        keep = torch.tensor([True, True, True, True, False])
+        p = 1 / (E + 1)
+        for biases, want in [([0.0, -1.0, 0.0, 0.0, 0.0], [0, 2, -1, 0, -1]),      # expert 0 ties skip: expert 0
+                             ([-0.5, 0.5, 0.0, 0.0, 0.0], [-1, 2, -1, -1, -1]),    # skip wins (expert 1 is not 0)
+                             ([0.25, 0.0, 0.0, 0.0, -0.5], [0, 2, -1, 0, -1])]:
+            r.balancing_biases.copy_(torch.tensor(biases))
+            route, weight, _ = r(x, r_prev, keep, replay)
+            assert route.tolist() == want
+            torch.testing.assert_close(weight, torch.tensor([p if w >= 0 else 0.0 for w in want]))

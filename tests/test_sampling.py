@@ -182,3 +182,71 @@ def test_bad_knob_values_are_refused_at_submit():
                 GenParams(prompt_logprobs=-1), GenParams(max_new_tokens=-1)]:
         with pytest.raises(ValueError):
             eng.submit([1, 2], bad)
+
+
+def test_sampling_batch_fields_by_hand():
+    """The batch tensors and flags of three rows' settings, by hand: the flags say exactly when a filter, the bias
+    or the penalties are needed (off costs nothing), top_logprobs is the most any row asks, capped at the vocabulary,
+    and integer bias values (what JSON gives) become float32 like the logits they are added to."""
+    rows = [GenParams(temperature=0.5, top_k=3, min_p=0.25, logit_bias={4: 2, 1: -1.5}, top_logprobs=2),
+            GenParams(temperature=0, top_p=0.75, frequency_penalty=0.5, top_logprobs=9),
+            GenParams(temperature=1.0, presence_penalty=-0.25, repetition_penalty=1.5, logit_bias={0: 3})]
+    sb = sampling_batch(rows, "cpu", 6)
+    assert sb.temp_B.tolist() == [0.5, 0.0, 1.0] and sb.temp_B.dtype == torch.float32
+    assert sb.top_k_B.tolist() == [3, 0, 0] and sb.top_k_B.dtype == torch.long
+    assert sb.top_p_B.tolist() == [1.0, 0.75, 1.0] and sb.min_p_B.tolist() == [0.25, 0.0, 0.0]
+    assert (sb.greedy_only, sb.use_min_p, sb.use_sort, sb.top_logprobs) == (False, True, True, 6)
+    row_N, token_N, value_N = sb.bias
+    assert (row_N.tolist(), token_N.tolist(), value_N.tolist()) == ([0, 0, 2], [4, 1, 0], [2.0, -1.5, 3.0])
+    assert value_N.dtype == torch.float32
+    assert [x.tolist() for x in sb.penalties] == [[1.0, 1.0, 1.5], [0.0, 0.5, 0.0], [0.0, 0.0, -0.25]]
+    logits = torch.zeros(3, 6)
+    want = [[0.0, -1.5, 0.0, 0.0, 2.0, 0.0], [0.0] * 6, [3.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
+    assert adjust_logits(logits, sb, (torch.zeros(3, 6), torch.zeros(3, 6, dtype=torch.bool))).tolist() == want
+    # each flag alone; all off: no tensors for bias and penalties, top-1 capped at a vocabulary of one
+    off = sampling_batch([GenParams(temperature=0), GenParams(temperature=0, top_logprobs=1)], "cpu", 1)
+    assert (off.greedy_only, off.use_min_p, off.use_sort, off.top_logprobs, off.bias, off.penalties) == \
+        (True, False, False, 1, None, None)
+    for gp, flags in [(GenParams(min_p=1e-3), (True, False)), (GenParams(top_k=1), (False, True)),
+                      (GenParams(top_p=0.999), (False, True)), (GenParams(top_k=-1, min_p=0.0), (False, False))]:
+        sb = sampling_batch([GenParams(temperature=0), gp], "cpu", 6)
+        assert (sb.greedy_only, sb.use_min_p, sb.use_sort) == (False, *flags)
+    for gp in [GenParams(repetition_penalty=0.5), GenParams(frequency_penalty=-1.0), GenParams(presence_penalty=2.0)]:
+        assert sampling_batch([GenParams(), gp], "cpu", 6).penalties is not None
+    assert sampling_batch([GenParams(logit_bias={})], "cpu", 6).bias is None
+
+
+def test_penalty_state_by_hand():
+    """Counts and seen tokens per slot: reset clears a used slot and marks its prompt, count adds rows a, a+1, ...,
+    move copies a slot (both tensors) and leaves the source as it was."""
+    st = PenaltyState(3, 5, "cpu")
+    assert st.counts_SV.dtype == torch.float32 and st.seen_SV.dtype == torch.bool
+    st.reset(0, [1, 1, 4])
+    st.reset(2, [0])
+    st.count(1, torch.tensor([3, 2]))                    # slot 1 produced 3, slot 2 produced 2
+    st.count(1, torch.tensor([3, 0]))
+    assert st.counts_SV.tolist() == [[0] * 5, [0, 0, 0, 2, 0], [1, 0, 1, 0, 0]]
+    assert st.seen_SV.tolist() == [[False, True, False, False, True], [False, False, False, True, False],
+                                   [True, False, True, False, False]]
+    st.move(2, 0)
+    assert st.counts_SV[0].tolist() == st.counts_SV[2].tolist() == [1, 0, 1, 0, 0]
+    assert st.seen_SV[0].tolist() == st.seen_SV[2].tolist() == [True, False, True, False, False]
+    st.reset(2, [4])
+    assert st.counts_SV[2].tolist() == [0] * 5 and st.seen_SV[2].tolist() == [False] * 4 + [True]
+    counts, seen = st.rows(1, 3)
+    assert counts.tolist() == [[0, 0, 0, 2, 0], [0] * 5] and seen.shape == (2, 5)
+
+
+def test_bias_alone_and_penalties_alone_are_applied():
+    """A batch with only a logit_bias, or only a penalty, still goes through step 2-3 (either one turns it on); an
+    all-integer bias (JSON's `{"3": 5}`) is added as float32."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    for ints in ({3: 5}, {3: 5.0}):
+        sb = sampling_batch([GenParams(temperature=0, logit_bias=ints)], "cpu", 4)
+        assert sb.penalties is None and sb.bias[2].dtype == torch.float32
+        assert sample(logits, sb, None)[0].tolist() == [3]                   # 1 + 5 beats 2
+    st = PenaltyState(1, 4, "cpu")
+    st.reset(0, [0])
+    sb = sampling_batch([GenParams(temperature=0, repetition_penalty=4.0)], "cpu", 4)
+    assert sb.bias is None
+    assert sample(logits, sb, None, st.rows(0, 1))[0].tolist() == [3]        # 2 / 4 = 0.5 < 1
