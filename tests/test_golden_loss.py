@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-from openzaya.data import CorpusConfig, chat_segments, generate_corpus, load_corpus
-from openzaya.tokenizer import train_bpe
 from openzaya.train import TrainConfig, run
+from test_train import tiny_corpus, tiny_tokenizer
 
 ASSET = Path(__file__).parent / "assets" / "losses" / "tiny_pretrain.txt"
 STEPS = 12
@@ -25,11 +24,7 @@ TOLERANCE = 2e-4
 
 
 def tiny_run(root: Path) -> list[float]:
-    generate_corpus(CorpusConfig(envs=["long_addition", "reverse_string"], difficulties=[0], samples_per_env_level=40,
-                                 seed=0, workers=1), root / "corpus", progress=False)
-    samples = load_corpus(root / "corpus")
-    tok = train_bpe(["".join(s.text for s in chat_segments(x["messages"])) for x in samples], 300)
-    tok.save(root / "tok")
+    tiny_tokenizer(tiny_corpus(root / "corpus")).save(root / "tok")
     torch.set_num_threads(1)
     cfg = TrainConfig(stage="pretrain", data=str(root / "corpus"), tokenizer=str(root / "tok"), out=str(root / "out"),
                       seq_len=96, tokens_per_step=8 * 96, device_batch_size=8, steps=STEPS, warmup_steps=3, lr=3e-3,

@@ -128,19 +128,14 @@ def sandbox(tmp_path_factory):
     import torch
 
     from openzaya.checkpoint import save_pretrained
-    from openzaya.data import CorpusConfig, chat_segments, generate_corpus, load_corpus
     from openzaya.model import ZayaForCausalLM
-    from openzaya.tokenizer import train_bpe
+    from test_train import tiny_corpus, tiny_tokenizer
     from zaya_ref import tiny_config
 
     root = tmp_path_factory.mktemp("readme")
     nano = root / "runs" / "nano"
-    generate_corpus(CorpusConfig(envs=["long_addition", "reverse_string"], difficulties=[0], samples_per_env_level=16,
-                                 seed=0, workers=1), nano / "corpus", progress=False)
-    generate_corpus(CorpusConfig(envs=["long_addition", "reverse_string"], difficulties=[0], samples_per_env_level=16,
-                                 seed=1, workers=1), nano / "sft_corpus", progress=False)
-    samples = load_corpus(nano / "corpus")
-    tok = train_bpe(["".join(s.text for s in chat_segments(x["messages"])) for x in samples], 300)
+    tok = tiny_tokenizer(tiny_corpus(nano / "corpus", samples_per_env_level=16, seed=0))
+    tiny_corpus(nano / "sft_corpus", samples_per_env_level=16, seed=1)
     tok.save(nano / "tokenizer")
     torch.manual_seed(0)
     model = ZayaForCausalLM(tiny_config(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,

@@ -25,12 +25,20 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    generate_corpus(CorpusConfig(envs=["long_addition", "reverse_string"], difficulties=[0], samples_per_env_level=40,
-                                 seed=0, workers=1), root / "corpus", progress=False)
-    samples = load_corpus(root / "corpus")
-    tok = train_bpe(["".join(s.text for s in chat_segments(x["messages"])) for x in samples], 300)
-    tok.save(root / "tok")
+    tiny_tokenizer(tiny_corpus(root / "corpus")).save(root / "tok")
     return root
+
+
+def tiny_corpus(path: Path, samples_per_env_level: int = 40, seed: int = 0) -> list[dict]:
+    """The tests' training data: solver traces of two environments at difficulty 0, written to `path` and read back."""
+    generate_corpus(CorpusConfig(envs=["long_addition", "reverse_string"], difficulties=[0],
+                                 samples_per_env_level=samples_per_env_level, seed=seed, workers=1), path, progress=False)
+    return load_corpus(path)
+
+
+def tiny_tokenizer(samples: list[dict]):
+    """A 300-token BPE trained on the samples' chat text."""
+    return train_bpe(["".join(s.text for s in chat_segments(x["messages"])) for x in samples], 300)
 
 
 def flags(corpus, out, steps, extra=()):
