@@ -10,7 +10,8 @@ bf16, before and after the model timings) and prints each timing's model FLOP/s 
 active parameters per token including the LM head (V x D), plus the causal attention matmuls (4 * H * Dh * (T+1)/2
 per token and layer, x3 for training). A second section times OUR trainer's step as train.py runs it (fp32 master
 weights, `token_logprobs` with its fp32 LM head, no optimizer) in fp32 and under bf16 autocast, and prefill with
-fp32 and with bf16 weights, interleaved; each against the fp32 and the bf16 peak of this run.
+fp32 and with bf16 weights, interleaved; each against the fp32 and the bf16 peak of this run; then the compiled
+training step (`--compile` of the trainer, `train.step_logprobs`) in both precisions, with its compile time.
 
 Run: .venv/bin/python bench/model.py [--quick] [--threads N] [--device cuda --dtype bfloat16] [--out runs/bench/model.json]
 (on CUDA use bf16: torch's grouped GEMM there, which both implementations call, takes bf16 only)
@@ -34,6 +35,7 @@ parser.add_argument("--device", default="cpu")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
 parser.add_argument("--skip-peer", action="store_true", help="only the MFU section (no transformers comparison)")
+parser.add_argument("--skip-compile", action="store_true", help="no compiled training step (minutes of compiling)")
 parser.add_argument("--out", default="runs/bench/model.json")
 args = parser.parse_args()
 dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -193,6 +195,43 @@ for name, kind, flops in (("train", trainer_step, flops_per_token(cfg, T, traini
             times[prec].append(timeit(kind(prec == "bf16")))
     for prec, ts in times.items():
         mfu[f"{name}_{prec}"] = {"tok_s": tok / min(ts), "flop_s": flops / min(ts)}
+# The compiled training step (train.step_logprobs(model, compile=True), as `openzaya pretrain --compile` runs it),
+# bf16 autocast and fp32, on a copy of the model; three different input batches in turn so that routing (and so
+# the experts' token counts) changes between calls, as in training. Compile time = the first three calls.
+compiled = {}
+if not args.skip_compile:
+    import copy
+
+    from openzaya.train import step_logprobs
+    ours.train()
+    twin = copy.deepcopy(ours)
+    fn_c = step_logprobs(twin, compile=True)
+    batches = [torch.randint(0, cfg.vocab_size, (B, T + 1), device=dev) for _ in range(3)]
+
+    def compiled_step(bf16: bool, i: int):
+        def fn():
+            xb = batches[i % 3]
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                logp = fn_c(xb[:, :-1], xb[:, 1:])
+            (-logp.mean()).backward()
+            twin.zero_grad(set_to_none=True)
+        return fn
+
+    for prec in ("bf16", "fp32"):
+        t0 = time.perf_counter()
+        for i in range(3):
+            compiled_step(prec == "bf16", i)()
+        compiled[f"compile_s_{prec}"] = time.perf_counter() - t0
+        print(f"compiled train step {prec}: first 3 calls (compiling) {compiled[f'compile_s_{prec}']:.0f} s", flush=True)
+    times = {"fp32": [], "bf16": [], "fp32 eager": [], "bf16 eager": []}   # eager again, interleaved: the ratio
+    for r in range(3 if args.quick else 2 * args.repeats):
+        for prec in ("fp32", "bf16"):
+            times[prec].append(timeit(compiled_step(prec == "bf16", r)))
+            times[f"{prec} eager"].append(timeit(trainer_step(prec == "bf16")))
+    for prec in ("fp32", "bf16"):
+        ts = times[prec]
+        mfu[f"train_{prec}_compiled"] = {"tok_s": tok / min(ts), "flop_s": flops_per_token(cfg, T) * tok / min(ts)}
+        compiled[f"compiled_over_eager_{prec}"] = min(times[f"{prec} eager"]) / min(ts)
 peaks["float32"].append(gemm_peak(torch.float32))
 peaks["bfloat16"].append(gemm_peak(torch.bfloat16))
 peak = {k: max(v) for k, v in peaks.items()}
@@ -202,12 +241,15 @@ print(f"GEMM peak this run ({torch.get_num_threads()} threads, best square matmu
 for k, v in mfu.items():
     v["mfu_vs_fp32_peak"] = v["flop_s"] / peak["float32"]
     v["mfu_vs_bf16_peak"] = v["flop_s"] / peak["bfloat16"]
-    what = "bf16 autocast" if k == "train_bf16" else ("bf16 weights" if k == "prefill_bf16" else "fp32")
+    what = {"train_bf16": "bf16 autocast", "prefill_bf16": "bf16 weights", "train_bf16_compiled": "bf16 compiled",
+            "train_fp32_compiled": "fp32 compiled"}.get(k, "fp32")
     print(f"ours {k.split('_')[0]:8s} {what:13s} {v['tok_s']:7.0f} tok/s = {v['flop_s'] / 1e9:6.1f} GFLOP/s model FLOPs "
           f"| MFU {v['mfu_vs_fp32_peak']:.1%} of the fp32 peak, {v['mfu_vs_bf16_peak']:.1%} of the bf16 peak")
 for name in ("train", "prefill"):
     print(f"ours {name}: bf16 / fp32 = {mfu[f'{name}_bf16']['tok_s'] / mfu[f'{name}_fp32']['tok_s']:.2f}x")
-results["mfu"] = {**mfu, "gemm_peak_flop_s": peak, "gemm_peaks_before_after": peaks,
+for prec in ("fp32", "bf16") if compiled else ():
+    print(f"ours train {prec}: compiled / eager = {compiled[f'compiled_over_eager_{prec}']:.2f}x (interleaved)")
+results["mfu"] = {**mfu, **compiled, "gemm_peak_flop_s": peak, "gemm_peaks_before_after": peaks,
                   "flops_per_token": {"train": flops_per_token(cfg, T), "prefill": flops_per_token(cfg, T, False)}}
 
 # -----------------------------------------------------------------------------

@@ -484,6 +484,9 @@ def _train_flags(p, stage: str):
     p.add_argument("--schedule", choices=["cosine", "wsd"], default=None)
     p.add_argument("--grad-clip", type=float, default=None, help="-1 = off")
     p.add_argument("--trim", choices=["ap", "truncate"], default=None, help="SFT trimming (ablation: truncate)")
+    p.add_argument("--length-group-batches", type=int, default=None,
+                   help="0 = random batches; k = sort each chunk of k global batches by window length and cut the "
+                        "padding columns (less padding)")
     p.add_argument("--seed", type=int, default=None)
     # Output
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints; -1 = only at the end")
@@ -493,6 +496,8 @@ def _train_flags(p, stage: str):
     p.add_argument("--device", default=None)
     p.add_argument("--max-memory-gb", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the forward: minutes of compiling, then faster steps (bench/model.py)")
     p.add_argument("--log-to", choices=["", "tensorboard", "wandb"], default=None,
                    help="also log per-step metrics to TensorBoard or W&B (optional packages)")
     # Parallelism (under torchrun; with no flags: FSDP2 over all ranks; see README "Training at scale")
@@ -566,6 +571,8 @@ def add_speedrun(sub):
     p.add_argument("--eval-problems", type=int, default=None, help="held-out problems per env and difficulty")
     p.add_argument("--ablation-trim", action="store_true", help="also compare AP trimming vs plain truncation")
     p.add_argument("--no-rl", action="store_true", help="skip the four RL stages (quick runs)")
+    p.add_argument("--no-precision-twin", action="store_true",
+                   help="skip the second pretraining run in the other precision (bf16 vs fp32 loss curves)")
     p.add_argument("--rl-steps", type=int, default=None, help="optimizer steps per RL stage")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     p.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32"], default=None,

@@ -49,8 +49,13 @@ Devices: pretraining, SFT and the evaluations run on `device` (auto = CUDA when 
 uses bf16 autocast, the engine CUDA graphs); the RL stages too (on CUDA with inline rollouts: the GPU engine
 generates between two steps, instead of a CPU worker process). The
 `small` preset (24x nano's parameters, 7x its tokens) is meant for a GPU.
-`run` reads like the pipeline: one function per stage (build_corpus, build_tokenizer_and_sft_mix, pretrain,
-supervised_finetune, aggregation_sft, evaluate_single_vs_rsa, rl_cascade, trim_ablation, plot_curves, write_report).
+`run` reads like the pipeline: one function per stage (build_corpus, build_tokenizer_and_sft_mix, pretrain_config
++ train, start/finish_precision_twin, supervised_finetune, aggregation_sft, evaluate_single_vs_rsa, rl_cascade,
+trim_ablation, plot_curves, write_report).
+The precision twin (issue 26): where the device has native bf16 matmuls, the pretraining run is repeated in the other
+precision in a child process on the core the one-thread trainer leaves idle (during pretraining and SFT), and the
+report plots both loss curves and states their difference against speedrun_report.PRECISION_TWIN_TOL;
+`--no-precision-twin` skips it.
 `--ablation-trim` adds two extra SFT runs at a tight context budget (answer-preserving trimming vs plain truncation)
 and reports both, whatever they show. `--no-rl` stops after SFT (and its evaluation).
 """
@@ -148,6 +153,7 @@ class SpeedrunConfig:
     ablation_steps: int = 120
     threads: int = 1
     mixed_precision: str = "auto"      # pretrain, SFT, RL update: auto (bf16 where native) | bf16 | fp32
+    precision_twin: bool = True        # pretraining again in the other precision, beside it (start_precision_twin)
     seed: int = 0
     log_to: str = ""                   # "" | tensorboard | wandb: every training and RL stage logs there too
 
@@ -404,13 +410,58 @@ def build_tokenizer_and_sft_mix(cfg: SpeedrunConfig, out: Path, samples: list[di
     return tok_dir, sft_mix, len(agg)
 
 
-def pretrain(cfg: SpeedrunConfig, out: Path, tok_dir: Path, device: str) -> dict:
-    """3. Pretraining on the solver traces as plain text (WSD schedule)."""
+def pretrain_config(cfg: SpeedrunConfig, out: Path, tok_dir: Path, device: str):
+    """3. Pretraining on the solver traces as plain text (WSD schedule): its TrainConfig."""
     from .train import TrainConfig
+    return TrainConfig(stage="pretrain", data=str(out / "corpus"), out=str(out / "pretrain"),
+                       steps=cfg.pretrain_steps, warmup_steps=min(20, cfg.pretrain_steps), schedule="wsd",
+                       **train_settings(cfg, tok_dir, device))
+
+
+def start_precision_twin(pre_cfg, out: Path):
+    """3b. The same pretraining run (data, seed, steps) in the other precision — bf16 autocast when the run is fp32,
+    fp32 when it is bf16 — in a child process on the core the one-thread trainer leaves idle during pretraining and
+    SFT, its step lines in pretrain_twin/log.txt; the report plots both loss curves (issue 26: bf16 must reach
+    fp32's loss). Returns (process, twin config), or None where the device has no native bf16 (a bf16 run there
+    would only measure torch's emulation)."""
+    import multiprocessing
+
+    import torch
+
+    from .parallel import native_bf16, resolve_precision
+    if not native_bf16(torch.device(pre_cfg.device)):
+        return None
+    other = "fp32" if resolve_precision(pre_cfg.mixed_precision, torch.device(pre_cfg.device)) == "bf16" else "bf16"
+    twin = replace(pre_cfg, out=str(out / "pretrain_twin"), mixed_precision=other)
+    Path(twin.out).mkdir(parents=True, exist_ok=True)
+    proc = multiprocessing.get_context("spawn").Process(target=_train_logged, args=(twin, Path(twin.out) / "log.txt"))
+    proc.start()
+    return proc, twin
+
+
+def _train_logged(train_cfg, log_path: Path):
+    import contextlib
+
     from .train import run as train
-    return train(TrainConfig(stage="pretrain", data=str(out / "corpus"), out=str(out / "pretrain"),
-                             steps=cfg.pretrain_steps, warmup_steps=min(20, cfg.pretrain_steps), schedule="wsd",
-                             **train_settings(cfg, tok_dir, device)))
+    with open(log_path, "w") as f, contextlib.redirect_stdout(f):
+        train(train_cfg)
+
+
+def finish_precision_twin(started, pre: dict) -> dict | None:
+    """Wait for the twin; its final loss and the mean |loss difference| to the main run over the last 10 steps."""
+    from .runlog import read_metrics
+    if started is None:
+        return None
+    proc, twin = started
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"the precision twin of pretraining failed (exit {proc.exitcode}): see {twin.out}/log.txt")
+    main_rows = read_metrics(Path(pre["out"]) / "metrics.jsonl")
+    twin_rows = read_metrics(Path(twin.out) / "metrics.jsonl")
+    last = [abs(a["loss"] - b["loss"]) for a, b in zip(main_rows[-10:], twin_rows[-10:])]
+    return {"precision": twin.mixed_precision, "main_precision": pre["precision"],
+            "final_loss": twin_rows[-1]["loss"], "main_final_loss": main_rows[-1]["loss"],
+            "mean_abs_diff_last10": sum(last) / len(last), "metrics": str(Path(twin.out) / "metrics.jsonl")}
 
 
 def train_settings(cfg: SpeedrunConfig, tok_dir: Path, device: str) -> dict:
@@ -527,9 +578,13 @@ def trim_ablation(cfg: SpeedrunConfig, out: Path, sft_cfg, device: str) -> dict:
     return ablation
 
 
-def plot_curves(out: Path, agg_sft: bool, ablation: dict, rl_curves: dict):
+def plot_curves(out: Path, agg_sft: bool, ablation: dict, rl_curves: dict, precision_twin: dict | None = None):
     """7a. The loss curves of every training run and the RL reward per stage, from their logged metrics."""
     curves = {"pretrain": out / "pretrain" / "metrics.jsonl", "sft": out / "sft" / "metrics.jsonl"}
+    if precision_twin:
+        curves = {f"pretrain ({precision_twin['main_precision']})": curves["pretrain"],
+                  f"pretrain ({precision_twin['precision']}, twin)": Path(precision_twin["metrics"]),
+                  "sft": curves["sft"]}
     if agg_sft:
         curves["aggregation sft"] = out / "agg_sft" / "metrics.jsonl"
     curves.update({f"ablation {k}": out / f"ablation_{k}" / "metrics.jsonl" for k in ablation})
@@ -547,7 +602,10 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
     laps("corpus")
     tok_dir, sft_mix, n_agg = build_tokenizer_and_sft_mix(cfg, out, samples, agg_problems)
     laps("tokenizer")
-    pre = pretrain(cfg, out, tok_dir, device)
+    from .train import run as train
+    pre_cfg = pretrain_config(cfg, out, tok_dir, device)
+    twin = start_precision_twin(pre_cfg, out) if cfg.precision_twin else None
+    pre = train(pre_cfg)
     laps("pretrain")
     sft, sft_cfg = supervised_finetune(cfg, out, tok_dir, device, pre)
     sft_final_loss = sft["final_loss"]
@@ -559,18 +617,20 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
     items = held_out_items(cfg.eval_envs, cfg.difficulties, cfg.eval_problems)
     evals = {"sft": full_evaluation(cfg, out, sft["model_dir"], items, "sft")}
     laps("eval sft")
+    precision_twin = finish_precision_twin(twin, pre)   # done before the RL stages, which use both cores
     rl_evals, rl_curves, rl_notes = rl_cascade(cfg, out, sft["model_dir"], items, laps, device)
     evals.update(rl_evals)
     ablation = {}
     if cfg.ablation_trim:
         ablation = trim_ablation(cfg, out, sft_cfg, device)
         laps("ablation")
-    plot_curves(out, bool(agg_sft_stats), ablation, rl_curves)
+    plot_curves(out, bool(agg_sft_stats), ablation, rl_curves, precision_twin)
     wall = time.time() - laps.t0
     result = {"wall_s": wall, "timings_s": laps.timings, "cpu_s": laps.cpu_s, "load": laps.load, "evals": evals,
               "rl_notes": rl_notes, "device": device, "precision": pre["precision"], "model_params": pre["params"], "pretrain_final_loss": pre["final_loss"],
               "sft_final_loss": sft_final_loss, "agg_sft": agg_sft_stats, "corpus_samples": manifest["samples"],
-              "aggregation_samples": n_agg, "ablation": ablation, "config": cfg.__dict__}
+              "aggregation_samples": n_agg, "ablation": ablation,
+              "precision_twin": precision_twin, "config": cfg.__dict__}
     (out / "results.json").write_text(json.dumps(result, indent=1))   # 7b. results and the report
     write_report(out / "report.md", result)
     print(f"[speedrun] done in {wall:.0f}s; held-out accuracy single / markovian_rsa: "
@@ -589,5 +649,7 @@ def main(a):
         over["ablation_trim"] = True
     if getattr(a, "no_rl", False):
         over["rl"] = False
+    if getattr(a, "no_precision_twin", False):
+        over["precision_twin"] = False
     cfg = replace(cfg, **over)
     run(cfg, a.root)

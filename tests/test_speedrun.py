@@ -1,6 +1,7 @@
 """The speedrun's own pieces (aggregation SFT chats, standard errors, held-out items) and, slow, the smoke run with
 the RL stages."""
 
+import json
 import re
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from openzaya import speedrun
 from openzaya.data import aggregation_sft_samples
 from openzaya.envs.registry import get_env
+from openzaya.parallel import native_bf16
 
 
 def test_aggregation_sft_samples_use_template_and_keep_target():
@@ -169,7 +171,17 @@ def test_speedrun_smoke_with_rl(tmp_path):
     report = (tmp_path / "smoke" / "report.md").read_text()
     assert "## RL stages" in report and "markovian_rsa" in report and "behavioral" in report
     assert "| after | calls | accuracy | random copy |" in report and "\n| sft | 16 | " in report   # 4 problems x N 4
-    r = subprocess.run(cmd + ["--no-rl", "--name", "smoke_norl"], capture_output=True, text=True, timeout=900)
+    # the precision twin: the same pretraining in the other precision, beside it, where bf16 is native
+    twin = json.loads((tmp_path / "smoke" / "results.json").read_text())["precision_twin"]
+    if native_bf16(torch.device("cpu")):
+        twin_rows = (tmp_path / "smoke" / "pretrain_twin" / "metrics.jsonl").read_text().splitlines()
+        assert (twin["precision"], twin["main_precision"], len(twin_rows)) == ("bf16", "fp32", 3)
+        assert "Precision twin: the same pretraining run in bf16" in report
+    else:
+        assert twin is None and "Precision twin: not run" in report
+    r = subprocess.run(cmd + ["--no-rl", "--name", "smoke_norl", "--no-precision-twin"], capture_output=True,
+                       text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     report = (tmp_path / "smoke_norl" / "report.md").read_text()
     assert "## RL stages" not in report and "| sft |" in report
+    assert "Precision twin: not run" in report and not (tmp_path / "smoke_norl" / "pretrain_twin").exists()

@@ -75,6 +75,43 @@ def test_loss_goes_down_and_schedule(corpus, tmp_path, capsys):
     assert lr_multiplier(50, w) == 1.0 and lr_multiplier(90, w) < 1.0
 
 
+def test_length_grouped_batches_and_padding_cut_keep_the_loss(corpus):
+    """Length grouping (TrainConfig.length_group_batches): every window still comes once per epoch, a batch holds
+    windows of one sorted chunk (so its lengths are a contiguous run of the chunk's sorted lengths); cutting the
+    trailing all-padding columns of a micro-batch leaves every window's target log-probs unchanged."""
+    from openzaya.model import ZayaForCausalLM, nano
+    from openzaya.tokenizer import Tokenizer
+    from openzaya.train import cut_padding, prepare_windows, step_indices
+    cfg = TrainConfig(stage="sft", data=str(corpus / "corpus"), tokenizer=str(corpus / "tok"), seq_len=96)
+    ids_W, seg_W, labels_W, _ = prepare_windows(cfg, Tokenizer.load(cfg.tokenizer))
+    used_W = (seg_W >= 0).sum(1)
+    n, seqs, k = ids_W.shape[0], 4, 3
+    assert n >= 2 * k * seqs and len(set(used_W.tolist())) > seqs    # several chunks, many lengths
+    epoch = [i for step in range(n // seqs) for i in step_indices(step, n, seqs, 0, used_W, k)]
+    assert len(set(epoch)) == len(epoch) == n // seqs * seqs          # no window twice within the epoch
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    for c in range(0, n // (k * seqs) * k * seqs, k * seqs):        # full chunks: each batch a run of sorted lengths
+        chunk_lengths = sorted(used_W[perm[c:c + k * seqs]].tolist(), reverse=True)
+        for b in range(c // seqs, c // seqs + k):
+            got = sorted(used_W[epoch[b * seqs:(b + 1) * seqs]].tolist(), reverse=True)
+            assert any(chunk_lengths[j:j + seqs] == got for j in range(0, k * seqs, seqs)), (got, chunk_lengths)
+    assert epoch != [i for step in range(n // seqs) for i in step_indices(step, n, seqs, 0)]   # grouping changed it
+    # the cut: shortest batch of the epoch, same log-probs on every real target
+    b = min(range(n // seqs), key=lambda j: int(used_W[epoch[j * seqs:(j + 1) * seqs]].max()))
+    idx = epoch[b * seqs:(b + 1) * seqs]
+    ids, seg, labels = ids_W[idx], seg_W[idx], labels_W[idx]
+    cids, cseg, clabels = cut_padding(ids, seg, labels)
+    assert cids.shape[1] == int(used_W[idx].max()) < ids.shape[1] and clabels.shape[1] == cids.shape[1] - 1
+    assert (labels[:, clabels.shape[1]:] == -100).all()              # nothing cut had a target
+    torch.manual_seed(0)
+    m = ZayaForCausalLM(nano(300)).eval()
+    with torch.no_grad():
+        full = m.token_logprobs(ids[:, :-1], labels, segment_ids_BT=seg[:, :-1])
+        cut = m.token_logprobs(cids[:, :-1], clabels, segment_ids_BT=cseg[:, :-1])
+    torch.testing.assert_close(cut, full[:, :cut.shape[1]], rtol=0, atol=1e-5)
+    assert full[:, cut.shape[1]:].abs().max() == 0
+
+
 def test_resume_after_sigkill_matches(corpus, tmp_path):
     steps = 10
     full = cli(["sft", *flags(corpus, tmp_path / "full", steps, ["--save-every", "2"])])
@@ -123,6 +160,28 @@ def test_bf16_autocast_overfits_to_the_fp32_loss(corpus, tmp_path):
     assert resolve_precision("fp32", torch.device("cuda")) == "fp32" and native_bf16(torch.device("cuda"))
     with pytest.raises(ValueError, match="mixed_precision"):
         resolve_precision("fp16", cpu)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(corpus, tmp_path):
+    """--compile (train.step_logprobs): the same run's losses as eager, step for step, and the compiled experts run
+    their per-expert loop. Slow: about a minute of compiling."""
+    from openzaya.model import Experts
+    from openzaya.train import step_logprobs
+    torch.set_num_threads(1)
+    base = dict(stage="sft", data=str(corpus / "corpus"), tokenizer=str(corpus / "tok"), seq_len=96,
+                tokens_per_step=8 * 96, device_batch_size=8, steps=4, warmup_steps=2, lr=3e-3, save_every=-1,
+                device="cpu", mixed_precision="fp32")
+    for comp in (False, True):
+        run(TrainConfig(**base, out=str(tmp_path / str(comp)), compile=comp))
+    eager, comp = losses(tmp_path / "False"), losses(tmp_path / "True")
+    assert list(comp) == [1, 2, 3, 4] and all(abs(comp[s] - eager[s]) < 1e-4 for s in eager), (eager, comp)
+    from openzaya.model import ZayaForCausalLM, nano
+    m = ZayaForCausalLM(nano(300))
+    assert step_logprobs(m, False) == m.token_logprobs and all(e.use_grouped_mm for e in m.modules()
+                                                                 if isinstance(e, Experts))
+    step_logprobs(m, True)
+    assert not any(e.use_grouped_mm for e in m.modules() if isinstance(e, Experts))
 
 
 def test_resume_with_changed_settings_is_refused(corpus, tmp_path):
