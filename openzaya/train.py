@@ -313,8 +313,9 @@ def step_logprobs(model, compile: bool):
     """What the training step calls for target log-probs: `model.token_logprobs`, or with `compile` its
     torch.compile'd version (inductor). Compiled, the experts take their per-expert loop: torch's CPU grouped GEMM
     has no fp32 kernel for the compiler's fake tensors, and autocast leaves it fp32. Measured (issue 26,
-    dev/LOG.md): bench config (54M, 8 x 512, 2 threads) bf16 autocast 2.75x eager after ~5 min of compiling, fp32
-    1.08x; nano (32 x 128, 1 thread) fp32 1.23x after ~65 s of compiling: a loss for the speedrun's 360 steps."""
+    dev/LOG.md, 1 thread, interleaved): bench/model.py's config (8 x 512) 1.26x eager under bf16 autocast after
+    195 s of compiling, 1.12x in fp32 after 38 s; nano (32 x 128, fp32) 1.23x after ~65 s: a loss for the
+    speedrun's 360 steps."""
     if not compile:
         return model.token_logprobs
     from .model import Experts
