@@ -935,3 +935,20 @@ def test_write_lm_eval_exact_files(tmp_path, monkeypatch):
     assert res_path.read_text() == json.dumps(doc, indent=1)
     assert json.loads(res_path.read_text())["configs"]["t_single"]["generation_kwargs"] == {
         "temperature": 0.6, "top_p": 0.95, "max_gen_toks": 16}
+
+
+def test_benchmark_files_are_read_as_utf8_whatever_the_locale(tmp_path):
+    """.jsonl and .json files are UTF-8 even where the locale's encoding is ASCII (LC_CTYPE=C)."""
+    import locale
+
+    for name, text in (("b.jsonl", json.dumps({"problem": "½ of 1?", "answer": "0.5"}, ensure_ascii=False) + "\n"),
+                       ("b.json", json.dumps([{"problem": "½ of 1?", "answer": "0.5"}], ensure_ascii=False))):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    old = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        assert locale.getencoding() == "ANSI_X3.4-1968"          # the default encoding of open() is now ASCII
+        questions = [load_benchmark(str(tmp_path / name))[0].question for name in ("b.jsonl", "b.json")]
+    finally:
+        locale.setlocale(locale.LC_CTYPE, old)
+    assert questions == ["½ of 1?", "½ of 1?"]
