@@ -707,12 +707,23 @@ def test_evaluate_votes_math_items_by_value_and_env_items_by_string():
     assert (rows["env"]["avg@k"], rows["env"]["maj@k"]) == (0.25, 0.0)
 
 
-def test_evaluate_rows_judge_progress_and_code_items(tmp_path, capsys):
+def test_evaluate_rows_judge_progress_and_code_items(tmp_path, capsys, monkeypatch):
     """The judge gets the method and the runs (an item id may hold "~s"), its "extra" lands in the rows; per-problem
     tokens / calls / wall time / rounds are the runs' means; a code item is not scored by the runs (its judge does);
-    the progress bar counts calls; the lm-eval files are named after the default task "benchmark"."""
+    the progress bar counts calls and follows the terminal's width; the lm-eval files are named after the default
+    task "benchmark"."""
+    import tqdm
+
     from openzaya.evaluate import judge_answers
 
+    bars = []
+
+    class Bar(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            bars.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
     seen = []
 
     def judge(method, items, runs_by_item):
@@ -724,6 +735,7 @@ def test_evaluate_rows_judge_progress_and_code_items(tmp_path, capsys):
     res = evaluate(items, ByRun(), TTCConfig(budget_tokens=16), ["single"], samples=2, out_dir=tmp_path, judge=judge)
     err = capsys.readouterr().err
     assert "single: 100%" in err and "| 4/4 [" in err and "call/s]" in err
+    assert [bar.get("dynamic_ncols") for bar in bars] == [True]
     assert set(res) == {"benchmark_size", "samples", "methods", "problems", "wall_s"} and 0 <= res["wall_s"] < 300
     [(method, runs_by_item)] = seen
     assert method == "single" and sorted(runs_by_item) == ["seven code", "seven~s1"]
