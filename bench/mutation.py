@@ -63,10 +63,11 @@ TARGETS = {
                        functions=["x_pass_at_k*", "x_avg_at_k*", "x_maj_at_k*", "x_method_config*",
                                   "x_aggregation_diagnostics*"]),
     # the run path: evaluate() and its per-method configs, the context fit, the judge, the report and lm-eval
-    # files, the loaders, math vote keys and the standard errors. Left out: _read_hf_dataset (it needs the Hugging
-    # Face Hub or a datasets install; its one local-folder test would reach it only through `datasets`). Beyond
-    # test_evaluate.py, the fast tests that reach these functions directly: paired_se / mean_se (test_speedrun),
-    # math_scorer on huge integers (test_verify)
+    # files, the loaders, math vote keys and the standard errors (1416 mutants, ~12-21 min on the shared box).
+    # Left out: _read_hf_dataset (a dataset id needs the Hugging Face Hub: its mutants would wait on the network).
+    # Beyond test_evaluate.py, the fast tests that reach these functions directly: paired_se / mean_se
+    # (test_speedrun), math_scorer on huge integers (test_verify). Not selected: test_codebench.py's evaluate_code
+    # tests, which reach evaluate() too but run sandboxed programs (seconds per mutant)
     "evaluate_run": Target("openzaya/evaluate.py",
                            ["tests/test_evaluate.py", "tests/test_speedrun.py::test_standard_errors",
                             "tests/test_verify.py::test_huge_integers_give_verdicts_not_exceptions"],
