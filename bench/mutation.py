@@ -58,15 +58,26 @@ class Target:
 TARGETS = {
     "rl": Target("openzaya/rl.py", ["tests/test_rl.py"]),
     "ttc": Target("openzaya/ttc.py", ["tests/test_ttc.py"]),
-    # the metrics, the method configs and the aggregation diagnostics (216 of the file's 894 mutants). Left out
-    # for time: evaluate() itself (225; many of its mutants hang until mutmut's timeout, ~10 s each, plus the local
-    # model test) and the report's markdown text and the loaders (~420, mostly string edits): "evaluate_run" below
+    # the metrics, the method configs and the aggregation diagnostics; the rest of the file is "evaluate_run"
     "evaluate": Target("openzaya/evaluate.py", ["tests/test_evaluate.py"],
                        functions=["x_pass_at_k*", "x_avg_at_k*", "x_maj_at_k*", "x_method_config*",
                                   "x_aggregation_diagnostics*"]),
-    "evaluate_run": Target("openzaya/evaluate.py", ["tests/test_evaluate.py"],
-                           functions=["x_evaluate*", "x__aevaluate*", "x_write_report*", "x_load_benchmark*",
-                                      "x__rows_to_items*", "x_math_scorer*", "x_env_suite*"]),
+    # the run path: evaluate() and its per-method configs, the context fit, the judge, the report and lm-eval
+    # files, the loaders, math vote keys and the standard errors (1416 mutants, ~12-21 min on the shared box).
+    # Left out: _read_hf_dataset (a dataset id needs the Hugging Face Hub: its mutants would wait on the network).
+    # Beyond test_evaluate.py, the fast tests that reach these functions directly: paired_se / mean_se
+    # (test_speedrun), math_scorer on huge integers (test_verify). Not selected: test_codebench.py's evaluate_code
+    # tests, which reach evaluate() too but run sandboxed programs (seconds per mutant)
+    "evaluate_run": Target("openzaya/evaluate.py",
+                           ["tests/test_evaluate.py", "tests/test_speedrun.py::test_standard_errors",
+                            "tests/test_verify.py::test_huge_integers_give_verdicts_not_exceptions"],
+                           functions=["x_evaluate*", "x__aevaluate*", "x_judge_answers*", "x__winner_text*",
+                                      "x_write_report*", "x_write_lm_eval*", "x__sha*",
+                                      "x_for_method*", "x_fit_to_context*", "x__clamp*", "x_context_need*",
+                                      "x__template_overhead*",
+                                      "x_load_benchmark*", "x_read_rows*", "x__read_file*", "x_read_jsonl*",
+                                      "x_rows_to_items*", "x_benchmark_name*", "x_env_suite*", "x_math_scorer*",
+                                      "x_math_vote_keys*", "x_mean_se*", "x_paired_se*"]),
     # the checks that run in the calling process (cleaning, the fast path, refusals, the pool's bookkeeping and
     # verdicts); left out: _verify_in_worker, _watch_parent and _worker_main, which run inside the pool's worker
     # processes, where mutmut cannot switch mutants or see which test reached them (all "no tests")
@@ -96,13 +107,24 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
 # child per mutant from it: math-verify workers that process started would be its children, and one killed by a
 # forked child (a timeout test replaces a worker) is reaped by mutmut's wait for its mutant children, which then
 # fails (KeyError in wait_for_result). Closing the pool when every session ends leaves no such worker behind.
-POOL_TEARDOWN = """
+# tqdm's write lock holds a multiprocessing RLock (a semaphore shared by every forked child): a mutant that raises
+# inside tqdm while holding it (evaluate()'s `unit=None`) never releases it, and every later child then blocks on its
+# first progress bar until mutmut's timeout (30 evaluate() mutants in a row "timed out" that way, each counted as
+# killed). Each session (each child) therefore starts with a lock of its own.
+CONFTEST_HOOKS = """
 
-def pytest_sessionfinish(session, exitstatus):   # added by bench/mutation.py (see POOL_TEARDOWN there)
+def pytest_sessionfinish(session, exitstatus):   # added by bench/mutation.py (see CONFTEST_HOOKS there)
     import sys
     verify = sys.modules.get("openzaya.verify")
     if verify is not None and verify._POOL is not None:
         verify._POOL.close()
+
+
+def pytest_sessionstart(session):   # added by bench/mutation.py (see CONFTEST_HOOKS there)
+    from tqdm.std import TqdmDefaultWriteLock, tqdm
+    if hasattr(TqdmDefaultWriteLock, "mp_lock"):
+        del TqdmDefaultWriteLock.mp_lock
+    tqdm.set_lock(TqdmDefaultWriteLock())
 """
 
 
@@ -123,7 +145,7 @@ def prepare(name: str, t: Target, work: Path, tests_rev: str | None, deselect: l
                              capture_output=True).stdout
         tarfile.open(fileobj=BytesIO(tar)).extractall(work)
     with open(work / "tests" / "conftest.py", "a") as f:
-        f.write(POOL_TEARDOWN)
+        f.write(CONFTEST_HOOKS)
     src = work / t.path
     text = src.read_text()
     for qual, deco in t.undecorate.items():

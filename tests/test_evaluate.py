@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest tests/test_evaluate.py
 
 import json
 import sys
+from dataclasses import asdict, replace
 from math import comb, sqrt
 
 import pytest
@@ -487,3 +488,479 @@ def test_methods_are_validated_on_the_knobs_they_use(short_context, capsys):
     rc = main(["solve", "q", "--model", str(short_context), "--method", "markovian_rsa", "--population", "2"])
     err = capsys.readouterr().err
     assert rc == 2 and "--candidates C=4 exceeds --population N=2" in err    # RSA does use C
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the run path against hand values (issue 28: the evaluate_run mutation target, bench/mutation.py)
+
+
+class NoTokenizer(Backend):
+    """No tokenizer, a fixed context: counts are ceil(len / 4), the chat template allowance is 16 tokens."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def context_tokens(self):
+        return self.ctx
+
+    def generate(self, requests):
+        raise AssertionError("fitting to the context makes no calls")
+
+
+# Question lengths 2, 40 and 8 characters: the longest (10 tokens) is not the lexicographic maximum ("zz").
+QUESTIONS = ["zz", "x" * 40, "a" * 8]
+APPROX = "; token counts approximated at 4 characters per token, --tokenizer makes them exact"
+
+
+def _fit(ctx, methods, base, given=frozenset()):
+    try:
+        cfg, notes = fit_to_context(base, methods, NoTokenizer(ctx), QUESTIONS, given)
+    except ValueError as e:
+        return str(e)
+    return cfg.budget_tokens, cfg.tail_tokens, notes
+
+
+def test_fit_to_context_hand_values():
+    """Markovian RSA's longest call for the 10-token question with C = 2: 10 + 2 tau + |template| (111 tokens for
+    C = 2 at 4 characters per token) + 16 (template allowance) + beta; single's: 10 + 16 + beta."""
+    from openzaya.ttc import Run
+
+    rsa = dict(population=2, candidates=2, rounds=1)
+    assert Run(NoTokenizer(1), TTCConfig(**rsa)).template_tokens() == 111
+    single = TTCConfig(method="single", budget_tokens=100)
+    assert _fit(126, ["single"], single) == (100, 4096, [])                 # needs exactly the context: fits
+    assert _fit(125, ["single"], single, {"budget_tokens"}) == (
+        "single: the longest call needs ~126 tokens (prompt + --budget-tokens 100), over this model's context of "
+        "125: lower --budget-tokens (e.g. --budget-tokens 99 fit)")
+    note = "the default TTC budget does not fit this model's context of {} tokens: using {} (give the flags to " \
+           "choose other values" + APPROX + ")"
+    # both free, tau = beta // 4: 137 + beta + 2 (beta // 4) <= 200 -> beta 43 (= 200 exactly), tau 10
+    assert _fit(200, ["markovian_rsa"], TTCConfig(**rsa, tail_tokens=40, budget_tokens=160)) == (
+        43, 10, [note.format(200, "--budget-tokens 160 -> 43, --tail-tokens 40 -> 10")])
+    # tau 1 stays 1 (40 x beta // 160 = 0 -> 1) and is not reported: 139 + beta <= 150 -> beta 11
+    assert _fit(150, ["markovian_rsa"], TTCConfig(**rsa, tail_tokens=1, budget_tokens=160)) == (
+        11, 1, [note.format(150, "--budget-tokens 160 -> 11")])
+    # beta given: only tau moves, 237 + 2 tau <= 239 -> tau 1; at 238 nothing fits with beta 100, but beta 57 and
+    # tau 22 (40 / 100 of it) would: 137 + 57 + 44 = 238
+    base = TTCConfig(**rsa, tail_tokens=40, budget_tokens=100)
+    assert _fit(239, ["markovian_rsa"], base, {"budget_tokens"}) == (100, 1, [note.format(239, "--tail-tokens 40 -> 1")])
+    assert _fit(238, ["markovian_rsa"], base, {"budget_tokens"}) == (
+        "markovian_rsa: the longest call needs ~317 tokens (prompt + --budget-tokens 100), over this model's context "
+        "of 238: lower --budget-tokens, --tail-tokens or --candidates (e.g. --budget-tokens 57 --tail-tokens 22 fit)")
+    # tau 300 given: beta alone moves, 737 + beta <= 1237 -> 500 (the search passes through beta < tau on the way)
+    given_tau = TTCConfig(**rsa, tail_tokens=300)
+    assert _fit(1237, ["markovian_rsa"], given_tau, {"tail_tokens"}) == (
+        500, 300, [note.format(1237, "--budget-tokens 16384 -> 500")])
+    # at 937 the largest fitting beta (266) is below the given tau: no valid config with tau 300; both free would fit
+    # beta 772 and tau 14 (300 / 16384 of it): 137 + 772 + 28 = 937. Two methods: both named.
+    assert _fit(937, ["single", "markovian_rsa"], given_tau, {"tail_tokens"}) == (
+        "single, markovian_rsa: the longest call needs ~17121 tokens (prompt + --budget-tokens 16384), over this "
+        "model's context of 937: lower --budget-tokens, --tail-tokens or --candidates (e.g. --budget-tokens 772 "
+        "--tail-tokens 14 fit)")
+    # nothing fits at all (the question and the template alone exceed 20), nothing given: no example values
+    assert _fit(20, ["markovian_rsa"], TTCConfig(**rsa)) == (
+        "markovian_rsa: the longest call needs ~24713 tokens (prompt + --budget-tokens 16384), over this model's "
+        "context of 20: lower --budget-tokens, --tail-tokens or --candidates")
+    assert _fit(None, ["markovian_rsa"], base) == (100, 40, [
+        "the backend did not report its context length (vLLM, SGLang and openzaya serve report max_model_len in "
+        "/v1/models): prompt + budget not checked"])
+
+
+class FakeTokenizer:
+    """encode gives 2 ids for any text; the chat template (when set) 5 ids."""
+
+    def __init__(self, chat_template):
+        if chat_template is not ...:
+            self.chat_template = chat_template
+
+    def encode(self, text, add_special_tokens=True):
+        return [1, 2]
+
+    def apply_chat_template(self, messages, **kw):
+        return [1, 2, 3, 4, 5]
+
+
+def test_template_overhead_context_need_and_for_method():
+    from openzaya.evaluate import _template_overhead, context_need, for_method
+
+    backend = NoTokenizer(None)
+    assert _template_overhead(backend) == 16
+    for template, overhead in ((None, 2), (..., 2), ("{{ messages }}", 5)):     # none, no attribute, a template
+        backend.tokenizer = FakeTokenizer(template)
+        assert _template_overhead(backend) == overhead, template
+    backend = NoTokenizer(None)
+    q = "x" * 40                                                       # 10 tokens
+    assert context_need(TTCConfig(method="single", budget_tokens=100), backend, q) == 10 + 16 + 100
+    assert context_need(TTCConfig(population=2, candidates=2, rounds=1, tail_tokens=40, budget_tokens=160),
+                        backend, q) == 10 + 2 * 40 + 111 + 16 + 160
+    # knobs a method does not read are made consistent (C <= N, tau <= beta, at least 1); those it reads are kept
+    assert for_method(TTCConfig(method="single", population=1, candidates=4, tail_tokens=4096, budget_tokens=1)) == \
+        TTCConfig(method="single", population=1, candidates=1, tail_tokens=1, budget_tokens=1)
+    rsa = TTCConfig(population=2, candidates=4, tail_tokens=64, budget_tokens=32)
+    assert for_method(rsa) == rsa
+    assert for_method(replace(rsa, method="other")) == replace(rsa, method="other")   # unknown: RSA's knobs
+
+
+def test_benchmark_names_suites_and_rows(tmp_path):
+    from openzaya.envs.registry import get_env
+    from openzaya.evaluate import benchmark_name, env_suite, read_rows, rows_to_items
+
+    assert [benchmark_name(s) for s in ("envs:easy", "data/aime.jsonl", "x/b.parquet", "org/name", "a:b/c:d")] == \
+        ["envs_easy", "aime", "b", "org__name", "a_b__c_d"]
+    assert env_suite([("gcd", 0), ("lcm", 1)]) == [("gcd", 0, 10_000), ("lcm", 1, 10_000)]
+    assert env_suite([("gcd", 2)], seeds_per_env=2) == [("gcd", 2, 10_000), ("gcd", 2, 10_001)]
+    items = load_benchmark("envs:tiny", limit=2)
+    assert [it.id for it in items] == ["long_addition-d0-s10000", "gcd-d0-s10000"]
+    assert [it.question for it in items] == [get_env("long_addition").generate(0, 10_000).prompt,
+                                             get_env("gcd").generate(0, 10_000).prompt]
+    with pytest.raises(ValueError, match=r"^unknown suite 'envs:nope'; built-in suites: envs:tiny, envs:easy, "
+                                         r"envs:nano$"):
+        load_benchmark("envs:nope")
+    with pytest.raises(ValueError, match=r"^'missing.jsonl' is neither a suite \(envs:tiny, envs:easy, envs:nano\) "
+                                         r"nor an existing file: no such file$"):
+        read_rows("missing.jsonl")
+    # default field names; a missing id is the row's index
+    got = rows_to_items([{"problem": "p?", "answer": 1}, {"question": "q?", "answer": "2", "id": "a/b"}], "src")
+    assert [(i.id, i.question, i.answer) for i in got] == [("0", "p?", "1"), ("a_b", "q?", "2")]
+    for rows, kw, msg in [
+            ([{"problem": "p?", "answer": 1}], {"question_field": "q"}, "src row 0: no question field (q); fields: "
+                                                                        "['answer', 'problem']"),
+            ([{"text": "p?", "answer": 1}], {}, "src row 0: no question field (problem/question); fields: "
+                                                "['answer', 'text']"),
+            ([{"problem": "p?", "gold": 1}], {}, "src row 0: no answer field 'answer'; fields: ['gold', 'problem']"),
+            ([{"problem": "p?", "answer": 1, "id": "x"}] * 2, {}, "src: duplicate ids")]:
+        with pytest.raises(ValueError) as e:
+            rows_to_items(rows, "src", **kw)
+        assert str(e.value) == msg
+    f = tmp_path / "b.jsonl"
+    f.write_text(json.dumps({"problem": "p?"}) + "\n")
+    with pytest.raises(ValueError) as e:
+        load_benchmark(str(f))
+    assert str(e.value) == f"{f} row 0: no answer field 'answer'; fields: ['problem']"      # names the file
+
+
+def test_benchmark_file_errors_name_the_file_and_the_formats(tmp_path, monkeypatch):
+    formats = (".jsonl (one JSON object per line), .json (a JSON list of objects), .parquet (needs pyarrow), a suite "
+               "(envs:tiny, envs:easy, envs:nano) or a Hugging Face dataset")
+    for name, suffix in (("b.csv", "'.csv'"), ("bench", "'(no suffix)'")):
+        (tmp_path / name).write_text("problem,answer\n")
+        with pytest.raises(ValueError) as e:
+            load_benchmark(str(tmp_path / name))
+        assert str(e.value) == f"{tmp_path / name}: unsupported benchmark format {suffix}; supported: {formats}"
+    js = tmp_path / "b.json"
+    js.write_text('[{"problem": "1+2?", "answer": "3"},\n oops]')
+    with pytest.raises(ValueError) as e:
+        load_benchmark(str(js))
+    assert str(e.value) == f"{js} line 2: not valid JSON (Expecting value, column 2)"
+    js.write_text('[{"problem": "1+2?", "answer": "3"}, 4]')
+    with pytest.raises(ValueError, match=r"a .json benchmark is a list of objects; for one object per line use "
+                                         r"\.jsonl$"):
+        load_benchmark(str(js))
+    pq = tmp_path / "b.parquet"
+    pq.write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)       # as if pyarrow were not installed
+    with pytest.raises(ImportError) as e:
+        load_benchmark(str(pq))
+    assert str(e.value) == f"{pq}: reading Parquet needs pyarrow (pip install pyarrow), or convert it to JSONL"
+
+
+def test_read_rows_default_split_and_load_benchmark_split(tmp_path, monkeypatch):
+    """A local dataset folder with two splits: read_rows reads "test" by default, load_benchmark the split it is
+    given (through `datasets`)."""
+    from openzaya.evaluate import read_rows
+
+    folder = tmp_path / "two_splits"
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text(json.dumps({"id": split, "problem": f"{split}?", "answer": "1"}) + "\n")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    assert [r["id"] for r in read_rows(str(folder))] == ["test"]
+    assert [i.id for i in load_benchmark(str(folder), split="train")] == ["train"]
+
+
+class ByRun(Backend):
+    """Answers by problem and run only (the call key is "<problem>~s<run>/r<round>/i<index>"): ANSWERS[run], or
+    "7" for problems whose id starts with "seven"."""
+
+    ANSWERS = ["0.5", "1/2", "0.25", "0.25"]
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            problem, run = r.id.split("/")[0].rsplit("~s", 1)
+            ans = "7" if problem.startswith("seven") else self.ANSWERS[int(run)]
+            text = f"<think>\nrun {run}\n</think>\n\n\\boxed{{{ans}}}"
+            reasoning, answer = split_reasoning(text)
+            out.append([Completion(text, reasoning, answer, "stop", 3, 4, 0.0)])
+        return out
+
+
+def test_evaluate_votes_math_items_by_value_and_env_items_by_string():
+    """Runs answer 0.5, 1/2, 0.25, 0.25. Math-scored (gold 0.5): 0.5 and 1/2 vote together, 2 against 2, the earliest
+    group wins: right. Scored by an exact-string check: 0.25 wins 2 to 1 to 1: wrong."""
+    from openzaya.envs.base import extract_answer
+
+    items = [Item("math", "half?", "0.5"), Item("env", "half?", "0.5", score=lambda r: float(extract_answer(r) == "0.5"))]
+    res = evaluate(items, ByRun(), TTCConfig(budget_tokens=16), ["single"], samples=4)
+    rows = {p["id"]: p["methods"]["single"] for p in res["problems"]}
+    assert (rows["math"]["avg@k"], rows["math"]["maj@k"]) == (0.5, 1.0)
+    assert (rows["env"]["avg@k"], rows["env"]["maj@k"]) == (0.25, 0.0)
+
+
+def test_evaluate_rows_judge_progress_and_code_items(tmp_path, capsys, monkeypatch):
+    """The judge gets the method and the runs (an item id may hold "~s"), its "extra" lands in the rows; per-problem
+    tokens / calls / wall time / rounds are the runs' means; a code item is not scored by the runs (its judge does);
+    the progress bar counts calls and follows the terminal's width; the lm-eval files are named after the default
+    task "benchmark"."""
+    import tqdm
+
+    from openzaya.evaluate import judge_answers
+
+    bars = []
+
+    class Bar(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            bars.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    seen = []
+
+    def judge(method, items, runs_by_item):
+        seen.append((method, runs_by_item))
+        return [j | {"extra": {"note": it.id}} for it, j in zip(items, judge_answers(method, items, runs_by_item))]
+
+    items = [Item("seven~s1", "What is 3 + 4?", "7", score=lambda r: float("{7}" in r)),
+             Item("seven code", "Print 7.", "7", code=object())]
+    res = evaluate(items, ByRun(), TTCConfig(budget_tokens=16), ["single"], samples=2, out_dir=tmp_path, judge=judge)
+    err = capsys.readouterr().err
+    assert "single: 100%" in err and "| 4/4 [" in err and "call/s]" in err
+    assert [bar.get("dynamic_ncols") for bar in bars] == [True]
+    assert set(res) == {"benchmark_size", "samples", "methods", "problems", "wall_s"} and 0 <= res["wall_s"] < 300
+    [(method, runs_by_item)] = seen
+    assert method == "single" and sorted(runs_by_item) == ["seven code", "seven~s1"]
+    runs = runs_by_item["seven~s1"]
+    assert [r.id for r in runs] == ["seven~s1~s0", "seven~s1~s1"] and [r.majority_correct for r in runs] == [1.0, 1.0]
+    assert [(r.majority_correct, r.population_mean, r.rewards) for r in runs_by_item["seven code"]] == [(None, None, None)] * 2
+    row = res["problems"][0]["methods"]["single"]
+    assert sorted(row) == sorted(["avg@k", "pass@1", "pass@2", "maj@k", "pop_mean", "answers", "note", "tokens",
+                                  "completion_tokens", "calls", "wall_s", "rounds"])
+    assert row["note"] == "seven~s1" and row["avg@k"] == 1.0 and row["answers"] == ["7", "7"]
+    assert (row["tokens"], row["completion_tokens"], row["calls"]) == (7.0, 4.0, 1.0)
+    assert row["wall_s"] == sum(r.wall_s for r in runs) / 2 and row["wall_s"] > 0
+    assert row["rounds"] == [[asdict(x) for x in r.rounds] for r in runs]
+    assert len(list(tmp_path.glob("samples_benchmark_single_*.jsonl"))) == 1
+    with pytest.raises(ValueError, match="^empty benchmark$"):
+        evaluate([], ByRun(), TTCConfig(budget_tokens=16), ["single"])
+
+
+def test_judge_answers_and_winner_texts():
+    """Each run's majority answer, its correctness (None -> 0), vote keys by value for math-scored items only, the
+    final-population mean and the winner's text (the first final text when no candidate holds the majority answer,
+    "" when there are none)."""
+    from types import SimpleNamespace as Run
+
+    from openzaya.evaluate import judge_answers
+
+    runs = [Run(answer="1/2", majority_correct=1.0, population_mean=0.5, winner_index=1, final_texts=["a", "b"]),
+            Run(answer="0.5", majority_correct=None, population_mean=None, winner_index=None, final_texts=["c", "d"]),
+            Run(answer=None, majority_correct=0.0, population_mean=0.25, winner_index=None, final_texts=[])]
+    items = [Item("m", "q", "0.5"), Item("e", "q", "0.5", score=lambda r: 0.0)]
+    got = judge_answers("single", items, {"m": runs, "e": runs})
+    same = {"correct": [1.0, 0.0, 0.0], "answers": ["1/2", "0.5", None], "pop": [0.5, 0.0, 0.25],
+            "texts": ["b", "c", ""]}
+    assert got == [same | {"keys": ["1/2", "1/2", None]}, same | {"keys": None}]
+
+
+def _hand_results():
+    """A results dict as evaluate() returns it: k = 2 runs, two problems, single / rsa / markovian_rsa."""
+    def method(cfg, values, ses, tokens, completion, calls, wall, aggregation=None):
+        keys = ("avg@k", "pass@1", "pass@2", "maj@k", "pop_mean")
+        return {"config": asdict(cfg), **dict(zip(keys, values)), "stderr": dict(zip(keys, ses)),
+                "tokens_per_problem": tokens, "completion_tokens_per_problem": completion, "calls_per_problem": calls,
+                "wall_s_per_problem": wall, "totals": {"calls": 2 * 2 * calls},
+                **({"aggregation": aggregation} if aggregation else {})}
+
+    def row(avg, pop, tokens, completion, answers, **extra):
+        return {"avg@k": avg, "pass@1": avg, "pass@2": 1.0, "maj@k": 1.0, "pop_mean": pop, "answers": answers,
+                "tokens": tokens, "completion_tokens": completion, "calls": 1.0, "wall_s": 0.5, "rounds": [],
+                **extra}
+
+    return {"benchmark_size": 2, "samples": 2, "wall_s": 12.5, "methods": {
+        "single": method(TTCConfig(method="single", population=1, candidates=1, rounds=0, tail_tokens=8,
+                                   budget_tokens=16, temperature=0.6, top_p=0.95),
+                         (0.5, 0.25, 0.75, 0.5, 0.125), (0.5, 0.25, 0.25, 0.5, 0.125), 30.4, 20.6, 1.0, 0.123),
+        "rsa": method(TTCConfig(method="rsa", population=4, candidates=2, rounds=1, tail_tokens=8, budget_tokens=16),
+                      (1.0, 0.75, 1.0, 1.0, 0.625), (0.0, 0.25, 0.0, 0.0, 0.125), 240.0, 160.0, 8.0, 2.5,
+                      {"calls": 3, "accuracy": 1 / 3, "random_copy": 1 / 6, "copy_rate": 2 / 3,
+                       "keeps_agreeing_answer": None, "agreeing_calls": 0,
+                       "by_correct_shown": {0: {"calls": 2, "accuracy": 0.0}, 1: {"calls": 1, "accuracy": 1.0}}}),
+        "markovian_rsa": method(TTCConfig(population=3, candidates=2, rounds=2, tail_tokens=4, budget_tokens=32),
+                                (0.0, 0.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 0.0, 0.0), 99.5, 88.5, 9.0, 10.0,
+                                {"calls": 4, "accuracy": 0.75, "random_copy": 0.5, "copy_rate": 1.0,
+                                 "keeps_agreeing_answer": 0.5, "agreeing_calls": 2,
+                                 "by_correct_shown": {2: {"calls": 4, "accuracy": 0.75}}})},
+        "problems": [
+            {"id": "p1", "answer": "a gold answer longer than twenty chars", "methods": {
+                "single": row(0.5, 0.25, 30, 20, ["x|y", "abcdefghijklmnopq"]),
+                "rsa": row(1.0, 0.75, 240, 160, ["7", "7"]),
+                "markovian_rsa": row(0.0, 0.0, 99, 88, [None, "8"], code={"verdicts": ["WA", "RE"]})}},
+            {"id": "p2", "answer": 7, "methods": {
+                "single": row(0.5, 0.0, 30.8, 21.2, ["7", None]),
+                "rsa": row(1.0, 0.5, 240, 160, ["7", "7"]),
+                "markovian_rsa": row(0.0, 0.0, 100, 89, ["6", "6"])}}]}
+
+
+def test_write_report_exact_text_json_and_plot(tmp_path, monkeypatch):
+    """report.md line by line, results.json as written, and the plot's content: per method the problems (avg@k,
+    jittered by 0.01 per method) and the mean as a star, labels, limits, size (600 x 400 at dpi 100, whatever the
+    default dpi)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+    from matplotlib.markers import MarkerStyle
+
+    from openzaya.evaluate import write_report
+
+    saved = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: (saved.append(fig), savefig(fig, *a, **kw))[1])
+    results = _hand_results()
+    with matplotlib.rc_context({"figure.dpi": 50}):
+        write_report(results, tmp_path)
+    assert (tmp_path / "results.json").read_text() == json.dumps(results, indent=1)
+    acc = "0.000 ± 0.000 | " * 5
+    assert (tmp_path / "report.md").read_text().split("\n") == [
+        "# Evaluation (2 problems, k=2 runs per problem and method)", "",
+        "avg@k = mean correctness of each run's final answer (majority of its final population; for `single` the "
+        "sample itself). pop_mean = mean correctness over the final population (the ZAYA1 TR's TTC number). TTC rows "
+        "are not single-sample avg@k. ± is the standard error over problems.", "",
+        "| method | N | C | T | tau | beta | avg@k | pass@1 | pass@2 | maj@k | pop_mean | tokens/problem | completion "
+        "tokens/problem | calls/problem | wall s/problem |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| single | 1 | - | - | - | 16 | 0.500 ± 0.500 | 0.250 ± 0.250 | 0.750 ± 0.250 | 0.500 ± 0.500 | 0.125 ± 0.125 "
+        "| 30 | 21 | 1 | 0.12 |",
+        "| rsa | 4 | 2 | 1 | 8 | 16 | 1.000 ± 0.000 | 0.750 ± 0.250 | 1.000 ± 0.000 | 1.000 ± 0.000 | 0.625 ± 0.125 "
+        "| 240 | 160 | 8 | 2.50 |",
+        f"| markovian_rsa | 3 | 2 | 2 | 4 | 32 | {acc}100 | 88 | 9 | 10.00 |", "",
+        "### rsa: aggregation calls (3)", "",
+        "Accuracy 0.333 vs 0.167 for copying a random shown candidate; answer is one of the shown answers in 0.67 of "
+        "the calls; keeps the answer of agreeing candidates in - of 0 calls.", "",
+        "| correct candidates shown | calls | aggregator accuracy |", "|---|---|---|",
+        "| 0 | 2 | 0.000 |", "| 1 | 1 | 1.000 |", "",
+        "### markovian_rsa: aggregation calls (4)", "",
+        "Accuracy 0.750 vs 0.500 for copying a random shown candidate; answer is one of the shown answers in 1.00 of "
+        "the calls; keeps the answer of agreeing candidates in 0.50 of 2 calls.", "",
+        "| correct candidates shown | calls | aggregator accuracy |", "|---|---|---|",
+        "| 2 | 4 | 0.750 |", "",
+        "## Per problem", "",
+        "| problem | gold | single avg@k / pop / tokens / answers | rsa avg@k / pop / tokens / answers | markovian_rsa "
+        "avg@k / pop / tokens / answers |",
+        "|---|---|---|---|---|",
+        "| p1 | a gold answer longer | 0.50 / 0.25 / 30 / x\\|y, abcdefghijkl | 1.00 / 0.75 / 240 / 7, 7 | "
+        "0.00 / 0.00 / 99 / None, 8 |",
+        "| p2 | 7 | 0.50 / 0.00 / 31 / 7, None | 1.00 / 0.50 / 240 / 7, 7 | 0.00 / 0.00 / 100 / 6, 6 |", "",
+        "![accuracy vs tokens](accuracy_vs_tokens.png)", ""]
+    [fig] = saved
+    assert not plt.fignum_exists(fig.number)                                      # closed
+    assert (tmp_path / "accuracy_vs_tokens.png").read_bytes()[16:24] == (600).to_bytes(4, "big") + (400).to_bytes(4, "big")
+    [ax] = fig.axes
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == (
+        "completion tokens per problem (mean over runs)", "accuracy (avg@k)", "accuracy vs tokens spent")
+    assert ax.get_ylim() == (-0.1, 1.1)
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == [f"{m} ({w})" for m in ("single", "rsa", "markovian_rsa")
+                                                          for w in ("problems", "mean")]
+    assert all(t.get_fontsize() == 7 for t in legend.get_texts())
+    star = MarkerStyle("*")
+    star = star.get_path().transformed(star.get_transform()).vertices
+    problems = {"single": ([20, 21.2], [0.5, 0.5]), "rsa": ([160, 160], [1.0, 1.0]), "markovian_rsa": ([88, 89], [0, 0])}
+    for i, (m, coll, mean) in enumerate(zip(problems, ax.collections[::2], ax.collections[1::2])):
+        xs, ys = problems[m]
+        assert np.array_equal(coll.get_offsets(), np.array([xs, [y + (i - 1.5) * 0.01 for y in ys]]).T), m
+        assert list(coll.get_sizes()) == [14] and coll.get_alpha() == 0.5
+        assert np.array_equal(coll.get_facecolor()[0], to_rgba(f"C{i}", 0.5))
+        r = results["methods"][m]
+        assert np.array_equal(mean.get_offsets(), [[r["completion_tokens_per_problem"], r["avg@k"]]]), m
+        assert list(mean.get_sizes()) == [120] and mean.get_alpha() is None
+        assert np.array_equal(mean.get_facecolor()[0], to_rgba(f"C{i}"))
+        assert np.array_equal(mean.get_edgecolor()[0], to_rgba("black"))
+        assert np.allclose(mean.get_paths()[0].vertices, star)
+
+
+def test_write_lm_eval_exact_files(tmp_path, monkeypatch):
+    """lm-evaluation-harness's results_<date>.json and samples_<task>_<method>_<date>.jsonl, field by field, for the
+    hand results above (the date fixed; no "benchmark" in the run config: dataset_path is the task)."""
+    import datetime as dt
+    import hashlib
+
+    from openzaya.evaluate import write_lm_eval
+
+    class Fixed(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 6, 10, 20, 30)
+
+    monkeypatch.setattr(dt, "datetime", Fixed)
+    results = _hand_results()
+    items = [Item("p1", "½ of 1?", "0.5"), Item("p2", "3 + 4?", "7")]
+    responses = {m: [[f"{m} a", f"{m} b"], [f"{m} c", f"{m} d"]] for m in results["methods"]}
+    res_path, sample_paths = write_lm_eval(results, items, responses, tmp_path, "t", {"model": "m", "backend": "x"})
+    date = "2026-12-06T10-20-30"
+    names = {m: f"t_{m}" for m in results["methods"]}
+    assert res_path == tmp_path / f"results_{date}.json"
+    assert sample_paths == [tmp_path / f"samples_{n}_{date}.jsonl" for n in names.values()]
+    metrics = {"avg@k": "avg@2", "pass@1": "pass@1", "pass@2": "pass@2", "maj@k": "maj@2", "pop_mean": "pop_mean"}
+    doc = {"results": {}, "configs": {}, "versions": {}, "n-shot": {}, "higher_is_better": {}, "n-samples": {},
+           "config": {"model": "m", "backend": "x", "repeats": 2}, "date": date,
+           "total_evaluation_time_seconds": "12.5"}
+    for m, name in names.items():
+        r = results["methods"][m]
+        doc["results"][name] = {"alias": name, **{k: v for key, metric in metrics.items() for k, v in
+                                                  ((f"{metric},none", r[key]), (f"{metric}_stderr,none",
+                                                                                r["stderr"][key]))}}
+        gen = {"temperature": r["config"]["temperature"], "top_p": r["config"]["top_p"],
+               "max_gen_toks": r["config"]["budget_tokens"]}
+        doc["configs"][name] = {"task": name, "dataset_path": "t", "output_type": "generate_until", "repeats": 2,
+                                "num_fewshot": 0, "generation_kwargs": gen,
+                                "metric_list": [{"metric": x, "higher_is_better": True} for x in metrics.values()],
+                                "metadata": {"ttc": r["config"]}}
+        doc["versions"][name], doc["n-shot"][name] = 1.0, 0
+        doc["higher_is_better"][name] = {x: True for x in metrics.values()}
+        doc["n-samples"][name] = {"original": 2, "effective": 2}
+        lines = []
+        for i, (it, prob) in enumerate(zip(items, results["problems"])):
+            row = prob["methods"][m]
+            lines.append(json.dumps({
+                "doc_id": i, "doc": {"id": it.id, "question": it.question, "answer": it.answer}, "target": it.answer,
+                "arguments": {"gen_args_0": {"arg_0": it.question, "arg_1": gen}},
+                "resps": [[t] for t in responses[m][i]], "filtered_resps": row["answers"], "filter": "none",
+                "metrics": list(metrics.values()), **{x: row[key] for key, x in metrics.items()},
+                **({"code": row["code"]} if m == "markovian_rsa" and i == 0 else {}),
+                "doc_hash": hashlib.sha256(f"{it.question}\n{it.answer}".encode()).hexdigest(),
+                "prompt_hash": hashlib.sha256(it.question.encode()).hexdigest(),
+                "target_hash": hashlib.sha256(it.answer.encode()).hexdigest()}, ensure_ascii=False))
+        assert (tmp_path / f"samples_{name}_{date}.jsonl").read_text() == "\n".join(lines) + "\n", m
+    assert "½ of 1?" in (tmp_path / f"samples_t_single_{date}.jsonl").read_text()
+    assert res_path.read_text() == json.dumps(doc, indent=1)
+    assert json.loads(res_path.read_text())["configs"]["t_single"]["generation_kwargs"] == {
+        "temperature": 0.6, "top_p": 0.95, "max_gen_toks": 16}
+
+
+def test_benchmark_files_are_read_as_utf8_whatever_the_locale(tmp_path):
+    """.jsonl and .json files are UTF-8 even where the locale's encoding is ASCII (LC_CTYPE=C)."""
+    import locale
+
+    for name, text in (("b.jsonl", json.dumps({"problem": "½ of 1?", "answer": "0.5"}, ensure_ascii=False) + "\n"),
+                       ("b.json", json.dumps([{"problem": "½ of 1?", "answer": "0.5"}], ensure_ascii=False))):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    old = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        assert locale.getencoding() == "ANSI_X3.4-1968"          # the default encoding of open() is now ASCII
+        questions = [load_benchmark(str(tmp_path / name))[0].question for name in ("b.jsonl", "b.json")]
+    finally:
+        locale.setlocale(locale.LC_CTYPE, old)
+    assert questions == ["½ of 1?", "½ of 1?"]
