@@ -344,6 +344,8 @@ def stage_plan(cfg: SpeedrunConfig) -> dict[str, float]:
     if cfg.agg_sft_steps > 0:
         plan["aggregation sft"] = SECONDS_PER_TRAIN_STEP * cfg.agg_sft_steps + SECONDS_PER_EVAL
     plan["eval sft"] = SECONDS_PER_EVAL
+    if cfg.precision_twin:   # joined here: its CPU seconds get their own row (skipped without native bf16)
+        plan["precision twin"] = 1.0
     for stage in (cfg.rl_stages if cfg.rl else []):
         plan[f"rl {stage}"] = SECONDS_PER_RL_STEP * cfg.rl_steps
         if stage == cfg.rl_stages[-1]:
@@ -618,6 +620,10 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
     evals = {"sft": full_evaluation(cfg, out, sft["model_dir"], items, "sft")}
     laps("eval sft")
     precision_twin = finish_precision_twin(twin, pre)   # done before the RL stages, which use both cores
+    if twin:
+        laps("precision twin")
+    elif cfg.precision_twin:                          # this device has no native bf16: not run
+        laps.skip("precision twin")
     rl_evals, rl_curves, rl_notes = rl_cascade(cfg, out, sft["model_dir"], items, laps, device)
     evals.update(rl_evals)
     ablation = {}

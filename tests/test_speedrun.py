@@ -113,9 +113,12 @@ def test_aggregation_table_shows_the_aggregator_against_random_copy():
 
 def test_stage_plan_names_the_stages_run_goes_through():
     plan = speedrun.stage_plan(speedrun.smoke())
-    assert list(plan) == ["corpus", "tokenizer", "pretrain", "sft", "aggregation sft", "eval sft", "rl warmup", "eval warmup", "rl rlve",
-                          "eval rlve", "rl math-code-ttc", "eval math-code-ttc", "rl behavioral", "eval behavioral"]
-    assert list(speedrun.stage_plan(speedrun.smoke(rl=False, ablation_trim=True)))[-2:] == ["eval sft", "ablation"]
+    assert list(plan) == ["corpus", "tokenizer", "pretrain", "sft", "aggregation sft", "eval sft", "precision twin",
+                          "rl warmup", "eval warmup", "rl rlve", "eval rlve", "rl math-code-ttc", "eval math-code-ttc",
+                          "rl behavioral", "eval behavioral"]
+    assert list(speedrun.stage_plan(speedrun.smoke(rl=False, ablation_trim=True)))[-3:] == ["eval sft", "precision twin",
+                                                                                             "ablation"]
+    assert "precision twin" not in speedrun.stage_plan(speedrun.smoke(precision_twin=False))
     assert all(w > 0 for w in plan.values())
 
 
@@ -156,7 +159,7 @@ def test_speedrun_smoke_with_rl(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     # stage k/n with elapsed and ETA; a stage that stops for lack of signal drops its evaluation from the plan
     stages = re.findall(r"^\[speedrun\] stage (\d+)/(\d+): (.+?) \| elapsed \S+ \| eta \S+$", r.stdout, flags=re.M)
-    assert stages[0] == ("1", "14", "corpus") and [int(k) for k, _, _ in stages] == list(range(1, len(stages) + 1))
+    assert stages[0] == ("1", "15", "corpus") and [int(k) for k, _, _ in stages] == list(range(1, len(stages) + 1))
     assert stages[-1][2] == "rl behavioral" and [int(n) for _, n, _ in stages] == sorted(
         (int(n) for _, n, _ in stages), reverse=True), stages        # n shrinks as stages stop; k counts up
     # the README's commands read these paths after `make run` (tests/test_readme.py fakes them; the smoke model's
