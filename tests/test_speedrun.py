@@ -89,15 +89,16 @@ def test_small_preset_is_what_its_docstring_says():
 
 
 def test_mini_preset_is_what_its_docstring_says():
-    """The ~20-minute CPU preset: nano's pipeline and steps on the mini model (2.37M parameters, 2.1x nano's),
-    Markovian RSA on 48 problems per cell; the CLI accepts it."""
+    """The ~20-minute CPU preset: nano's pipeline and steps (but the 240 SFT steps it was measured with) on the mini
+    model (2.37M parameters, 2.1x nano's), Markovian RSA on 48 problems per cell; the CLI accepts it."""
     from openzaya import model as M
     from openzaya.cli import build_parser
     n, m = speedrun.nano(), speedrun.mini()
     params = lambda c: M.count_params(M.PRESETS[c.model_preset](c.vocab_size))["total"] / 1e6
     assert m.model_preset == "mini" and round(params(m), 2) == 2.37 and round(params(m) / params(n), 1) == 2.1
     assert m.eval_rsa_problems == 48 and n.eval_rsa_problems == 24
-    assert replace(m, name="nano", model_preset="nano", eval_rsa_problems=24) == n    # nothing else differs
+    assert (m.sft_steps, n.sft_steps) == (240, 360)                                     # mini: as measured
+    assert replace(m, name="nano", model_preset="nano", eval_rsa_problems=24, sft_steps=360) == n   # nothing else
     assert build_parser().parse_args(["speedrun", "--preset", "mini"]).preset == "mini"
 
 
