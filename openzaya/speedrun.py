@@ -192,7 +192,8 @@ def smoke(**kw) -> SpeedrunConfig:
 
 def small(**kw) -> SpeedrunConfig:
     """nano's settings scaled up for a GPU: the `micro` model (27.0M parameters at this vocabulary: 8 layers, 16
-    experts; nano's is 1.13M), 7x nano's pretraining + SFT tokens (10.6M vs 1.5M) from a corpus 5x as large; RL off
+    experts; nano's is 1.13M), 5.4x nano's pretraining + SFT tokens (10.6M vs 2.0M; 7x when nano had 240 SFT
+    steps) from a corpus 5x as large; RL off
     (measured before the RL stages could run on a GPU). Measured on an H200 (`bench/device_speedrun.sh`): 323 s (pretrain 121, SFT 183,
     evaluation 14). For the question whether Markovian RSA pays off once the model is larger (dev/LOG.md, session
     10)."""
