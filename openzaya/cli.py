@@ -574,7 +574,10 @@ def add_speedrun(sub):
     p.add_argument("--no-precision-twin", action="store_true",
                    help="skip the second pretraining run in the other precision (bf16 vs fp32 loss curves)")
     p.add_argument("--rl-steps", type=int, default=None, help="optimizer steps per RL stage")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads of the stages that share the CPU: pretraining, the RL trainer (default 1)")
+    p.add_argument("--threads-alone", type=int, default=None,
+                   help="torch CPU threads of SFT and the full evaluations (default 0 = every CPU)")
     p.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32"], default=None,
                    help="pretraining and SFT compute: auto = the preset's choice (bf16 where the device has native bf16 "
                         "matmuls, unless the preset measured fp32 faster at its size)")

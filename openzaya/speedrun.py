@@ -53,15 +53,17 @@ generates between two steps, instead of a CPU worker process). The
 + train, start/finish_precision_twin, supervised_finetune, aggregation_sft, evaluate_single_vs_rsa, rl_cascade,
 trim_ablation, plot_curves, write_report).
 The precision twin (issue 26): where the device has native bf16 matmuls, the pretraining run is repeated in the other
-precision in a child process on the core the one-thread trainer leaves idle (during pretraining and SFT), and the
-report plots both loss curves and states their difference against speedrun_report.PRECISION_TWIN_TOL;
-`--no-precision-twin` skips it.
+precision in a child process on the core the one-thread trainer leaves idle during pretraining, and the report
+plots both loss curves and states their difference against speedrun_report.PRECISION_TWIN_TOL;
+`--no-precision-twin` skips it. Threads: the stages that share the CPU with another process (pretraining beside its twin, the RL trainer
+beside its rollout worker) run on `threads` (1); SFT and the full evaluations, alone on the machine, on every CPU.
 `--ablation-trim` adds two extra SFT runs at a tight context budget (answer-preserving trimming vs plain truncation)
 and reports both, whatever they show. `--no-rl` stops after SFT (and its evaluation).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -151,7 +153,11 @@ class SpeedrunConfig:
     ablation_trim: bool = False
     ablation_seq_len: int = 64         # tight budget: most samples (77-101 tokens) must be trimmed
     ablation_steps: int = 120
+    # torch threads of a stage that shares the CPU with another process: pretraining (its precision twin beside it)
+    # and the RL trainer (its rollout worker beside it); the stages alone on the machine (SFT, the full evaluations)
+    # take `threads_alone` (0 = every CPU: nano's train step 1.5x, its evaluation 1.44x faster on 2 cores than 1)
     threads: int = 1
+    threads_alone: int = 0
     mixed_precision: str = "auto"      # pretrain, SFT, RL update: auto (bf16 where native) | bf16 | fp32
     precision_twin: bool = True        # pretraining again in the other precision, beside it (start_precision_twin)
     seed: int = 0
@@ -342,13 +348,13 @@ MID_EVAL_SHARE = 0.15          # an evaluation between RL stages: ~1/7 of the ge
 
 def stage_plan(cfg: SpeedrunConfig) -> dict[str, float]:
     """The stages `run` will go through, in order, with their expected relative cost (for stage k/n and the ETA)."""
-    plan = {"corpus": 10.0, "tokenizer": 5.0, "pretrain": SECONDS_PER_TRAIN_STEP * cfg.pretrain_steps,
-            "sft": SECONDS_PER_TRAIN_STEP * cfg.sft_steps}
+    plan = {"corpus": 10.0, "tokenizer": 5.0, "pretrain": SECONDS_PER_TRAIN_STEP * cfg.pretrain_steps}
+    if cfg.precision_twin:   # joined after pretraining: its CPU seconds get their own row (skipped without bf16)
+        plan["precision twin"] = 1.0
+    plan["sft"] = SECONDS_PER_TRAIN_STEP * cfg.sft_steps
     if cfg.agg_sft_steps > 0:
         plan["aggregation sft"] = SECONDS_PER_TRAIN_STEP * cfg.agg_sft_steps + SECONDS_PER_EVAL
     plan["eval sft"] = SECONDS_PER_EVAL
-    if cfg.precision_twin:   # joined here: its CPU seconds get their own row (skipped without native bf16)
-        plan["precision twin"] = 1.0
     for stage in (cfg.rl_stages if cfg.rl else []):
         plan[f"rl {stage}"] = SECONDS_PER_RL_STEP * cfg.rl_steps
         if stage == cfg.rl_stages[-1]:
@@ -358,6 +364,28 @@ def stage_plan(cfg: SpeedrunConfig) -> dict[str, float]:
     if cfg.ablation_trim:
         plan["ablation"] = 2 * (SECONDS_PER_TRAIN_STEP * cfg.ablation_steps + SECONDS_PER_EVAL)
     return plan
+
+
+def alone_threads(cfg: SpeedrunConfig) -> int:
+    """Torch threads for the stages that have the machine to themselves (SFT, the full evaluations):
+    `threads_alone`, or 0 = OMP_NUM_THREADS if set, else the CPUs this process may run on."""
+    import os
+    if cfg.threads_alone > 0:
+        return cfg.threads_alone
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return int(os.environ.get("OMP_NUM_THREADS") or cpus or 1)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads = n inside the block, restored after it."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def start_run(cfg: SpeedrunConfig, root: str | Path) -> tuple[Path, str]:
@@ -425,8 +453,8 @@ def pretrain_config(cfg: SpeedrunConfig, out: Path, tok_dir: Path, device: str):
 
 def start_precision_twin(pre_cfg, out: Path):
     """3b. The same pretraining run (data, seed, steps) in the other precision — bf16 autocast when the run is fp32,
-    fp32 when it is bf16 — in a child process on the core the one-thread trainer leaves idle during pretraining and
-    SFT, its step lines in pretrain_twin/log.txt; the report plots both loss curves (issue 26: bf16 must reach
+    fp32 when it is bf16 — in a child process on the core the one-thread trainer leaves idle during pretraining
+    (joined before SFT), its step lines in pretrain_twin/log.txt; the report plots both loss curves (issue 26: bf16 must reach
     fp32's loss). Returns (process, twin config), or None where the device has no native bf16 (a bf16 run there
     would only measure torch's emulation)."""
     import multiprocessing
@@ -483,7 +511,7 @@ def supervised_finetune(cfg: SpeedrunConfig, out: Path, tok_dir: Path, device: s
     from .train import run as train
     sft_cfg = TrainConfig(stage="sft", data=str(out / "sft_corpus"), out=str(out / "sft"), steps=cfg.sft_steps,
                           init_from=pretrained["model_dir"], warmup_steps=min(10, cfg.sft_steps), schedule="cosine",
-                          trim="ap", **train_settings(cfg, tok_dir, device))
+                          trim="ap", **{**train_settings(cfg, tok_dir, device), "threads": alone_threads(cfg)})
     return train(sft_cfg), sft_cfg
 
 
@@ -564,9 +592,10 @@ def rl_cascade(cfg: SpeedrunConfig, out: Path, init_dir: str, items, laps: Stage
 
 def full_evaluation(cfg: SpeedrunConfig, out: Path, model_dir: str, items, stage: str) -> dict:
     """The evaluation after SFT and after the last RL stage: `single` on every held-out item, Markovian RSA on the
-    first eval_rsa_problems of each cell."""
-    return evaluate_single_vs_rsa(model_dir, items, cfg, str(out / "agg_template.txt"), out / "eval" / stage,
-                                  cfg.eval_single_samples, first_per_cell(items, cfg.eval_rsa_problems))
+    first eval_rsa_problems of each cell; nothing else runs then, so on every core (`alone_threads`)."""
+    with torch_threads(alone_threads(cfg)):
+        return evaluate_single_vs_rsa(model_dir, items, cfg, str(out / "agg_template.txt"), out / "eval" / stage,
+                                      cfg.eval_single_samples, first_per_cell(items, cfg.eval_rsa_problems))
 
 
 def trim_ablation(cfg: SpeedrunConfig, out: Path, sft_cfg, device: str) -> dict:
@@ -612,21 +641,22 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
     twin = start_precision_twin(pre_cfg, out) if cfg.precision_twin else None
     pre = train(pre_cfg)
     laps("pretrain")
-    sft, sft_cfg = supervised_finetune(cfg, out, tok_dir, device, pre)
-    sft_final_loss = sft["final_loss"]
-    laps("sft")
-    agg_sft_stats = None
-    if cfg.agg_sft_steps > 0:
-        sft, agg_sft_stats = aggregation_sft(cfg, out, sft_cfg, sft, sft_mix)
-        laps("aggregation sft")
-    items = held_out_items(cfg.eval_envs, cfg.difficulties, cfg.eval_problems)
-    evals = {"sft": full_evaluation(cfg, out, sft["model_dir"], items, "sft")}
-    laps("eval sft")
-    precision_twin = finish_precision_twin(twin, pre)   # done before the RL stages, which use both cores
+    precision_twin = finish_precision_twin(twin, pre)   # joined before SFT, which takes every core
     if twin:
         laps("precision twin")
     elif cfg.precision_twin:                          # this device has no native bf16: not run
         laps.skip("precision twin")
+    with torch_threads(alone_threads(cfg)):           # SFT and its evaluation have the machine to themselves
+        sft, sft_cfg = supervised_finetune(cfg, out, tok_dir, device, pre)
+        sft_final_loss = sft["final_loss"]
+        laps("sft")
+        agg_sft_stats = None
+        if cfg.agg_sft_steps > 0:
+            sft, agg_sft_stats = aggregation_sft(cfg, out, sft_cfg, sft, sft_mix)
+            laps("aggregation sft")
+        items = held_out_items(cfg.eval_envs, cfg.difficulties, cfg.eval_problems)
+        evals = {"sft": full_evaluation(cfg, out, sft["model_dir"], items, "sft")}
+        laps("eval sft")
     rl_evals, rl_curves, rl_notes = rl_cascade(cfg, out, sft["model_dir"], items, laps, device)
     evals.update(rl_evals)
     ablation = {}
@@ -651,8 +681,8 @@ def run(cfg: SpeedrunConfig, root: str | Path = "runs") -> dict:
 
 def main(a):
     cfg = PRESETS[a.preset]()
-    over = {k: getattr(a, k) for k in ("name", "pretrain_steps", "sft_steps", "threads", "seed", "eval_problems",
-                                       "rl_steps", "device", "log_to", "mixed_precision")
+    over = {k: getattr(a, k) for k in ("name", "pretrain_steps", "sft_steps", "threads", "threads_alone", "seed",
+                                       "eval_problems", "rl_steps", "device", "log_to", "mixed_precision")
             if getattr(a, k, None) is not None}
     if a.ablation_trim:
         over["ablation_trim"] = True

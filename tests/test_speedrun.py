@@ -114,11 +114,10 @@ def test_aggregation_table_shows_the_aggregator_against_random_copy():
 
 def test_stage_plan_names_the_stages_run_goes_through():
     plan = speedrun.stage_plan(speedrun.smoke())
-    assert list(plan) == ["corpus", "tokenizer", "pretrain", "sft", "aggregation sft", "eval sft", "precision twin",
+    assert list(plan) == ["corpus", "tokenizer", "pretrain", "precision twin", "sft", "aggregation sft", "eval sft",
                           "rl warmup", "eval warmup", "rl rlve", "eval rlve", "rl math-code-ttc", "eval math-code-ttc",
                           "rl behavioral", "eval behavioral"]
-    assert list(speedrun.stage_plan(speedrun.smoke(rl=False, ablation_trim=True)))[-3:] == ["eval sft", "precision twin",
-                                                                                             "ablation"]
+    assert list(speedrun.stage_plan(speedrun.smoke(rl=False, ablation_trim=True)))[-2:] == ["eval sft", "ablation"]
     assert "precision twin" not in speedrun.stage_plan(speedrun.smoke(precision_twin=False))
     assert all(w > 0 for w in plan.values())
 
