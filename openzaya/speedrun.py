@@ -169,13 +169,14 @@ def nano(**kw) -> SpeedrunConfig:
     RL learning rates per stage: the RL presets' 1e-5 / 1e-5 / 5e-6 / 2e-6 are far too low for a 1M-parameter
     model; 25x them was measured at 8 x 8 rollouts per step (dev/LOG.md, session 4), whole cascade, held-out
     single / RSA vs SFT: 2.5e-4 +0.006 / +0.028, 1e-4 -0.005 / -0.014; one rlve stage alone: 2.5e-4 -0.023,
-    1e-4 +0.007, 1e-3 -0.116. At 16 x 8 (session 5) only 2.5e-4 was run. 20 RL steps per stage, not 30 (issue 26:
-    the main job in half the time). fp32, not bf16 autocast: at hidden size 128 bf16 measured no faster (training
+    1e-4 +0.007, 1e-3 -0.116. At 16 x 8 (session 5) only 2.5e-4 was run. 16 RL steps per stage, not 30 (issue 26:
+    the main job in half the time; with 360 SFT steps the RL stages take ~65 s each at 20 steps, and make run came
+    to 607 s). fp32, not bf16 autocast: at hidden size 128 bf16 measured no faster (training
     step 0.95-1.08x, RL update 0.82x, issue 26 in dev/LOG.md); the larger preset uses it. 360 SFT steps, not 240
     (issue 26, --no-rl runs, held-out single after SFT: 0.394 -> 0.471 for ~60 s; 200 pretraining steps instead of
     120 gave 0.434 for ~45 s)."""
     return SpeedrunConfig(**{**dict(eval_max_tokens=64, ttc_population=4, ttc_candidates=2, ttc_rounds=1,
-                                    ttc_tail_tokens=12, rl_steps=20, sft_steps=360, mixed_precision="fp32",
+                                    ttc_tail_tokens=12, rl_steps=16, sft_steps=360, mixed_precision="fp32",
                                     rl_stage_lr={"warmup": 2.5e-4, "rlve": 2.5e-4, "math-code-ttc": 1.25e-4,
                                                  "behavioral": 5e-5}),
                              **kw})
@@ -210,13 +211,14 @@ def small(**kw) -> SpeedrunConfig:
 
 def mini(**kw) -> SpeedrunConfig:
     """The ~20-minute CPU preset (issue 26: the old `make run` budget spent on the largest model that fits): nano's
-    pipeline, steps (but 240 SFT steps, as measured below; nano has 360 since) and report on the `mini` model (2.37M parameters at this vocabulary, 2.1x nano's; 1.9x its
+    pipeline, steps (but 240 SFT and 20 RL steps per stage, as measured below; nano has 360 and 16 since) and report on the `mini` model (2.37M parameters at this vocabulary, 2.1x nano's; 1.9x its
     FLOPs per token), Markovian RSA on 48 problems per cell (576, twice nano's) so that RSA - single and the
     aggregator against copying a random shown candidate are measured with more power. Question it answers: does
     aggregation (beating the random copy) appear at this size? Measured (issue 26, one run on the shared box at
     load ~8: 1792 s wall, 764 CPU s): single 0.456 -> 0.498 over the cascade, but the aggregator stays below the
     random copy (-0.045 ± 0.013 per problem): no aggregation at 2.37M parameters either."""
-    return nano(**{**dict(name="mini", model_preset="mini", eval_rsa_problems=48, sft_steps=240), **kw})
+    return nano(**{**dict(name="mini", model_preset="mini", eval_rsa_problems=48, sft_steps=240,
+                          rl_steps=20), **kw})
 
 
 PRESETS = {"nano": nano, "mini": mini, "smoke": smoke, "small": small}

@@ -97,8 +97,8 @@ def test_mini_preset_is_what_its_docstring_says():
     params = lambda c: M.count_params(M.PRESETS[c.model_preset](c.vocab_size))["total"] / 1e6
     assert m.model_preset == "mini" and round(params(m), 2) == 2.37 and round(params(m) / params(n), 1) == 2.1
     assert m.eval_rsa_problems == 48 and n.eval_rsa_problems == 24
-    assert (m.sft_steps, n.sft_steps) == (240, 360)                                     # mini: as measured
-    assert replace(m, name="nano", model_preset="nano", eval_rsa_problems=24, sft_steps=360) == n   # nothing else
+    assert (m.sft_steps, n.sft_steps, m.rl_steps, n.rl_steps) == (240, 360, 20, 16)       # mini: as measured
+    assert replace(m, name="nano", model_preset="nano", eval_rsa_problems=24, sft_steps=360, rl_steps=16) == n
     assert build_parser().parse_args(["speedrun", "--preset", "mini"]).preset == "mini"
 
 
@@ -120,6 +120,25 @@ def test_stage_plan_names_the_stages_run_goes_through():
     assert list(speedrun.stage_plan(speedrun.smoke(rl=False, ablation_trim=True)))[-2:] == ["eval sft", "ablation"]
     assert "precision twin" not in speedrun.stage_plan(speedrun.smoke(precision_twin=False))
     assert all(w > 0 for w in plan.values())
+
+
+def test_threads_alone_and_restored(monkeypatch):
+    """SFT and the full evaluations take `threads_alone` (0 = OMP_NUM_THREADS, else the CPUs this process may use);
+    torch_threads restores the caller's count, also after an error."""
+    import os
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert speedrun.alone_threads(speedrun.nano()) == cpus
+    assert speedrun.alone_threads(speedrun.nano(threads_alone=3)) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert speedrun.alone_threads(speedrun.nano()) == 5
+    before = torch.get_num_threads()
+    with speedrun.torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), speedrun.torch_threads(before + 2):
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
 
 
 def test_log_to_reaches_every_training_and_rl_stage():
