@@ -55,8 +55,9 @@ trim_ablation, plot_curves, write_report).
 The precision twin (issue 26): where the device has native bf16 matmuls, the pretraining run is repeated in the other
 precision in a child process on the core the one-thread trainer leaves idle during pretraining, and the report
 plots both loss curves and states their difference against speedrun_report.PRECISION_TWIN_TOL;
-`--no-precision-twin` skips it. Threads: the stages that share the CPU with another process (pretraining beside its twin, the RL trainer
-beside its rollout worker) run on `threads` (1); SFT and the full evaluations, alone on the machine, on every CPU.
+`--no-precision-twin` skips it. Threads: the stages that share the CPU with another process (pretraining beside its
+twin, the RL trainer beside its rollout worker) run on `threads` (1); SFT and the full evaluations, alone on the
+machine, on every CPU (`threads_alone`).
 `--ablation-trim` adds two extra SFT runs at a tight context budget (answer-preserving trimming vs plain truncation)
 and reports both, whatever they show. `--no-rl` stops after SFT (and its evaluation).
 """
@@ -211,12 +212,14 @@ def small(**kw) -> SpeedrunConfig:
 
 def mini(**kw) -> SpeedrunConfig:
     """The ~20-minute CPU preset (issue 26: the old `make run` budget spent on the largest model that fits): nano's
-    pipeline, steps (but 240 SFT and 20 RL steps per stage, as measured below; nano has 360 and 16 since) and report on the `mini` model (2.37M parameters at this vocabulary, 2.1x nano's; 1.9x its
-    FLOPs per token), Markovian RSA on 48 problems per cell (576, twice nano's) so that RSA - single and the
-    aggregator against copying a random shown candidate are measured with more power. Question it answers: does
-    aggregation (beating the random copy) appear at this size? Measured (issue 26, one run on the shared box at
-    load ~8: 1792 s wall, 764 CPU s): single 0.456 -> 0.498 over the cascade, but the aggregator stays below the
-    random copy (-0.045 ± 0.013 per problem): no aggregation at 2.37M parameters either."""
+    pipeline, steps (but 240 SFT and 20 RL steps per stage, as measured below; nano has 360 and 16 since) and
+    report on the `mini` model (2.37M parameters at this vocabulary, 2.1x nano's; 1.9x its FLOPs per token),
+    Markovian RSA on 48 problems per cell (576, twice nano's) so that RSA - single and the aggregator against
+    copying a random shown candidate are measured with more power. Question it answers: does aggregation (beating
+    the random copy) appear at this size? Measured (issue 26, one run on the shared box at load ~8, when SFT and the
+    evaluations still ran on one thread: 1792 s wall, 764 CPU s): single 0.456 -> 0.498 over the cascade, but the
+    aggregator stays below the random copy (-0.045 ± 0.013 per problem): no aggregation at 2.37M parameters
+    either."""
     return nano(**{**dict(name="mini", model_preset="mini", eval_rsa_problems=48, sft_steps=240,
                           rl_steps=20), **kw})
 
@@ -456,9 +459,9 @@ def pretrain_config(cfg: SpeedrunConfig, out: Path, tok_dir: Path, device: str):
 def start_precision_twin(pre_cfg, out: Path):
     """3b. The same pretraining run (data, seed, steps) in the other precision — bf16 autocast when the run is fp32,
     fp32 when it is bf16 — in a child process on the core the one-thread trainer leaves idle during pretraining
-    (joined before SFT), its step lines in pretrain_twin/log.txt; the report plots both loss curves (issue 26: bf16 must reach
-    fp32's loss). Returns (process, twin config), or None where the device has no native bf16 (a bf16 run there
-    would only measure torch's emulation)."""
+    (joined before SFT), its step lines in pretrain_twin/log.txt; the report plots both loss curves (issue 26: bf16
+    must reach fp32's loss). Returns (process, twin config), or None where the device has no native bf16 (a bf16
+    run there would only measure torch's emulation)."""
     import multiprocessing
 
     import torch
