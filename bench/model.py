@@ -158,14 +158,18 @@ ours.to(torch.float32).train()
 tgt = y.clone()
 
 
-def trainer_step(bf16: bool):
+def trainer_step(bf16: bool, model=None, logprobs=None, inputs=None):
     """What train.forward_backward runs: fp32 master weights, bf16 autocast when asked, token_logprobs (fp32 LM
-    head and log-probs), backward. No optimizer (Muon's cost depends on the batch only through its step count)."""
+    head and log-probs; or `logprobs`, e.g. train.step_logprobs' compiled one), backward, on `inputs` (ids, targets;
+    default the bench batch). No optimizer (Muon's cost depends on the batch only through its step count)."""
+    model = model or ours
+    logprobs, (xb, yb) = logprobs or model.token_logprobs, inputs or (x, tgt)
+
     def fn():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            logp = ours.token_logprobs(x, tgt)
+            logp = logprobs(xb, yb)
         (-logp.mean()).backward()
-        ours.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
     return fn
 
 
@@ -204,18 +208,13 @@ if not args.skip_compile:
 
     from openzaya.train import step_logprobs
     ours.train()
-    twin = copy.deepcopy(ours)
-    fn_c = step_logprobs(twin, compile=True)
+    compiled_model = copy.deepcopy(ours)
+    fn_c = step_logprobs(compiled_model, compile=True)
     batches = [torch.randint(0, cfg.vocab_size, (B, T + 1), device=dev) for _ in range(3)]
 
     def compiled_step(bf16: bool, i: int):
-        def fn():
-            xb = batches[i % 3]
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                logp = fn_c(xb[:, :-1], xb[:, 1:])
-            (-logp.mean()).backward()
-            twin.zero_grad(set_to_none=True)
-        return fn
+        xb = batches[i % 3]
+        return trainer_step(bf16, compiled_model, fn_c, (xb[:, :-1], xb[:, 1:]))
 
     for prec in ("bf16", "fp32"):
         t0 = time.perf_counter()
